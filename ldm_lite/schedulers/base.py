@@ -1,0 +1,242 @@
+"""What DDPM and DDIM share: the schedule, the timestep list, the forward process and the
+conversion of a model output into (x0, eps).
+
+Notation: ab = alpha_bar_t = alphas_cumprod[t]; x_t = sqrt(ab) x0 + sqrt(1 - ab) eps (Ho et al. 2020,
+arXiv:2006.11239, eq. 4); v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho 2022, arXiv:2202.00512).
+
+Constructor keywords carry diffusers' names and defaults, so a diffusers `scheduler_config.json`
+loads through `from_config`. Per-timestep coefficients are precomputed once, in float32 with the
+same operations as diffusers: near ab = 0 the x0 estimate divides by sqrt(ab) (0.006 for the
+linear schedule), so only identical coefficients give identical trajectories.
+"""
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..schedules import (BETA_SCHEDULES, TIMESTEP_SPACINGS, alphas_cumprod_from_betas, make_betas, make_timesteps,
+                         rescale_zero_terminal_snr)
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+@dataclass
+class SchedulerOutput:
+    """prev_sample: x_{t_prev} (B, C, H, W); pred_original_sample: the x0 estimate used for it (B, C, H, W)."""
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor
+
+
+def predict_x0_and_eps(model_output, sample, sqrt_ab: float, sqrt_one_minus_ab: float, prediction_type: str,
+                       eps_scale: float = 1.0):
+    """Convert a model output (B, C, H, W) at x_t = `sample` into (x0, eps) estimates.
+
+    The one adapter between epsilon / v / x0 parametrisations (see module docstring for the formulas).
+    `eps_scale` is lambda_t of epsilon scaling (Ning et al. 2023, "Elucidating the Exposure Bias in
+    Diffusion Models", arXiv:2308.15321, eq. 11): the x0 estimate uses eps / lambda. With 1.0 no extra
+    work is done, so the plain sampler is reproduced bit for bit.
+    """
+    if prediction_type == "epsilon":
+        eps = model_output
+        x0 = _x0_from_eps(sample, eps, sqrt_ab, sqrt_one_minus_ab)
+    elif prediction_type == "sample":
+        x0 = model_output
+        eps = (sample - sqrt_ab * x0) / sqrt_one_minus_ab
+    else:  # v_prediction
+        x0 = sqrt_ab * sample - sqrt_one_minus_ab * model_output
+        eps = sqrt_ab * model_output + sqrt_one_minus_ab * sample
+    if eps_scale != 1.0:
+        eps = eps / eps_scale
+        x0 = _x0_from_eps(sample, eps, sqrt_ab, sqrt_one_minus_ab)
+    return x0, eps
+
+
+def _x0_from_eps(sample, eps, sqrt_ab: float, sqrt_one_minus_ab: float):
+    """x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab), in this operation order (see module docstring)."""
+    x0 = eps * sqrt_one_minus_ab
+    torch.sub(sample, x0, out=x0)
+    return x0.div_(sqrt_ab)
+
+
+def threshold_sample(x0, ratio: float, max_value: float):
+    """Dynamic thresholding (Saharia et al. 2022, Imagen, arXiv:2205.11487, sec. 2.3).
+
+    Per sample, s = quantile(|x0|, ratio) clamped to [1, max_value]; x0 is clamped to [-s, s] and divided by s.
+    """
+    flat = x0.reshape(x0.shape[0], -1)
+    dtype = flat.dtype
+    if dtype not in (torch.float32, torch.float64):
+        flat = flat.float()  # quantile needs float32/64
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
+    return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(dtype)
+
+
+def _check_choice(name: str, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+
+
+class Scheduler:
+    """Base class: holds the training schedule and the current list of sampled timesteps.
+
+    Subclasses implement `step`. `timesteps` is a descending LongTensor; the previous timestep of
+    `timesteps[i]` is `timesteps[i + 1]` (or the end of the chain after the last), whatever the spacing.
+    """
+
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
+                 beta_schedule: str = "linear", trained_betas=None, prediction_type: str = "epsilon",
+                 clip_sample: bool = True, clip_sample_range: float = 1.0, thresholding: bool = False,
+                 dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
+                 timestep_spacing: str = "leading", steps_offset: int = 0, rescale_betas_zero_snr: bool = False):
+        if trained_betas is None:
+            _check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
+        _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        _check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        if not 0.0 < dynamic_thresholding_ratio <= 1.0:
+            raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {dynamic_thresholding_ratio}")
+        if rescale_betas_zero_snr and prediction_type == "epsilon":
+            warnings.warn("rescale_betas_zero_snr with prediction_type='epsilon': at SNR 0 the model cannot "
+                          "predict the noise (x0 = (x_t - eps) / 0); use 'v_prediction'", stacklevel=2)
+        self.config = dict(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
+                           beta_schedule=beta_schedule, trained_betas=trained_betas, prediction_type=prediction_type,
+                           clip_sample=clip_sample, clip_sample_range=clip_sample_range, thresholding=thresholding,
+                           dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value,
+                           timestep_spacing=timestep_spacing, steps_offset=steps_offset,
+                           rescale_betas_zero_snr=rescale_betas_zero_snr)
+        self.num_train_timesteps = num_train_timesteps
+        self.prediction_type = prediction_type
+        betas = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end, trained_betas)
+        if len(betas) != num_train_timesteps:
+            raise ValueError(f"trained_betas has {len(betas)} values, num_train_timesteps is {num_train_timesteps}")
+        self.betas = rescale_zero_terminal_snr(betas) if rescale_betas_zero_snr else betas
+        self.alphas_cumprod = alphas_cumprod_from_betas(self.betas)  # (T,) float32
+        self.num_inference_steps = None
+        self._set_timestep_list(torch.arange(num_train_timesteps - 1, -1, -1))
+
+    # ---- configuration -------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config, **overrides):
+        """Build from a dict or a diffusers `scheduler_config.json` (file, its folder, or a model repo folder).
+
+        Keys starting with "_" (diffusers bookkeeping) are dropped; other unknown keys are ignored
+        with one warning naming them.
+        """
+        if not isinstance(config, dict):
+            config = _read_scheduler_config(Path(config))
+        config = {**config, **overrides}
+        known = set(cls._config_keys())
+        unknown = sorted(k for k in config if k not in known and not k.startswith("_"))
+        if unknown:
+            warnings.warn(f"{cls.__name__}.from_config ignores unknown keys: {', '.join(unknown)}", stacklevel=2)
+        return cls(**{k: v for k, v in config.items() if k in known})
+
+    @classmethod
+    def _config_keys(cls):
+        import inspect
+        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+    def save_config(self, path):
+        """Write the config as a diffusers-style scheduler_config.json."""
+        path = Path(path)
+        if path.is_dir() or not path.suffix:
+            path.mkdir(parents=True, exist_ok=True)
+            path = path / "scheduler_config.json"
+        path.write_text(json.dumps({"_class_name": type(self).__name__, **self.config}, indent=2))
+
+    # ---- timesteps -------------------------------------------------------------------------
+    def set_timesteps(self, num_inference_steps: int, device=None):
+        """Choose N sampled timesteps by `timestep_spacing` (see `ldm_lite.schedules.make_timesteps`)."""
+        timesteps = make_timesteps(num_inference_steps, self.num_train_timesteps, self.config["timestep_spacing"],
+                                   self.config["steps_offset"])
+        self.num_inference_steps = num_inference_steps
+        self._set_timestep_list(timesteps)
+        if device is not None:
+            self.timesteps = self.timesteps.to(device)
+
+    def _set_timestep_list(self, timesteps: torch.Tensor):
+        self.timesteps = timesteps.long()
+        steps = self.timesteps.tolist()
+        self._index = {t: i for i, t in enumerate(steps)}
+        self._prev = {t: (steps[i + 1] if i + 1 < len(steps) else -1) for i, t in enumerate(steps)}
+        self._coefficients = {t: self._step_coefficients(t, self._prev[t]) for t in steps}
+
+    def _step_coefficients(self, t: int, prev_t: int) -> dict:
+        raise NotImplementedError
+
+    def previous_timestep(self, timestep) -> int:
+        """The timestep after `timestep` in the current list, or -1 after the last one."""
+        return self._prev[self._lookup(timestep)]
+
+    def step_index(self, timestep) -> int:
+        """Position of `timestep` in the current list (0 = first sampled step)."""
+        return self._index[self._lookup(timestep)]
+
+    def _lookup(self, timestep) -> int:
+        t = int(timestep)
+        if t not in self._prev:
+            raise ValueError(f"timestep {t} is not in the current list of timesteps "
+                             f"({self.timesteps[:3].tolist()} ... {self.timesteps[-3:].tolist()}); "
+                             "call set_timesteps() first or pass one of scheduler.timesteps")
+        return t
+
+    # ---- x0 estimate ---------------------------------------------------------------------------
+    def _x0_and_eps(self, model_output, sample, coefficients: dict, eps_scale: float):
+        x0, eps = predict_x0_and_eps(model_output, sample, coefficients["sqrt_ab"],
+                                     coefficients["sqrt_one_minus_ab"], self.prediction_type, eps_scale)
+        config = self.config
+        if config["thresholding"]:
+            x0 = threshold_sample(x0, config["dynamic_thresholding_ratio"], config["sample_max_value"])
+        elif config["clip_sample"]:
+            limit = config["clip_sample_range"]
+            # in place, unless x0 is the caller's own tensor (prediction_type="sample")
+            x0 = x0.clamp(-limit, limit) if x0 is model_output else x0.clamp_(-limit, limit)
+        return x0, eps
+
+    # ---- forward process -------------------------------------------------------------------------
+    def add_noise(self, original_samples, noise, timesteps):
+        """Forward process q(x_t | x0) (Ho et al. eq. 4): sqrt(ab_t) x0 + sqrt(1 - ab_t) noise.
+
+        original_samples, noise: (B, ...); timesteps: (B,) or scalar long. Returns (B, ...).
+        """
+        sqrt_ab, sqrt_one_minus_ab = self._broadcast_coefficients(timesteps, original_samples)
+        return sqrt_ab * original_samples + sqrt_one_minus_ab * noise
+
+    def get_velocity(self, sample, noise, timesteps):
+        """v target (Salimans & Ho 2022, eq. in sec. 4): sqrt(ab_t) noise - sqrt(1 - ab_t) x0; x0 = `sample`."""
+        sqrt_ab, sqrt_one_minus_ab = self._broadcast_coefficients(timesteps, sample)
+        return sqrt_ab * noise - sqrt_one_minus_ab * sample
+
+    def _broadcast_coefficients(self, timesteps, like):
+        alphas_cumprod = self.alphas_cumprod.to(device=like.device, dtype=like.dtype)
+        ab = alphas_cumprod[torch.as_tensor(timesteps, device=like.device).long()].flatten()
+        shape = (-1,) + (1,) * (like.ndim - 1)
+        return (ab ** 0.5).view(shape), ((1 - ab) ** 0.5).view(shape)
+
+    def scale_model_input(self, sample, timestep=None):
+        """Identity: DDPM/DDIM inputs need no scaling (kept for interface compatibility)."""
+        return sample
+
+    def __len__(self):
+        return self.num_train_timesteps
+
+    def __repr__(self):
+        settings = ", ".join(f"{k}={v!r}" for k, v in self.config.items() if k != "trained_betas")
+        return f"{type(self).__name__}({settings})"
+
+
+def _read_scheduler_config(path: Path) -> dict:
+    for candidate in (path, path / "scheduler_config.json", path / "scheduler" / "scheduler_config.json"):
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
+    raise FileNotFoundError(f"no scheduler_config.json at {path} (looked in the folder and its scheduler/ subfolder)")
+
+
+def noise_like(shape, generator, device, dtype, variance_noise=None):
+    """Gaussian noise for a stochastic step: `variance_noise` when given, else torch.randn(generator=...)."""
+    if variance_noise is not None:
+        if generator is not None:
+            raise ValueError("pass either generator or variance_noise, not both")
+        return variance_noise
+    return torch.randn(shape, generator=generator, device=device, dtype=dtype)

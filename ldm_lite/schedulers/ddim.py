@@ -1,0 +1,64 @@
+"""DDIM sampler: Song, Meng & Ermon 2021, "Denoising Diffusion Implicit Models" (arXiv:2010.02502)."""
+import torch
+
+from .base import Scheduler, SchedulerOutput, noise_like
+
+
+class DDIMScheduler(Scheduler):
+    """DDIM with diffusers' keyword names. eta = 0 is the deterministic sampler, eta = 1 matches DDPM's variance.
+
+    `set_alpha_to_one`: after the last step, use alpha_bar = 1 (return the clean x0 estimate) instead of
+    alpha_bar[0]. Unlike diffusers, the previous timestep is read from `timesteps`, so `linspace` and
+    non-integer `trailing` spacings step to the right place.
+    """
+
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
+                 beta_schedule: str = "linear", trained_betas=None, clip_sample: bool = True,
+                 set_alpha_to_one: bool = True, steps_offset: int = 0, prediction_type: str = "epsilon",
+                 thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
+                 clip_sample_range: float = 1.0, sample_max_value: float = 1.0, timestep_spacing: str = "leading",
+                 rescale_betas_zero_snr: bool = False):
+        self.set_alpha_to_one = set_alpha_to_one  # needed by _step_coefficients, called from the base constructor
+        super().__init__(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, prediction_type,
+                         clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value,
+                         timestep_spacing, steps_offset, rescale_betas_zero_snr)
+        self.config["set_alpha_to_one"] = set_alpha_to_one
+
+    def _step_coefficients(self, t: int, prev_t: int) -> dict:
+        # float32 scalars, in diffusers' operation order (see base module docstring)
+        ab = self.alphas_cumprod[t]
+        final = torch.tensor(1.0) if self.set_alpha_to_one else self.alphas_cumprod[0]
+        ab_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else final
+        variance = ((1 - ab_prev) / (1 - ab)) * (1 - ab / ab_prev)  # sigma_t^2 / eta^2, Song et al. eq. 16
+        return dict(sqrt_ab=float(ab ** 0.5), sqrt_one_minus_ab=float((1 - ab) ** 0.5),
+                    sqrt_ab_prev=float(ab_prev ** 0.5), ab_prev=ab_prev, variance=variance, by_eta={})
+
+    @staticmethod
+    def _eta_coefficients(coefficients: dict, eta: float) -> tuple:
+        """(sigma_t, sqrt(1 - ab_prev - sigma_t^2)) for this eta, computed once per (t, eta) in float32."""
+        if eta not in coefficients["by_eta"]:
+            sigma = eta * coefficients["variance"] ** 0.5
+            direction = (1 - coefficients["ab_prev"] - sigma ** 2).clamp(min=0) ** 0.5  # rounding can dip below 0
+            coefficients["by_eta"][eta] = (float(sigma), float(direction))
+        return coefficients["by_eta"][eta]
+
+    def step(self, model_output, timestep, sample, *, eta: float = 0.0, generator=None, variance_noise=None,
+             eps_scale: float = 1.0) -> SchedulerOutput:
+        """One DDIM update x_t -> x_{t_prev} (Song et al. eq. 12).
+
+        model_output: (B, C, H, W) epsilon / v / x0 prediction per `prediction_type` ((B, 2C, H, W) from a
+        learned-variance model: the variance half is unused by DDIM); sample: x_t (B, C, H, W).
+        x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z,  sigma = eta sqrt(eq. 16 variance).
+        """
+        coefficients = self._coefficients[self._lookup(timestep)]
+        if model_output.shape[1] == 2 * sample.shape[1]:
+            model_output = model_output[:, :sample.shape[1]]
+        x0, eps = self._x0_and_eps(model_output, sample, coefficients, eps_scale)
+        sigma, direction = self._eta_coefficients(coefficients, eta)
+        # separate multiply and add (no fused alpha=): bit-identical to the reference's rounding
+        prev_sample = x0 * coefficients["sqrt_ab_prev"]
+        prev_sample += eps * direction
+        if eta > 0:
+            noise = noise_like(sample.shape, generator, sample.device, sample.dtype, variance_noise)
+            prev_sample += noise * sigma
+        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)

@@ -1,0 +1,141 @@
+"""Noise schedules: betas, alphas_cumprod, zero-terminal-SNR rescaling, SNR helpers.
+
+Notation (Ho et al. 2020, arXiv:2006.11239): beta_t is the variance added at step t,
+alpha_t = 1 - beta_t and alpha_bar_t = prod_{s<=t} alpha_s (`alphas_cumprod`), so that
+x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps  (Ho et al. eq. 4).
+
+Schedules are computed in float32 with the same operations as diffusers (the cosine one in
+float64, cast once, as diffusers does too). A model trained with diffusers saw exactly these
+noise levels, and near alpha_bar = 0 the x0 estimate amplifies any rounding difference by
+1 / sqrt(alpha_bar) (up to ~160x for the linear schedule), so "close" is not enough.
+"""
+import math
+
+import torch
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
+
+
+def _cosine_alpha_bar(t: float) -> float:
+    """alpha_bar(t) of Nichol & Dhariwal 2021 (arXiv:2102.09672) eq. 17 without normalisation, t in [0, 1]."""
+    return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+
+def make_betas(beta_schedule: str = "linear", num_train_timesteps: int = 1000, beta_start: float = 1e-4,
+               beta_end: float = 0.02, trained_betas=None) -> torch.Tensor:
+    """Betas (T,) float32 for a named schedule, with diffusers' semantics.
+
+    `linear` is not rescaled by 1000 / T; `scaled_linear` is linear in sqrt(beta) (Stable Diffusion);
+    `squaredcos_cap_v2` is the improved-DDPM cosine schedule with beta capped at 0.999;
+    `sigmoid` is sigmoid(linspace(-6, 6)) mapped to [beta_start, beta_end].
+    `trained_betas` (a sequence of T floats) overrides the named schedule.
+    """
+    if trained_betas is not None:
+        return torch.as_tensor(trained_betas, dtype=torch.float32)
+    if num_train_timesteps < 1:
+        raise ValueError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}")
+    T = num_train_timesteps
+    if beta_schedule == "linear":
+        return torch.linspace(beta_start, beta_end, T, dtype=torch.float32)
+    if beta_schedule == "scaled_linear":
+        return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float32) ** 2
+    if beta_schedule == "squaredcos_cap_v2":
+        return torch.tensor([min(1 - _cosine_alpha_bar((i + 1) / T) / _cosine_alpha_bar(i / T), 0.999)
+                             for i in range(T)], dtype=torch.float32)
+    if beta_schedule == "sigmoid":
+        return torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float32)) * (beta_end - beta_start) + beta_start
+    raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}")
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Rescale betas (T,) so that the terminal SNR is exactly zero.
+
+    Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps Are Flawed"
+    (arXiv:2305.08891), Algorithm 1: shift sqrt(alpha_bar) so its last value is 0, then scale
+    it so its first value is unchanged. The last beta becomes 1.
+    """
+    sqrt_ab = torch.cumprod(1 - betas, dim=0).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - last) * (first / (first - last))
+    alphas_cumprod = sqrt_ab ** 2
+    alphas = torch.cat([alphas_cumprod[:1], alphas_cumprod[1:] / alphas_cumprod[:-1]])
+    return 1 - alphas
+
+
+def alphas_cumprod_from_betas(betas: torch.Tensor) -> torch.Tensor:
+    """alpha_bar_t = prod_{s<=t} (1 - beta_s), shape (T,), same dtype as betas."""
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) per timestep, (T,). Infinite where alpha_bar = 1."""
+    return alphas_cumprod / (1.0 - alphas_cumprod)
+
+
+def make_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000, timestep_spacing: str = "leading",
+                   steps_offset: int = 0) -> torch.Tensor:
+    """The N sampled timesteps (N,) int64, in descending order (Lin et al. 2023, Table 2).
+
+    `leading`: arange(N) * (T // N) + steps_offset (Stable Diffusion: 981 ... 1 for N = 50, offset 1);
+    `trailing`: round(arange(T, 0, -T / N)) - 1 (999 ... 19 for N = 50);
+    `linspace`: round(linspace(0, T - 1, N)) (999 ... 0).
+    """
+    T, N = num_train_timesteps, num_inference_steps
+    if not isinstance(N, int) or not 1 <= N <= T:
+        raise ValueError(f"num_inference_steps must be an integer in [1, num_train_timesteps={T}], got {N!r}")
+    if timestep_spacing == "leading":
+        steps = torch.arange(N, dtype=torch.float64).mul(T // N).round() + steps_offset
+        steps = steps.flip(0)
+    elif timestep_spacing == "trailing":
+        steps = torch.arange(T, 0, -T / N, dtype=torch.float64).round() - 1
+    elif timestep_spacing == "linspace":
+        steps = torch.linspace(0, T - 1, N, dtype=torch.float64).round().flip(0)
+    else:
+        raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {timestep_spacing!r}")
+    if steps.max() > T - 1 or steps.min() < 0:
+        raise ValueError(f"steps_offset={steps_offset} moves timesteps outside [0, {T - 1}]")
+    return steps.long()
+
+
+def signal_at_first_step(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> float:
+    """sqrt(alpha_bar) at the first sampled timestep: how much of the image x_T still holds (the signal leak)."""
+    return float(alphas_cumprod[int(timesteps[0])].double().sqrt())
+
+
+def schedule_table(num_inference_steps: int = 50, num_train_timesteps: int = 1000) -> list[dict]:
+    """Rows describing the signal leak of common schedules at each spacing.
+
+    Each row: schedule name, spacing, first timestep t0, sqrt(alpha_bar[t0]) and the terminal SNR
+    at t = T - 1. Used by `python -m analysis schedules` and the README.
+    """
+    named = [
+        ("linear 1e-4..0.02", dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02), False),
+        ("scaled_linear 0.00085..0.012", dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012), False),
+        ("squaredcos_cap_v2", dict(beta_schedule="squaredcos_cap_v2"), False),
+        ("sigmoid 1e-4..0.02", dict(beta_schedule="sigmoid", beta_start=1e-4, beta_end=0.02), False),
+        ("scaled_linear + zero SNR", dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012), True),
+    ]
+    rows = []
+    for name, kwargs, zero_snr in named:
+        betas = make_betas(num_train_timesteps=num_train_timesteps, **kwargs)
+        if zero_snr:
+            betas = rescale_zero_terminal_snr(betas)
+        alphas_cumprod = alphas_cumprod_from_betas(betas.double())
+        for spacing in TIMESTEP_SPACINGS:
+            offset = 1 if spacing == "leading" else 0
+            timesteps = make_timesteps(num_inference_steps, num_train_timesteps, spacing, offset)
+            rows.append(dict(schedule=name, spacing=spacing, steps_offset=offset, first_timestep=int(timesteps[0]),
+                             signal_at_first_step=signal_at_first_step(alphas_cumprod, timesteps),
+                             terminal_snr=float(snr(alphas_cumprod)[-1])))
+    return rows
+
+
+def format_schedule_table(rows: list[dict]) -> str:
+    """Plain-text table of `schedule_table` rows."""
+    header = f"{'schedule':<30} {'spacing':<9} {'t0':>4} {'sqrt(ab[t0])':>13} {'terminal SNR':>13}"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        lines.append(f"{row['schedule']:<30} {row['spacing']:<9} {row['first_timestep']:>4} "
+                     f"{row['signal_at_first_step']:>13.5f} {row['terminal_snr']:>13.3e}")
+    return "\n".join(lines)

@@ -1,0 +1,342 @@
+"""Schedules and DDPM/DDIM schedulers: parity with diffusers on a grid of configurations, closed-form checks,
+and input validation. Tolerance: max abs difference <= 1e-5 (float32) on every step of every trajectory."""
+import itertools
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+from ldm_lite.schedulers import DDIMScheduler, DDPMScheduler  # noqa: E402
+from ldm_lite.schedules import (make_betas, make_timesteps, rescale_zero_terminal_snr, schedule_table,  # noqa: E402
+                                signal_at_first_step)
+
+TOL = 1e-5
+SCHEDULES = [("linear", 1e-4, 0.02), ("scaled_linear", 0.00085, 0.012), ("squaredcos_cap_v2", 1e-4, 0.02),
+             ("sigmoid", 1e-4, 0.02)]
+PREDICTIONS = ["epsilon", "v_prediction", "sample"]
+SPACINGS = ["leading", "linspace", "trailing"]
+X0_LIMITS = [dict(clip_sample=False), dict(clip_sample=True, clip_sample_range=1.5),
+             dict(clip_sample=False, thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.0)]
+STEP_COUNTS = [7, 50, 333, 10]
+
+
+def fake_model(x, t, channels_out=None):
+    """Deterministic stand-in for a network: a smooth function of x_t and t. (B, C, H, W) -> (B, C_out, H, W)."""
+    out = 0.9 * torch.tanh(0.8 * x) + 0.1 * math.cos(float(t) / 97.0) * torch.sin(3 * x)
+    if channels_out == 2 * x.shape[1]:  # learned variance: second half in (-1, 1) or a positive variance
+        out = torch.cat([out, torch.tanh(x.flip(-1))], dim=1)
+    return out
+
+
+def _grid():
+    """Full product of schedule x prediction x spacing x x0-limit; offsets, zero-SNR and step counts rotate
+    deterministically so every value of every factor appears with every spacing."""
+    rows = []
+    for i, (schedule, prediction, spacing, limit) in enumerate(
+            itertools.product(SCHEDULES, PREDICTIONS, SPACINGS, range(len(X0_LIMITS)))):
+        rows.append(dict(schedule=schedule, prediction=prediction, spacing=spacing, limit=limit,
+                         steps_offset=i % 2, zero_snr=(i // 2) % 2 == 1, steps=STEP_COUNTS[(i // 4) % 4]))
+    return rows
+
+
+def _kwargs(row):
+    name, start, end = row["schedule"]
+    return dict(beta_schedule=name, beta_start=start, beta_end=end, prediction_type=row["prediction"],
+                timestep_spacing=row["spacing"], steps_offset=row["steps_offset"],
+                rescale_betas_zero_snr=row["zero_snr"], **X0_LIMITS[row["limit"]])
+
+
+def _make_pair(ours_cls, ref_cls, kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = ours_cls(**kwargs)
+        if kwargs["beta_schedule"] == "sigmoid" and ref_cls is diffusers.DDIMScheduler:
+            # diffusers' DDIM lacks `sigmoid`; feed it diffusers DDPM's betas (checked equal to ours elsewhere)
+            ref_betas = diffusers.DDPMScheduler(**{k: v for k, v in kwargs.items() if k != "set_alpha_to_one"}).betas
+            ref = ref_cls(**{**kwargs, "beta_schedule": "linear", "trained_betas": ref_betas.tolist()})
+            if kwargs["rescale_betas_zero_snr"]:
+                ref.alphas_cumprod = ours.alphas_cumprod.clone()
+        else:
+            ref = ref_cls(**kwargs)
+    return ours, ref
+
+
+def _run_pair(ours, ref, steps, step_kwargs, model=fake_model, channels_out=3, seed=0):
+    ours.set_timesteps(steps)
+    ref.set_timesteps(steps)
+    assert torch.equal(ours.timesteps, ref.timesteps)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+    y = x.clone()
+    gen_ours, gen_ref = torch.Generator().manual_seed(seed + 1), torch.Generator().manual_seed(seed + 1)
+    for t in ours.timesteps:
+        a = ours.step(model(x, t, channels_out), t, x, generator=gen_ours, **step_kwargs)
+        b = ref.step(model(y, t, channels_out), t, y, generator=gen_ref, **step_kwargs)
+        if not torch.isfinite(b.prev_sample).all():
+            pytest.fail(f"reference produced non-finite values at t={int(t)}: grid row is ill-posed")
+        assert (a.prev_sample - b.prev_sample).abs().max().item() <= TOL, f"prev_sample differs at t={int(t)}"
+        assert (a.pred_original_sample - b.pred_original_sample).abs().max().item() <= TOL, f"x0 differs at t={int(t)}"
+        x, y = a.prev_sample, b.prev_sample
+
+
+def _diffusers_ddim_agrees(timesteps, T, N):
+    """diffusers' DDIM steps to t - T // N; that equals the next listed timestep only on uniform lists."""
+    stride = T // N
+    nxt = timesteps[1:].tolist() + [-1]
+    return all((t - stride == p) or (p == -1 and t - stride < 0) for t, p in zip(timesteps.tolist(), nxt))
+
+
+def _ill_posed(row, first_t):
+    # zero terminal SNR with epsilon prediction at t = T - 1: x0 = (x - eps) / 0 (we warn; diffusers gives inf)
+    return row["zero_snr"] and row["prediction"] == "epsilon" and first_t == 999
+
+
+GRID = _grid()
+
+
+DDPM_GRID = [row for row in GRID
+             if not _ill_posed(row, int(make_timesteps(row["steps"], 1000, row["spacing"], row["steps_offset"])[0]))]
+
+
+@pytest.mark.parametrize("row", DDPM_GRID, ids=lambda r: "-".join(str(v) if not isinstance(v, tuple) else v[0]
+                                                                   for v in r.values()))
+def test_ddpm_parity(row):
+    ours, ref = _make_pair(DDPMScheduler, diffusers.DDPMScheduler, _kwargs(row))
+    _run_pair(ours, ref, row["steps"], {})
+
+
+def _ddim_reference_valid(row, eta):
+    """Rows where diffusers' DDIM is a valid reference. Left out: spacings where it strides by T // N
+    (test_ddim_previous_timestep_from_list), epsilon at SNR 0, and eta = 1 at SNR 0 where it takes the sqrt of a
+    rounding-negative 1 - ab_prev - sigma^2 and returns NaN (test_ddim_eta1_at_zero_snr_is_finite)."""
+    timesteps = make_timesteps(row["steps"], 1000, row["spacing"], row["steps_offset"])
+    first = int(timesteps[0])
+    return (_diffusers_ddim_agrees(timesteps, 1000, row["steps"]) and not _ill_posed(row, first)
+            and not (row["zero_snr"] and eta == 1.0 and first == 999))
+
+
+DDIM_GRID = [(row, eta) for row in GRID for eta in (0.0, 0.5, 1.0) if _ddim_reference_valid(row, eta)]
+
+
+@pytest.mark.parametrize("row,eta", DDIM_GRID, ids=lambda v: "-".join(
+    str(x) if not isinstance(x, tuple) else x[0] for x in v.values()) if isinstance(v, dict) else f"eta{v}")
+def test_ddim_parity(row, eta):
+    ours, ref = _make_pair(DDIMScheduler, diffusers.DDIMScheduler, {**_kwargs(row), "set_alpha_to_one": eta != 0.5})
+    _run_pair(ours, ref, row["steps"], {"eta": eta})
+
+
+def test_ddim_eta1_at_zero_snr_is_finite():
+    sched = DDIMScheduler(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing")
+    sched.set_timesteps(10)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1)
+    for t in sched.timesteps:
+        x = sched.step(fake_model(x, t), t, x, eta=1.0, generator=gen).prev_sample
+        assert torch.isfinite(x).all(), int(t)
+
+
+def test_ddim_parity_cases_cover_every_factor():
+    """The skips above must leave every value of every factor covered by at least one DDIM parity run."""
+    ran = [row for row, eta in DDIM_GRID]
+    assert {eta for row, eta in DDIM_GRID} == {0.0, 0.5, 1.0}
+    for key in ("schedule", "prediction", "limit", "steps_offset", "zero_snr", "steps"):
+        assert {str(r[key]) for r in ran} == {str(r[key]) for r in GRID}, key
+    assert {r["spacing"] for r in ran} == {"leading", "trailing"}  # linspace agrees with diffusers at no such N
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large", "learned", "learned_range"])
+@pytest.mark.parametrize("steps", [1000, 50, 7])
+def test_ddpm_variance_types_parity(variance_type, steps):
+    kwargs = dict(beta_schedule="linear", variance_type=variance_type, clip_sample=True)
+    ours, ref = DDPMScheduler(**kwargs), diffusers.DDPMScheduler(**kwargs)
+    learned = variance_type.startswith("learned")
+
+    def positive_variance_model(x, t, channels_out=None):  # "learned": the second half is the variance itself
+        return torch.cat([fake_model(x, t), 0.01 * torch.sigmoid(x)], dim=1)
+
+    model = positive_variance_model if variance_type == "learned" else fake_model
+    _run_pair(ours, ref, steps, {}, model=model, channels_out=6 if learned else 3)
+
+
+def test_full_chain_without_set_timesteps_matches_diffusers():
+    ours, ref = DDPMScheduler(), diffusers.DDPMScheduler()
+    x = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    y = x.clone()
+    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    for t in range(999, -1, -1):
+        x = ours.step(fake_model(x, t), t, x, generator=g1).prev_sample
+        y = ref.step(fake_model(y, t), t, y, generator=g2).prev_sample
+    assert (x - y).abs().max().item() <= TOL
+
+
+def test_variance_noise_argument_equals_generator_draw():
+    ours = DDIMScheduler()
+    ours.set_timesteps(20)
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    t = ours.timesteps[3]
+    a = ours.step(fake_model(x, t), t, x, eta=1.0, generator=torch.Generator().manual_seed(9)).prev_sample
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
+    b = ours.step(fake_model(x, t), t, x, eta=1.0, variance_noise=z).prev_sample
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="either generator or variance_noise"):
+        ours.step(fake_model(x, t), t, x, eta=1.0, variance_noise=z, generator=torch.Generator())
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES[:3])
+def test_add_noise_and_velocity_parity(schedule):
+    name, start, end = schedule
+    for zero_snr in (False, True):
+        ours = DDPMScheduler(beta_schedule=name, beta_start=start, beta_end=end, rescale_betas_zero_snr=zero_snr)
+        ref = diffusers.DDPMScheduler(beta_schedule=name, beta_start=start, beta_end=end,
+                                      rescale_betas_zero_snr=zero_snr)
+        assert torch.equal(ours.alphas_cumprod, ref.alphas_cumprod)
+        g = torch.Generator().manual_seed(0)
+        x0, noise = torch.randn(6, 3, 8, 8, generator=g), torch.randn(6, 3, 8, 8, generator=g)
+        t = torch.tensor([0, 1, 250, 500, 998, 999])
+        assert (ours.add_noise(x0, noise, t) - ref.add_noise(x0, noise, t)).abs().max() <= TOL
+        assert (ours.get_velocity(x0, noise, t) - ref.get_velocity(x0, noise, t)).abs().max() <= TOL
+
+
+def test_betas_equal_diffusers():
+    for name, start, end in SCHEDULES:
+        ref = diffusers.DDPMScheduler(beta_schedule=name, beta_start=start, beta_end=end)
+        assert torch.equal(make_betas(name, 1000, start, end), ref.betas), name
+
+
+def test_ddim_previous_timestep_from_list():
+    """Where diffusers' DDIM strides by T // N (wrong for linspace and non-integer trailing), ours steps to the
+    next listed timestep. Documented difference, not parity."""
+    for spacing, steps in [("linspace", 7), ("trailing", 7), ("linspace", 50), ("trailing", 333)]:
+        ours = DDIMScheduler(timestep_spacing=spacing)
+        ours.set_timesteps(steps)
+        listed = ours.timesteps.tolist()
+        for i, t in enumerate(listed):
+            expected = listed[i + 1] if i + 1 < len(listed) else -1
+            assert ours.previous_timestep(t) == expected
+        ref_prev = [t - 1000 // steps for t in listed]
+        assert ref_prev[:-1] != listed[1:], "this case was meant to show a difference"
+    # The step really uses it: a oracle step from t lands exactly on the forward marginal at the listed prev.
+    ours = DDIMScheduler(timestep_spacing="linspace", clip_sample=False)
+    ours.set_timesteps(7)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64), torch.randn(2, 3, 4, 4, generator=g,
+                                                                                      dtype=torch.float64)
+    t, prev = int(ours.timesteps[1]), int(ours.timesteps[2])
+    xt = ours.add_noise(x0, eps, torch.tensor([t]))
+    out = ours.step(eps, t, xt).prev_sample
+    assert torch.allclose(out, ours.add_noise(x0, eps, torch.tensor([prev])), atol=1e-6)
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("spacing", SPACINGS)
+def test_ddim_eta0_oracle_recovers_x0(prediction, spacing):
+    """Closed form: with the true eps / v / x0 at every step, deterministic DDIM inverts the forward process."""
+    sched = DDIMScheduler(prediction_type=prediction, timestep_spacing=spacing, clip_sample=False,
+                          beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    sched.set_timesteps(25)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64)
+    eps = torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64)
+    ab = sched.alphas_cumprod.double()
+    x = sched.add_noise(x0, eps, sched.timesteps[:1])
+    for t in sched.timesteps:
+        oracle = {"epsilon": eps, "sample": x0, "v_prediction": ab[t].sqrt() * eps - (1 - ab[t]).sqrt() * x0}
+        x = sched.step(oracle[prediction], t, x).prev_sample
+    assert (x - x0).abs().max().item() < 1e-5
+
+
+def test_alpha_bar_known_points():
+    """Closed-form facts, independent of diffusers: REFERENCES.md 'Signal left at the start'."""
+    def sqrt_ab(name, start, end, t, zero_snr=False):
+        betas = make_betas(name, 1000, start, end)
+        betas = rescale_zero_terminal_snr(betas) if zero_snr else betas
+        return signal_at_first_step(torch.cumprod(1 - betas, 0), torch.tensor([t]))
+    assert sqrt_ab("scaled_linear", 0.00085, 0.012, 999) == pytest.approx(0.06826, abs=1e-5)
+    assert sqrt_ab("scaled_linear", 0.00085, 0.012, 981) == pytest.approx(0.0760, abs=1e-4)
+    assert sqrt_ab("linear", 1e-4, 0.02, 999) == pytest.approx(0.00635, abs=1e-5)
+    assert sqrt_ab("squaredcos_cap_v2", 0, 0, 999) == pytest.approx(4.9e-5, abs=1e-6)
+    assert sqrt_ab("scaled_linear", 0.00085, 0.012, 999, zero_snr=True) == 0.0
+    # linear: product of (1 - beta) in float64 numpy, independently
+    numpy_ab = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
+    ours = torch.cumprod(1 - make_betas("linear", 1000, 1e-4, 0.02).double(), 0).numpy()
+    np.testing.assert_allclose(ours, numpy_ab, rtol=1e-5)
+    # cosine: alpha_bar(t) = f(t) / f(0), f(t) = cos^2(((t / T) + s) / (1 + s) * pi / 2), up to the 0.999 cap
+    f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    ab = torch.cumprod(1 - make_betas("squaredcos_cap_v2", 1000).double(), 0)
+    for t in (0, 100, 500, 900):
+        assert ab[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-5)
+
+
+def test_zero_snr_rescale_properties():
+    betas = rescale_zero_terminal_snr(make_betas("scaled_linear", 1000, 0.00085, 0.012))
+    ab = torch.cumprod(1 - betas.double(), 0)
+    original = torch.cumprod(1 - make_betas("scaled_linear", 1000, 0.00085, 0.012).double(), 0)
+    assert betas[-1].item() == pytest.approx(1.0)
+    assert ab[-1].item() == pytest.approx(0.0, abs=1e-12)
+    assert ab[0].item() == pytest.approx(original[0].item(), rel=1e-6)
+
+
+def test_timestep_spacings_match_reference_lists():
+    assert make_timesteps(50, 1000, "leading", 1)[[0, -1]].tolist() == [981, 1]
+    assert make_timesteps(50, 1000, "trailing")[[0, -1]].tolist() == [999, 19]
+    assert make_timesteps(50, 1000, "linspace")[[0, -1]].tolist() == [999, 0]
+    for spacing in SPACINGS:
+        ts = make_timesteps(333, 1000, spacing)
+        assert len(ts) == 333 and (ts[:-1] > ts[1:]).all()
+
+
+def test_schedule_table_facts():
+    rows = {(r["schedule"], r["spacing"]): r for r in schedule_table(50)}
+    assert rows[("scaled_linear 0.00085..0.012", "trailing")]["signal_at_first_step"] == pytest.approx(0.0683, abs=1e-4)
+    assert rows[("scaled_linear 0.00085..0.012", "leading")]["first_timestep"] == 981
+    assert rows[("linear 1e-4..0.02", "linspace")]["signal_at_first_step"] == pytest.approx(0.00635, abs=1e-5)
+    assert rows[("scaled_linear + zero SNR", "trailing")]["signal_at_first_step"] == 0.0
+    assert rows[("scaled_linear + zero SNR", "trailing")]["terminal_snr"] == 0.0
+
+
+@pytest.mark.parametrize("cls", [DDPMScheduler, DDIMScheduler])
+def test_bad_input_errors(cls):
+    with pytest.raises(ValueError, match="beta_schedule"):
+        cls(beta_schedule="cosine")
+    with pytest.raises(ValueError, match="timestep_spacing"):
+        cls(timestep_spacing="uniform")
+    with pytest.raises(ValueError, match="prediction_type"):
+        cls(prediction_type="eps")
+    sched = cls()
+    for bad in (0, 1001, -3):
+        with pytest.raises(ValueError, match="num_inference_steps"):
+            sched.set_timesteps(bad)
+    sched.set_timesteps(10)
+    x = torch.zeros(1, 3, 4, 4)
+    with pytest.raises(ValueError, match="not in the current list"):
+        sched.step(x, 505, x)
+    with pytest.warns(UserWarning, match="SNR 0"):
+        cls(rescale_betas_zero_snr=True, prediction_type="epsilon")
+
+
+def test_ddpm_bad_variance_type():
+    with pytest.raises(ValueError, match="variance_type"):
+        DDPMScheduler(variance_type="fixed_medium")
+
+
+@pytest.mark.parametrize("cls,ref_cls", [(DDPMScheduler, "DDPMScheduler"), (DDIMScheduler, "DDIMScheduler")])
+def test_from_config_reads_diffusers_json(tmp_path, cls, ref_cls):
+    ref = getattr(diffusers, ref_cls)(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                      steps_offset=1, prediction_type="v_prediction")
+    ref.save_config(tmp_path / "scheduler")
+    config = json.loads((tmp_path / "scheduler" / "scheduler_config.json").read_text())
+    config["some_future_option"] = 3
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="some_future_option") as record:
+        ours = cls.from_config(tmp_path)  # a model-repo folder holding scheduler/scheduler_config.json
+    assert len([w for w in record if "unknown keys" in str(w.message)]) == 1
+    assert ours.prediction_type == "v_prediction" and ours.config["steps_offset"] == 1
+    assert torch.equal(ours.alphas_cumprod, ref.alphas_cumprod)
+    ours.set_timesteps(50)
+    assert ours.timesteps[0].item() == 981
+    with pytest.raises(FileNotFoundError):
+        cls.from_config(tmp_path / "missing")
