@@ -15,7 +15,7 @@ $(STAMP): setup.py
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m analysis demo
+	$(PY) -m analysis schedules
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests; rc=$$?; \

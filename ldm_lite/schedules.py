@@ -137,5 +137,5 @@ def format_schedule_table(rows: list[dict]) -> str:
     lines = [header, "-" * len(header)]
     for row in rows:
         lines.append(f"{row['schedule']:<30} {row['spacing']:<9} {row['first_timestep']:>4} "
-                     f"{row['signal_at_first_step']:>13.5f} {row['terminal_snr']:>13.3e}")
+                     f"{row['signal_at_first_step']:>13.4g} {row['terminal_snr']:>13.3e}")
     return "\n".join(lines)
