@@ -1,0 +1,462 @@
+"""DDPM / ADM-style UNet, written from scratch for training speed on CPU.
+
+Architecture of Ho et al. 2020 (DDPM, arXiv:2006.11239, appendix B) with the options of Dhariwal & Nichol
+2021 (ADM, arXiv:2105.05233, section 3): residual blocks with GroupNorm + SiLU, sinusoidal time embedding
+(Vaswani et al. 2017 section 3.5) fed to every block, self-attention at chosen resolutions, optional
+scale-shift ("adaptive group norm", ADM eq. in section 3) time conditioning, optional class conditioning
+(with a null class for classifier-free guidance, Ho & Salimans 2022) and optional learned variance output
+(Nichol & Dhariwal 2021, arXiv:2102.09672, section 3.1: 2C output channels).
+
+The module tree uses the parameter names of diffusers' `UNet2DModel`, so a diffusers state dict loads
+with only a config translation (see `unet_loading.py`). Every image-shaped tensor is (B, C, H, W).
+
+Speed (CPU training, measured against diffusers, see bench/train_throughput.py): nearest-upsample + 3x3 conv
+runs as one stride-2 transposed conv (2.25x fewer FLOPs, same output); bf16 attention uses explicit
+matmuls (the fused CPU kernel's bf16 backward is slow); q, k, v come from one matmul; float32 activations
+are channels_last (faster oneDNN convs), bf16 ones NCHW (PyTorch's channels_last GroupNorm is 2-14x slower
+in bf16); dropout draws its mask from 16-bit random words instead of per-element Bernoulli draws.
+
+h-space (Kwon et al. 2023, arXiv:2210.10960): set `model.mid_block_hook = fn`; during each forward pass
+`fn(h)` receives the middle-block output h, shape (B, C_mid, H / 2^(L-1), W / 2^(L-1)) with C_mid =
+base_channels * channel_mult[-1], and its return value replaces h. Capture h by storing it and returning it
+unchanged; edit it by returning `h + scale * direction`. `None` (the default) costs nothing.
+"""
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm_lite.models.unet_loading import check_state_dict, read_unet_weights, write_unet_weights
+
+TIME_CONDITIONINGS = ("additive", "scale_shift")
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of a `UNet`. All sizes are in channels or pixels.
+
+    channel_mult[i] * base_channels is the width of resolution level i (level 0 = full resolution);
+    attention_resolutions lists the feature-map sizes (in pixels, for inputs of `sample_size`) that get
+    self-attention after each residual block. Heads: `head_channels` channels per head when set, else
+    `num_heads` heads. `downsample_padding` 0 pads right/bottom by one then convolves with stride 2 (DDPM's
+    TensorFlow layout); 1 pads symmetrically (ADM). `flip_sin_to_cos` and `freq_shift` select the
+    sinusoid layout: DDPM uses (False, 1), ADM (True, 0). `mid_attention_norm` False drops the GroupNorm
+    of the middle attention (diffusers does so for scale-shift models).
+    """
+    in_channels: int = 3
+    sample_size: int = 32
+    base_channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (16,)
+    num_heads: int = 1
+    head_channels: int | None = None
+    mid_attention: bool = True
+    mid_attention_norm: bool = True
+    dropout: float = 0.0
+    norm_groups: int = 32
+    norm_eps: float = 1e-6
+    time_conditioning: str = "additive"
+    flip_sin_to_cos: bool = False
+    freq_shift: float = 1.0
+    downsample_padding: int = 0
+    num_classes: int | None = None
+    learn_sigma: bool = False
+
+    def __post_init__(self):
+        # Frozen dataclass: coerce lists (from JSON/TOML) to tuples so configs compare and hash by value.
+        object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
+        object.__setattr__(self, "attention_resolutions", tuple(self.attention_resolutions))
+        if self.time_conditioning not in TIME_CONDITIONINGS:
+            raise ValueError(f"time_conditioning must be one of {TIME_CONDITIONINGS}, got {self.time_conditioning!r}")
+        if self.downsample_padding not in (0, 1):
+            raise ValueError(f"downsample_padding must be 0 or 1, got {self.downsample_padding}")
+        if not self.channel_mult or min(self.channel_mult) < 1:
+            raise ValueError(f"channel_mult must be a non-empty tuple of positive ints, got {self.channel_mult}")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ValueError(f"num_classes must be None or >= 1, got {self.num_classes}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for width in self.level_channels:
+            if width % self.norm_groups:
+                raise ValueError(f"norm_groups={self.norm_groups} must divide every level width {self.level_channels}")
+            if width % (self.head_channels or self.num_heads):
+                raise ValueError(f"head_channels / num_heads must divide every level width {self.level_channels}")
+
+    @property
+    def out_channels(self) -> int:
+        return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+    @property
+    def level_channels(self) -> tuple[int, ...]:
+        return tuple(self.base_channels * m for m in self.channel_mult)
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.base_channels
+
+    def heads(self, channels: int) -> int:
+        return channels // self.head_channels if self.head_channels else self.num_heads
+
+    def has_attention(self, level: int) -> bool:
+        return self.sample_size // 2 ** level in self.attention_resolutions
+
+
+PRESETS = {
+    # Ho et al. 2020, CIFAR-10: 35,746,307 parameters in the diffusers layout (google/ddpm-cifar10-32).
+    "ddpm_cifar10": UNetConfig(dropout=0.1),
+    # Same shape at half width: about 9M parameters, trains in a CPU afternoon at 32x32.
+    "small": UNetConfig(base_channels=64, dropout=0.1),
+    # Tests and demo: about 1.2M parameters; attention at 8x8 (level 1 at 16x16, level 2 at 32x32).
+    "tiny": UNetConfig(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(8,),
+                       head_channels=32, norm_groups=8),
+}
+
+
+def unet_preset(name: str, **overrides) -> UNetConfig:
+    """The named preset ("ddpm_cifar10", "small", "tiny") with fields replaced by `overrides`."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown UNet preset {name!r}; choose from {sorted(PRESETS)}")
+    return unet_config_from_dict({**dataclasses.asdict(PRESETS[name]), **overrides})
+
+
+def unet_config_from_dict(d: dict) -> UNetConfig:
+    """Rebuild a UNetConfig from `dataclasses.asdict(config)` (or JSON of it); unknown keys raise ValueError."""
+    names = {f.name for f in dataclasses.fields(UNetConfig)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown UNetConfig fields {unknown}; allowed: {sorted(names)}")
+    return UNetConfig(**d)
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, flip_sin_to_cos: bool = False,
+                       freq_shift: float = 1.0, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding (B,) -> (B, dim) float32 (DDPM's `get_timestep_embedding`, Vaswani et al. 3.5).
+
+    Frequencies max_period^(-i / (dim/2 - freq_shift)) for i < dim/2; output [sin, cos], or [cos, sin]
+    when flip_sin_to_cos; an odd dim gets a zero last column. Timesteps may be fractional.
+    """
+    half = dim // 2
+    exponent = torch.arange(half, dtype=torch.float32, device=timesteps.device) * (-math.log(max_period))
+    freqs = torch.exp(exponent / (half - freq_shift))
+    angles = timesteps.float()[:, None] * freqs[None, :]
+    parts = (torch.cos(angles), torch.sin(angles)) if flip_sin_to_cos else (torch.sin(angles), torch.cos(angles))
+    return F.pad(torch.cat(parts, dim=1), (0, dim % 2))
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last) \
+        else torch.contiguous_format
+
+
+def norm_silu(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+    """SiLU(GroupNorm(x)) with `norm`'s parameters. (An in-place SiLU would not help: autograd clones its input.)"""
+    return F.silu(F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps))
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Inverted dropout (Srivastava et al. 2014): zero each element with probability p, scale by 1 / (1 - p).
+
+    The keep mask compares 16-bit random words with a threshold (p is rounded to a multiple of 2^-16 and the
+    scale uses the rounded value, so E[output] = x exactly): one 64-bit draw serves four elements, 1.5-2.5x
+    cheaper on CPU than F.dropout's per-element Bernoulli draws.
+    """
+    if not training or p == 0.0:
+        return x
+    words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, 2 ** 63 - 1)
+    dropped = round(p * 65536)  # words below -32768 + dropped are dropped
+    keep = words.view(torch.int16)[:x.numel()].view(x.shape) >= dropped - 32768
+    return (x * keep).mul_(65536 / (65536 - dropped))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v for (B, heads, N, d) tensors (Vaswani et al. 2017 eq. 1).
+
+    float32 goes to F.scaled_dot_product_attention. For bf16 (autocast) the explicit form is used: on CPU
+    the fused kernel's bf16 backward is 1.6-5x slower than two batched matmuls and a softmax at N <= 1024.
+    """
+    if q.dtype == torch.float32:
+        return F.scaled_dot_product_attention(q, k, v)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, heads, N, N)
+    return torch.matmul(scores.softmax(dim=-1), v)
+
+
+# Nearest 2x upsampling then a 3x3 conv (padding 1) equals a stride-2 transposed conv with a 4x4 kernel:
+# along each axis the taps (w0, w1, w2) become (w2, w1 + w2, w0 + w1, w0). Same output, 16 instead of 36
+# multiply-adds per input pixel and channel pair, and no upsampled copy of the input.
+_UPSAMPLE_TAPS = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+
+
+def upsample_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """3x3 conv weight (C_out, C_in, 3, 3) -> conv_transpose2d weight (C_in, C_out, 4, 4)."""
+    taps = _UPSAMPLE_TAPS.to(weight)
+    return torch.einsum("uk,oikl,vl->iouv", taps, weight, taps)
+
+
+class TimestepMLP(nn.Module):
+    """Sinusoid (B, base) -> Linear -> SiLU -> Linear -> (B, 4 * base) (DDPM's `temb` dense layers)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, out_dim)
+        self.linear_2 = nn.Linear(out_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv, add (or scale-shift by) the time embedding, GroupNorm-SiLU-dropout-conv, + skip.
+
+    Additive (DDPM): h = conv1(x) + W emb, then norm2(h). Scale-shift (ADM): norm2(h) * (1 + s) + b,
+    with (s, b) = W emb. A 1x1 conv matches channels on the skip path when in != out.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, cfg: UNetConfig):
+        super().__init__()
+        self.scale_shift = cfg.time_conditioning == "scale_shift"
+        self.norm1 = nn.GroupNorm(cfg.norm_groups, in_ch, eps=cfg.norm_eps)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.time_emb_proj = nn.Linear(cfg.time_embed_dim, out_ch * (2 if self.scale_shift else 1))
+        self.norm2 = nn.GroupNorm(cfg.norm_groups, out_ch, eps=cfg.norm_eps)
+        self.dropout_p = cfg.dropout
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """x (B, in_ch, H, W), emb (B, time_embed_dim) already passed through SiLU -> (B, out_ch, H, W)."""
+        h = self.conv1(norm_silu(x, self.norm1))
+        t = self.time_emb_proj(emb)[:, :, None, None]  # (B, out_ch or 2 out_ch, 1, 1)
+        if self.scale_shift:
+            scale, shift = t.chunk(2, dim=1)
+            norm2 = self.norm2
+            h = F.group_norm(h, norm2.num_groups, norm2.weight, norm2.bias, norm2.eps)
+            h = F.silu(torch.addcmul(shift, h, 1 + scale))
+        else:
+            h = norm_silu(h.add_(t), self.norm2)  # in place: conv outputs are not needed for their backward
+        h = self.conv2(dropout(h, self.dropout_p, self.training))
+        return h.add_(x if self.conv_shortcut is None else self.conv_shortcut(x))
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over the H*W positions, with GroupNorm before and a residual after.
+
+    Same maths as DDPM's `nin` q/k/v projections and diffusers' `Attention` with residual_connection;
+    `to_out` is a list of one Linear so parameter names match diffusers (`to_out.0`).
+    """
+
+    def __init__(self, channels: int, heads: int, cfg: UNetConfig, norm: bool = True):
+        super().__init__()
+        self.heads = heads
+        self.group_norm = nn.GroupNorm(cfg.norm_groups, channels, eps=cfg.norm_eps) if norm else None
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) -> (B, C, H, W), in x's memory format."""
+        B, C, H, W = x.shape
+        h = x if self.group_norm is None else self.group_norm(x)
+        h = h.permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, HW, C); a view when h is channels_last
+        # One matmul for q, k and v: the three weights stacked (3C, C).
+        qkv_weight = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
+        qkv_bias = torch.cat([self.to_q.bias, self.to_k.bias, self.to_v.bias])
+        qkv = F.linear(h, qkv_weight, qkv_bias).view(B, H * W, 3, self.heads, C // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, HW, C / heads)
+        h = attention(q, k, v).transpose(1, 2).reshape(B, H * W, C)
+        h = self.to_out[0](h).view(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W), channels_last strides
+        return h.contiguous(memory_format=_memory_format(x)).add_(x)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv; padding 0 means DDPM's asymmetric pad (0, 1, 0, 1) first."""
+
+    def __init__(self, channels: int, padding: int):
+        super().__init__()
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.padding == 0 else x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 conv (B, C, H, W) -> (B, C, 2H, 2W)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv_transpose2d(x, upsample_kernel(self.conv.weight), self.conv.bias, stride=2, padding=1)
+
+
+class DownBlock(nn.Module):
+    """One resolution level of the encoder: residual blocks (+ attention), then an optional downsample."""
+
+    def __init__(self, in_ch: int, out_ch: int, cfg: UNetConfig, attention: bool, downsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList(ResBlock(in_ch if j == 0 else out_ch, out_ch, cfg)
+                                     for j in range(cfg.num_res_blocks))
+        self.attentions = nn.ModuleList(AttentionBlock(out_ch, cfg.heads(out_ch), cfg)
+                                        for _ in range(cfg.num_res_blocks)) if attention else None
+        # A ModuleList of one, so parameter names match diffusers (`downsamplers.0.conv`).
+        self.downsamplers = nn.ModuleList([Downsample(out_ch, cfg.downsample_padding)]) if downsample else None
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, skips: list) -> torch.Tensor:
+        """Runs the level and appends every intermediate output to `skips` for the decoder."""
+        for j, resnet in enumerate(self.resnets):
+            h = resnet(h, emb)
+            if self.attentions is not None:
+                h = self.attentions[j](h)
+            skips.append(h)
+        if self.downsamplers is not None:
+            h = self.downsamplers[0](h)
+            skips.append(h)
+        return h
+
+
+class UpBlock(nn.Module):
+    """One resolution level of the decoder: num_res_blocks + 1 residual blocks, each fed the current
+    features concatenated with one encoder skip (popped last-in first-out), then an optional upsample."""
+
+    def __init__(self, in_ch: int, skip_chs: list, out_ch: int, cfg: UNetConfig, attention: bool, upsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList(ResBlock((in_ch if j == 0 else out_ch) + skip_ch, out_ch, cfg)
+                                     for j, skip_ch in enumerate(skip_chs))
+        self.attentions = nn.ModuleList(AttentionBlock(out_ch, cfg.heads(out_ch), cfg)
+                                        for _ in skip_chs) if attention else None
+        self.upsamplers = nn.ModuleList([Upsample(out_ch)]) if upsample else None
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, skips: list) -> torch.Tensor:
+        for j, resnet in enumerate(self.resnets):
+            h = resnet(torch.cat([h, skips.pop()], dim=1), emb)
+            if self.attentions is not None:
+                h = self.attentions[j](h)
+        if self.upsamplers is not None:
+            h = self.upsamplers[0](h)
+        return h
+
+
+class MidBlock(nn.Module):
+    """ResBlock, self-attention, ResBlock at the lowest resolution; its output is the h-space."""
+
+    def __init__(self, ch: int, cfg: UNetConfig):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResBlock(ch, ch, cfg), ResBlock(ch, ch, cfg)])
+        self.attentions = nn.ModuleList([AttentionBlock(ch, cfg.heads(ch), cfg, norm=cfg.mid_attention_norm)]
+                                        ) if cfg.mid_attention else None
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.resnets[0](h, emb)
+        if self.attentions is not None:
+            h = self.attentions[0](h)
+        return self.resnets[1](h, emb)
+
+
+class UNet(nn.Module):
+    """Noise-prediction UNet: (x_t, t[, y]) -> eps (or [eps, variance interpolation] when learn_sigma).
+
+    forward(x, timesteps, class_labels=None):
+      x (B, in_channels, H, W) float, any range (x_t is roughly unit variance); H, W divisible by
+      2^(len(channel_mult) - 1). timesteps: (B,) long or float, or a scalar broadcast to the batch.
+      class_labels: (B,) long in [0, num_classes], where index num_classes is the null class (classifier-free
+      guidance); None on a class-conditional model means all null. Returns (B, out_channels, H, W) float
+      (contiguous NCHW), out_channels = 2 * in_channels when cfg.learn_sigma else in_channels.
+
+    h-space: `model.mid_block_hook = fn` makes forward call `h = fn(h)` on the middle-block output
+    (B, C_mid, h, w); fn may record h or return an edited copy (h + scale * direction). Default None.
+
+    Memory format: `model.channels_last` None (default) picks channels_last activations in float32 and NCHW
+    under autocast or low-precision weights (fastest on CPU); True / False force one. Outputs do not depend on it.
+    """
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.mid_block_hook = None
+        self.channels_last = None
+        widths = cfg.level_channels
+        levels = len(widths)
+        self.conv_in = nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)
+        self.time_embedding = TimestepMLP(cfg.base_channels, cfg.time_embed_dim)
+        # Row num_classes is the null label (Ho & Salimans 2022); diffusers calls this num_class_embeds.
+        self.class_embedding = (nn.Embedding(cfg.num_classes + 1, cfg.time_embed_dim)
+                                if cfg.num_classes is not None else None)
+        skip_chs = [widths[0]]
+        self.down_blocks = nn.ModuleList()
+        for level, width in enumerate(widths):
+            in_ch = widths[max(level - 1, 0)]
+            last = level == levels - 1
+            self.down_blocks.append(DownBlock(in_ch, width, cfg, cfg.has_attention(level), downsample=not last))
+            skip_chs += [width] * (cfg.num_res_blocks + (0 if last else 1))
+        self.mid_block = MidBlock(widths[-1], cfg)
+        self.up_blocks = nn.ModuleList()
+        for level in reversed(range(levels)):
+            in_ch = widths[min(level + 1, levels - 1)]
+            level_skips = [skip_chs.pop() for _ in range(cfg.num_res_blocks + 1)]
+            self.up_blocks.append(UpBlock(in_ch, level_skips, widths[level], cfg, cfg.has_attention(level),
+                                          upsample=level > 0))
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, widths[0], eps=cfg.norm_eps)
+        self.conv_out = nn.Conv2d(widths[0], cfg.out_channels, 3, padding=1)
+
+    def activation_format(self, x: torch.Tensor) -> torch.memory_format:
+        if self.channels_last is None:
+            low_precision = torch.is_autocast_enabled(x.device.type) or self.conv_in.weight.dtype != torch.float32
+            return torch.contiguous_format if low_precision else torch.channels_last
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def embed(self, timesteps, class_labels, batch: int, device) -> torch.Tensor:
+        """SiLU(time MLP(sinusoid(t)) + class embedding(y)) -> (B, time_embed_dim), shared by all blocks."""
+        cfg = self.config
+        t = torch.as_tensor(timesteps, device=device)
+        t = t.expand(batch) if t.ndim == 0 else t
+        if t.shape != (batch,):
+            raise ValueError(f"timesteps must be a scalar or shape ({batch},), got {tuple(t.shape)}")
+        emb = self.time_embedding(timestep_embedding(t, cfg.base_channels, cfg.flip_sin_to_cos, cfg.freq_shift))
+        if self.class_embedding is not None:
+            if class_labels is None:
+                class_labels = torch.full((batch,), cfg.num_classes, dtype=torch.long, device=device)
+            emb = emb + self.class_embedding(class_labels)
+        elif class_labels is not None:
+            raise ValueError("class_labels given but the model is unconditional (config.num_classes is None)")
+        return F.silu(emb)
+
+    def forward(self, x: torch.Tensor, timesteps, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
+            raise ValueError(f"x must be (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}")
+        emb = self.embed(timesteps, class_labels, x.shape[0], x.device)
+        h = self.conv_in(x.contiguous(memory_format=self.activation_format(x)))
+        skips = [h]
+        for block in self.down_blocks:
+            h = block(h, emb, skips)
+        h = self.mid_block(h, emb)
+        if self.mid_block_hook is not None:
+            h = self.mid_block_hook(h)
+        for block in self.up_blocks:
+            h = block(h, emb, skips)
+        return self.conv_out(norm_silu(h, self.conv_norm_out)).contiguous()
+
+
+def save_unet(model: UNet, path) -> None:
+    """Write the weights to `path` (.safetensors) with the UNetConfig as JSON in the file's metadata."""
+    write_unet_weights(path, dataclasses.asdict(model.config), model.state_dict())
+
+
+def load_unet(path, use_ema: bool = True, map_location="cpu") -> UNet:
+    """Build a UNet and load its weights; every parameter must be present with the right shape.
+
+    path: a diffusers UNet2DModel folder (config.json + diffusion_pytorch_model.safetensors or .bin, or a
+    pipeline folder with unet/), our .safetensors from `save_unet`, a training checkpoint (.pt / .ckpt,
+    format "ldm_lite.train.v1"; its EMA weights when use_ema and present) or a run dir holding checkpoint.pt.
+    Raises ValueError naming missing, unexpected and wrongly shaped keys rather than loading partially.
+    """
+    fields, state_dict = read_unet_weights(path, use_ema=use_ema, map_location=map_location)
+    model = UNet(unet_config_from_dict(fields))
+    check_state_dict({k: v.shape for k, v in model.state_dict().items()}, state_dict, source=path)
+    model.load_state_dict(state_dict)
+    return model
