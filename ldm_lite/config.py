@@ -1,0 +1,331 @@
+"""Training configuration: frozen dataclasses, loaded from TOML and `--section.key=value` overrides.
+
+One dataclass per section ([data], [model], [diffusion], [noise], [train], [run], [latent]); every value
+is type-checked on the way in and range-checked in `__post_init__`, with an error naming `section.key`.
+The resolved config is written next to every run as `config.toml` (and stored in each checkpoint).
+"""
+import dataclasses
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PRECISIONS = ("fp32", "bf16")
+DATA_LABELS = ("dataset", "brightness")
+UNET_PRESETS = ("ddpm_cifar10", "small", "tiny")
+
+# Short command-line aliases for the options changed most often.
+ALIASES = {"data": "data.source", "steps": "train.steps", "out": "run.out", "batch-size": "train.batch_size",
+           "seed": "train.seed", "latent-vae": "latent.vae", "max-minutes": "train.max_minutes",
+           "resume": "run.resume"}
+
+
+def _check(condition: bool, name: str, message: str, value) -> None:
+    if not condition:
+        raise ValueError(f"{name} {message}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """source: "synthetic", "cifar10:ROOT" (torchvision files) or an image folder (recursive)."""
+    source: str = "synthetic"
+    resolution: int = 16
+    center_crop: bool = True       # False: random crop (image folders are then cropped once, at load time)
+    random_flip: bool = True       # horizontal flips drawn per sample, per step
+    download: bool = False         # cifar10 only: fetch the files when missing
+    synthetic_size: int = 4096     # number of embedded synthetic images
+    max_images: int = 0            # image folders: keep N images spread evenly over the sorted list (0 = all)
+    labels: str = "dataset"        # "dataset" (classes / folders / synthetic terciles) or "brightness" terciles
+
+    def __post_init__(self):
+        _check(self.labels in DATA_LABELS, "data.labels", f"must be one of {DATA_LABELS}", self.labels)
+        _check(self.resolution >= 1, "data.resolution", "must be >= 1", self.resolution)
+        _check(self.synthetic_size >= 1, "data.synthetic_size", "must be >= 1", self.synthetic_size)
+        _check(self.max_images >= 0, "data.max_images", "must be >= 0 (0 = all)", self.max_images)
+        _check(bool(self.source), "data.source", "must be 'synthetic', 'cifar10:ROOT' or a folder", self.source)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A UNet preset; class-conditional models take labels from the data with a share of null labels."""
+    preset: str = "tiny"
+    class_conditional: bool = False
+    null_label_prob: float = 0.1   # share of labels replaced by the null class (classifier-free guidance)
+    dropout: float | None = None   # None: the preset's value
+
+    def __post_init__(self):
+        _check(self.preset in UNET_PRESETS, "model.preset", f"must be one of {UNET_PRESETS}", self.preset)
+        _check(0.0 <= self.null_label_prob <= 1.0, "model.null_label_prob", "must be in [0, 1]", self.null_label_prob)
+        _check(self.dropout is None or 0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)", self.dropout)
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """Forward process and objective, with diffusers' names. min_snr: Hang et al. 2023 loss weights."""
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    rescale_betas_zero_snr: bool = False
+    prediction_type: str = "epsilon"
+    min_snr: bool = False
+    min_snr_gamma: float = 5.0
+
+    def __post_init__(self):
+        _check(self.num_train_timesteps >= 2, "diffusion.num_train_timesteps", "must be >= 2", self.num_train_timesteps)
+        _check(self.beta_schedule in BETA_SCHEDULES, "diffusion.beta_schedule", f"must be one of {BETA_SCHEDULES}",
+               self.beta_schedule)
+        _check(0.0 < self.beta_start < self.beta_end < 1.0, "diffusion.beta_start/beta_end",
+               "must satisfy 0 < beta_start < beta_end < 1", (self.beta_start, self.beta_end))
+        _check(self.prediction_type in PREDICTION_TYPES, "diffusion.prediction_type",
+               f"must be one of {PREDICTION_TYPES}", self.prediction_type)
+        _check(self.min_snr_gamma > 0, "diffusion.min_snr_gamma", "must be > 0", self.min_snr_gamma)
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    """Training-noise bias fixes (formulas in `ldm_lite.noise`); each is off unless switched on."""
+    offset_noise: bool = False
+    offset_noise_strength: float = 0.1
+    pyramid_noise: bool = False
+    pyramid_discount: float = 0.8
+    input_perturbation: bool = False
+    input_perturbation_gamma: float = 0.1
+
+    def __post_init__(self):
+        _check(self.offset_noise_strength > 0, "noise.offset_noise_strength", "must be > 0", self.offset_noise_strength)
+        _check(0 < self.pyramid_discount < 1, "noise.pyramid_discount", "must be in (0, 1)", self.pyramid_discount)
+        _check(self.input_perturbation_gamma > 0, "noise.input_perturbation_gamma", "must be > 0",
+               self.input_perturbation_gamma)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation. batch_size is the global batch (split evenly across torchrun processes)."""
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 2e-4
+    warmup_steps: int = 0          # linear warmup from lr / warmup_steps to lr
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0         # max global gradient norm; 0 disables clipping
+    ema_decay: float = 0.9999      # 0 disables the EMA model
+    ema_warmup: bool = True        # decay_t = min(ema_decay, (1 + t) / (10 + t))
+    precision: str = "fp32"        # "bf16": autocast of the model (CPU with AMX, or GPU)
+    channels_last: bool = True
+    compile: bool = False          # torch.compile the model
+    seed: int = 0
+    max_minutes: float = 0.0       # stop (with a checkpoint) after this wall time; 0 = no limit
+    num_threads: int = 0           # CPU threads for this process during training; 0 = torch's default
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size"):
+            _check(getattr(self, name) >= 1, f"train.{name}", "must be >= 1", getattr(self, name))
+        _check(self.lr > 0 and math.isfinite(self.lr), "train.lr", "must be a positive number", self.lr)
+        _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0", self.warmup_steps)
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0", self.weight_decay)
+        _check(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "train.adam_beta1/adam_beta2",
+               "must be in [0, 1)", (self.adam_beta1, self.adam_beta2))
+        _check(self.adam_eps > 0, "train.adam_eps", "must be > 0", self.adam_eps)
+        _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables)", self.grad_clip)
+        _check(0 <= self.ema_decay < 1, "train.ema_decay", "must be in [0, 1) (0 disables)", self.ema_decay)
+        _check(self.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}", self.precision)
+        _check(self.max_minutes >= 0, "train.max_minutes", "must be >= 0 (0 = no limit)", self.max_minutes)
+        _check(self.num_threads >= 0, "train.num_threads", "must be >= 0 (0 = torch's default)", self.num_threads)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where the run lives and how often it reports. Intervals are in steps; 0 disables."""
+    out: str = "runs/default"
+    log_every: int = 50
+    checkpoint_every: int = 500
+    sample_every: int = 0
+    sample_steps: int = 50         # DDIM steps for the sample grids
+    samples_per_class: int = 8     # one grid row per class, plus one unconditional row
+    progress: bool = True
+    resume: bool = True            # continue from <out>/checkpoint.pt when present
+
+    def __post_init__(self):
+        _check(bool(self.out), "run.out", "must be a folder path", self.out)
+        _check(self.log_every >= 1, "run.log_every", "must be >= 1", self.log_every)
+        for name in ("checkpoint_every", "sample_every"):
+            _check(getattr(self, name) >= 0, f"run.{name}", "must be >= 0 (0 disables)", getattr(self, name))
+        _check(self.sample_steps >= 1, "run.sample_steps", "must be >= 1", self.sample_steps)
+        _check(self.samples_per_class >= 1, "run.samples_per_class", "must be >= 1", self.samples_per_class)
+
+
+@dataclass(frozen=True)
+class LatentConfig:
+    """Latent diffusion: train on VAE latents of the data, cached on disk. vae "" = pixel space."""
+    vae: str = ""
+    cache: str = ""                # latent cache file; "" = <run.out>/latents.safetensors
+    encode_batch_size: int = 16
+
+    def __post_init__(self):
+        _check(self.encode_batch_size >= 1, "latent.encode_batch_size", "must be >= 1", self.encode_batch_size)
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
+
+
+SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+
+
+# ----------------------------------------------------------------------------- values
+
+def _field_type(section_cls, key: str):
+    """The value type of `section.key` (int, float, bool, str) and whether None is allowed."""
+    hint = typing.get_type_hints(section_cls)[key]
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) else ()
+    if args:
+        return next(a for a in args if a is not type(None)), type(None) in args
+    return hint, False
+
+
+def _coerce(name: str, value, kind, nullable: bool):
+    """A TOML value or command-line string as `kind`; ValueError naming `name` when it does not fit."""
+    if isinstance(value, str) and kind is not str:
+        value = _parse_string(name, value, kind, nullable)
+    if value is None and nullable:
+        return None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not kind:
+        raise ValueError(f"{name} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _parse_string(name: str, text: str, kind, nullable: bool):
+    lowered = text.strip().lower()
+    if nullable and lowered in ("none", "null"):
+        return None
+    if kind is bool:
+        if lowered in ("true", "1", "yes", "on"):
+            return True
+        if lowered in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"{name} must be true or false, got {text!r}")
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"{name} must be {kind.__name__}, got {text!r}") from None
+
+
+def _apply(tree: dict, values: dict) -> dict:
+    """Merge {"section.key": value} into a nested {section: {key: value}} after checking names and types."""
+    for dotted, value in values.items():
+        section, _, key = dotted.partition(".")
+        if section not in SECTIONS:
+            raise ValueError(f"unknown config section {section!r} in {dotted!r}; sections: {sorted(SECTIONS)}")
+        known = {f.name for f in dataclasses.fields(SECTIONS[section])}
+        if key not in known:
+            raise ValueError(f"unknown config key {dotted!r}; keys of [{section}]: {sorted(known)}")
+        kind, nullable = _field_type(SECTIONS[section], key)
+        tree.setdefault(section, {})[key] = _coerce(dotted, value, kind, nullable)
+    return tree
+
+
+def config_from_dict(tree: dict) -> Config:
+    """A Config from nested {section: {key: value}} (TOML or `config_to_dict` output), type-checked."""
+    flat = {}
+    for section, values in tree.items():
+        if not isinstance(values, dict):
+            raise ValueError(f"config entry {section!r} must be a [section] table; sections: {sorted(SECTIONS)}")
+        flat.update({f"{section}.{key}": value for key, value in values.items()})
+    checked = _apply({}, flat)
+    return Config(**{name: SECTIONS[name](**checked.get(name, {})) for name in SECTIONS})
+
+
+def config_to_dict(config: Config) -> dict:
+    """Nested plain dict {section: {key: value}} of a Config."""
+    return dataclasses.asdict(config)
+
+
+def load_config(path=None, overrides: dict | None = None) -> Config:
+    """Defaults, then the TOML file at `path` (if any), then `overrides` {"section.key": value or string}."""
+    tree = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {str(path)!r} not found")
+        try:
+            tree = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as error:
+            raise ValueError(f"config file {str(path)!r} is not valid TOML: {error}") from None
+    flat = {f"{s}.{k}": v for s, values in tree.items() if isinstance(values, dict) for k, v in values.items()}
+    flat.update({s: v for s, v in tree.items() if not isinstance(v, dict)})  # stray top-level keys: rejected below
+    flat.update(overrides or {})
+    return config_from_dict(_nest(flat))
+
+
+def _nest(flat: dict) -> dict:
+    tree = {}
+    for dotted, value in flat.items():
+        section, dot, key = dotted.partition(".")
+        if not dot:
+            raise ValueError(f"config key {dotted!r} must be written section.key; sections: {sorted(SECTIONS)}")
+        tree.setdefault(section, {})[key] = value
+    return tree
+
+
+def parse_overrides(args: list[str]) -> tuple[str | None, dict]:
+    """Command-line arguments -> (config file or None, {"section.key": string}).
+
+    Accepts `--config PATH`, `--section.key=value`, `--section.key value` and the short ALIASES
+    (`--data`, `--steps`, `--out`, ...). A bare `--flag` of a bool key means true.
+    """
+    config_path, overrides, i = None, {}, 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}; options look like --section.key=value")
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            takes_value = i + 1 < len(args) and not args[i + 1].startswith("--")
+            value = args[i + 1] if takes_value else "true"
+            i += takes_value
+        i += 1
+        if name == "config":
+            config_path = value
+            continue
+        dotted = ALIASES.get(name, name.replace("-", "_"))
+        if "." not in dotted:
+            raise ValueError(f"unknown option --{name}; use --section.key=value or one of "
+                             f"{', '.join('--' + a for a in ALIASES)}, --config")
+        overrides[dotted] = value
+    return config_path, overrides
+
+
+def to_toml(config: Config) -> str:
+    """The config as TOML text (None values omitted), readable back by `load_config`."""
+    lines = []
+    for section, values in config_to_dict(config).items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if value is not None:
+                lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)

@@ -1,0 +1,275 @@
+"""Image data: folders of images, CIFAR-10, and an embedded synthetic brightness dataset.
+
+Every loader returns uint8 images (N, 3, R, R) in [0, 255] plus int64 labels (N,); `to_float`
+maps them to the model's range [-1, 1]. Small datasets live in memory (`InMemoryImages`) and
+are batched with on-the-fly horizontal flips, without DataLoader workers.
+
+Labels: image folders are labelled ImageFolder style (index of the first-level subfolder in
+sorted order, 0 when the folder is flat); CIFAR-10 by its 10 classes; the synthetic data by its
+brightness tercile (0 dark, 1 mid, 2 bright).
+"""
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+SYNTHETIC_CLASSES = ("dark", "mid", "bright")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+# ----------------------------------------------------------------------------- image files
+
+def list_images(root) -> list[Path]:
+    """All image files under `root` (recursive), sorted by path; hidden files and folders skipped."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"image folder {str(root)!r} does not exist or is not a directory")
+    paths = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+             and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    return sorted(paths, key=lambda p: p.relative_to(root).as_posix())
+
+
+def folder_labels(root, paths: list[Path]) -> tuple[torch.Tensor, tuple[str, ...]]:
+    """ImageFolder-style labels (N,) int64 and class names for `paths` under `root`.
+
+    The class of an image is its first-level subfolder; classes are numbered in sorted order.
+    Images directly in `root` form the class "" (so a flat folder has one class, label 0).
+    """
+    root = Path(root)
+    names = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else "" for p in paths]
+    classes = tuple(sorted(set(names)))
+    index = {name: i for i, name in enumerate(classes)}
+    return torch.tensor([index[n] for n in names], dtype=torch.long), classes
+
+
+def load_image(path, resolution: int, center_crop: bool = True,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """One image as uint8 (3, R, R) in [0, 255].
+
+    Grayscale, RGBA (alpha dropped) and palette images are converted to RGB; the shorter side is
+    resized to R (bilinear, antialiased), then the square is cut from the centre, or at a random
+    offset drawn from `generator` when `center_crop` is False.
+    """
+    with Image.open(path) as image:
+        if image.mode == "P":  # palette images may carry transparency; go through RGBA to keep colours
+            image = image.convert("RGBA")
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        width, height = image.size
+        scale = resolution / min(width, height)
+        size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+        if size != (width, height):
+            image = image.resize(size, Image.BILINEAR)
+        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(size[1], size[0], 3)
+    return crop(pixels.permute(2, 0, 1), resolution, center_crop, generator).contiguous()
+
+
+def crop(image: torch.Tensor, resolution: int, center: bool = True,
+         generator: torch.Generator | None = None) -> torch.Tensor:
+    """Square crop (C, R, R) of an image (C, H, W) with H, W >= R: centred, or at a random offset."""
+    height, width = image.shape[-2:]
+    if center:
+        top, left = (height - resolution) // 2, (width - resolution) // 2
+    else:
+        top = int(torch.randint(height - resolution + 1, (), generator=generator))
+        left = int(torch.randint(width - resolution + 1, (), generator=generator))
+    return image[..., top:top + resolution, left:left + resolution]
+
+
+def iter_image_folder(root, resolution: int, batch_size: int, center_crop: bool = True,
+                      generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches (uint8 (B, 3, R, R), int64 labels (B,)) over every image under `root`, in sorted order.
+
+    The last batch may be smaller. Unreadable files are skipped; one warning at the end counts them.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    paths = list_images(root)
+    labels, _ = folder_labels(root, paths)
+    images, batch_labels, skipped = [], [], []
+    for path, label in zip(paths, labels):
+        try:
+            images.append(load_image(path, resolution, center_crop, generator))
+        except (OSError, ValueError, SyntaxError) as error:  # PIL raises these for truncated/corrupt files
+            skipped.append((path, error))
+            continue
+        batch_labels.append(label)
+        if len(images) == batch_size:
+            yield torch.stack(images), torch.stack(batch_labels)
+            images, batch_labels = [], []
+    if images:
+        yield torch.stack(images), torch.stack(batch_labels)
+    if skipped:
+        path, error = skipped[0]
+        warnings.warn(f"skipped {len(skipped)} unreadable image file(s) under {str(root)!r} "
+                      f"(first: {path.name}: {error})", stacklevel=2)
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images in [0, 255] -> float32 in [-1, 1], same shape."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Float images in [-1, 1] (clamped) -> uint8 in [0, 255], same shape."""
+    return images.float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------- in-memory datasets
+
+@dataclass(frozen=True)
+class InMemoryImages:
+    """A small dataset held in memory.
+
+    images: uint8 (N, C, R, R) in [0, 255] (or float latents (N, C, h, w) for latent diffusion);
+    labels: int64 (N,); class_names: one name per label value; mirrored: optional (N, C, H, W) to use for
+    flipped samples instead of mirroring `images` (latents of the mirrored images, which are not exactly
+    the mirrored latents).
+    """
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: tuple[str, ...]
+    mirrored: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.images.ndim != 4 or self.labels.shape != (self.images.shape[0],):
+            raise ValueError(f"images must be (N, C, H, W) and labels (N,), got {tuple(self.images.shape)} "
+                             f"and {tuple(self.labels.shape)}")
+        if len(self) == 0:
+            raise ValueError("the dataset is empty")
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def batch(self, indices: torch.Tensor, flip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, C, H, W) and labels (B,) at `indices` (B,); where the bool mask `flip` (B,) is set,
+        the image is mirrored left-right."""
+        images = self.images[indices]
+        if flip is not None:
+            mirrored = images.flip(-1) if self.mirrored is None else self.mirrored[indices]
+            images = torch.where(flip.view(-1, 1, 1, 1), mirrored, images)
+        return images, self.labels[indices]
+
+
+def synthetic_brightness(num_images: int = 4096, resolution: int = 16, seed: int = 0) -> InMemoryImages:
+    """Procedural images whose mean brightness spans near-black to near-white, labelled by tercile.
+
+    Each image has a mean value b ~ U(-0.9, 0.9) (in [-1, 1] units) plus a zero-mean pattern (tinted
+    stripes and a soft blob) scaled to stay inside [-0.95, 0.95], so nothing clips and the image mean is b
+    up to uint8 rounding. Label: 0 dark (b < -0.3), 1 mid, 2 bright (b > 0.3); the dark / bright class
+    means are about -0.6 / +0.6. Deterministic in `seed`.
+    """
+    if num_images < 1 or resolution < 1:
+        raise ValueError(f"num_images and resolution must be >= 1, got {num_images} and {resolution}")
+    g = torch.Generator().manual_seed(seed)
+    n = num_images
+    brightness = torch.rand(n, generator=g) * 1.8 - 0.9
+    coords = torch.linspace(-1, 1, resolution)
+    y, x = torch.meshgrid(coords, coords, indexing="ij")  # (R, R)
+    angle = torch.rand(n, 1, 1, generator=g) * torch.pi
+    frequency = 1 + torch.rand(n, 1, 1, generator=g) * 3
+    stripes = torch.sin(frequency * torch.pi * (x * angle.cos() + y * angle.sin()))  # (N, R, R)
+    centre = torch.rand(n, 2, 1, 1, generator=g) * 1.2 - 0.6
+    blob = torch.exp(-((x - centre[:, 0]) ** 2 + (y - centre[:, 1]) ** 2) / 0.2)  # (N, R, R)
+    tint = torch.rand(n, 3, 2, generator=g) * 2 - 1  # per-channel weights of stripes and blob
+    pattern = tint[..., 0, None, None] * stripes[:, None] + tint[..., 1, None, None] * blob[:, None]  # (N, 3, R, R)
+    pattern = pattern - pattern.mean(dim=(1, 2, 3), keepdim=True)
+    peak = pattern.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
+    headroom = (0.95 - brightness.abs()).view(n, 1, 1, 1)
+    images = brightness.view(n, 1, 1, 1) + pattern * (headroom / peak)
+    labels = (brightness > -0.3).long() + (brightness > 0.3).long()
+    return InMemoryImages(to_uint8(images), labels, SYNTHETIC_CLASSES)
+
+
+def brightness_terciles(dataset: InMemoryImages) -> InMemoryImages:
+    """The same images relabelled by mean brightness: 0 dark, 1 mid, 2 bright, split at the 1/3 and 2/3
+    quantiles of the per-image mean over (C, H, W), so the three classes have (nearly) equal sizes."""
+    means = to_float(dataset.images).mean(dim=(1, 2, 3))
+    low, high = torch.quantile(means, torch.tensor([1 / 3, 2 / 3]))
+    labels = (means > low).long() + (means > high).long()
+    return InMemoryImages(dataset.images, labels, SYNTHETIC_CLASSES, dataset.mirrored)
+
+
+def load_image_folder(root, resolution: int, center_crop: bool = True, max_images: int = 0,
+                      progress: bool = True, seed: int = 0) -> InMemoryImages:
+    """Every image under `root` in memory, labelled ImageFolder style; with `max_images` > 0, that many
+    images spread evenly over the sorted list (so every class keeps its share). Without `center_crop`,
+    each image is cropped once at a random offset drawn from `seed`. Unreadable files are skipped with
+    one warning that counts them."""
+    from tqdm import tqdm
+    paths = list_images(root)
+    labels, class_names = folder_labels(root, paths)
+    if 0 < max_images < len(paths):
+        keep = torch.linspace(0, len(paths) - 1, max_images).round().long()
+        paths, labels = [paths[i] for i in keep.tolist()], labels[keep]
+    images, kept, skipped = [], [], 0
+    generator = torch.Generator().manual_seed(seed)
+    for i, path in enumerate(tqdm(paths, desc=f"loading {Path(root).name}", disable=not progress, unit="img")):
+        try:
+            images.append(load_image(path, resolution, center_crop, generator))
+            kept.append(i)
+        except (OSError, ValueError, SyntaxError):
+            skipped += 1
+    if skipped:
+        warnings.warn(f"skipped {skipped} unreadable image file(s) under {str(root)!r}", stacklevel=2)
+    if not images:
+        raise ValueError(f"no readable images under {str(root)!r} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+    return InMemoryImages(torch.stack(images), labels[kept], class_names)
+
+
+def load_cifar10(root, resolution: int = 32, train: bool = True, download: bool = False) -> InMemoryImages:
+    """CIFAR-10 through torchvision's python-pickle files under `root`; downloads only if `download`."""
+    import torchvision
+    try:
+        dataset = torchvision.datasets.CIFAR10(str(root), train=train, download=download)
+    except RuntimeError as error:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+        raise ValueError(f"CIFAR-10 not found under {str(root)!r}; pass --data.download=true to download it "
+                         f"({error})") from None
+    images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32) uint8
+    if resolution != images.shape[-1]:
+        images = resize_uint8(images, resolution)
+    return InMemoryImages(images, torch.tensor(dataset.targets, dtype=torch.long), tuple(dataset.classes))
+
+
+def resize_uint8(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Square uint8 images (N, C, S, S) -> (N, C, R, R), bilinear with antialiasing."""
+    resized = torch.nn.functional.interpolate(images.float(), size=(resolution, resolution), mode="bilinear",
+                                              antialias=True, align_corners=False)
+    return resized.round().clamp(0, 255).to(torch.uint8)
+
+
+def load_dataset(source: str, resolution: int, center_crop: bool = True, download: bool = False,
+                 synthetic_size: int = 4096, seed: int = 0, max_images: int = 0,
+                 progress: bool = True) -> InMemoryImages:
+    """A dataset by its spec: "synthetic", "cifar10:ROOT" (torchvision files) or an image folder path.
+
+    `seed` draws the synthetic images and the random crops of an image folder (not the training order)."""
+    if source == "synthetic":
+        return synthetic_brightness(synthetic_size, resolution, seed)
+    if source.startswith("cifar10:"):
+        return load_cifar10(source.split(":", 1)[1], resolution, download=download)
+    if not Path(source).is_dir():
+        raise ValueError(f"data source must be 'synthetic', 'cifar10:ROOT' or an existing image folder, "
+                         f"got {source!r}")
+    return load_image_folder(source, resolution, center_crop, max_images, progress, seed)
+
+
+def save_image_grid(images: torch.Tensor, path, nrow: int = 8) -> None:
+    """Write images (N, 3, H, W) in [-1, 1] as one PNG grid with `nrow` images per row, 2-pixel gaps."""
+    n, channels, height, width = images.shape
+    rows = (n + nrow - 1) // nrow
+    grid = torch.zeros(channels, rows * (height + 2) + 2, nrow * (width + 2) + 2, dtype=torch.uint8)
+    for i, image in enumerate(to_uint8(images.detach().cpu())):
+        top, left = 2 + (i // nrow) * (height + 2), 2 + (i % nrow) * (width + 2)
+        grid[:, top:top + height, left:left + width] = image
+    if channels == 1:
+        grid = grid.expand(3, -1, -1)
+    Image.fromarray(grid.permute(1, 2, 0).contiguous().numpy()).save(path)
