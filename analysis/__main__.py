@@ -1,5 +1,6 @@
 """`python -m analysis COMMAND ...`: measurement and study commands. Each command is a module of this
-package with `add_arguments(parser)` and `run(args)`; all logic lives in ldm_lite."""
+package with `add_arguments(parser)` and `run(args)`; all logic lives in ldm_lite. Only the module of the
+command that runs is imported."""
 import argparse
 import importlib
 import sys
@@ -18,21 +19,24 @@ COMMANDS = {
 }
 
 
+def usage() -> str:
+    lines = ["usage: python -m analysis COMMAND [options]   (python -m analysis COMMAND --help)", "", "commands:"]
+    lines += [f"  {name:<11} {text}" for name, text in COMMANDS.items()]
+    return "\n".join(lines)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    modules = {}
-    for name, help_text in COMMANDS.items():
-        module_name = "analysis." + name.replace("-", "_")
-        try:
-            modules[name] = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name != module_name:
-                raise
-            continue  # command not built yet
-        modules[name].add_arguments(commands.add_parser(name, help=help_text, description=help_text))
-    args = parser.parse_args(argv)
-    return modules[args.command].run(args)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    command = argv[0]
+    if command not in COMMANDS:
+        raise ValueError(f"unknown command {command!r}; choose from {', '.join(COMMANDS)}")
+    module = importlib.import_module("analysis." + command.replace("-", "_"))
+    parser = argparse.ArgumentParser(prog=f"python -m analysis {command}", description=COMMANDS[command])
+    module.add_arguments(parser)
+    return module.run(parser.parse_args(argv[1:]))
 
 
 if __name__ == "__main__":

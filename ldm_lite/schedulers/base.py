@@ -158,12 +158,21 @@ class Scheduler:
     def _set_timestep_list(self, timesteps: torch.Tensor):
         self.timesteps = timesteps.long()
         steps = self.timesteps.tolist()
+        prev = steps[1:] + [-1]
         self._index = {t: i for i, t in enumerate(steps)}
-        self._prev = {t: (steps[i + 1] if i + 1 < len(steps) else -1) for i, t in enumerate(steps)}
-        self._coefficients = {t: self._step_coefficients(t, self._prev[t]) for t in steps}
+        self._prev = dict(zip(steps, prev))
+        # all steps at once: elementwise float32 ops give the same bits as one scalar at a time
+        columns = self._step_coefficients(self.timesteps, torch.tensor(prev))
+        columns = {name: column.tolist() for name, column in columns.items()}
+        self._coefficients = {t: {name: column[i] for name, column in columns.items()} for i, t in enumerate(steps)}
 
-    def _step_coefficients(self, t: int, prev_t: int) -> dict:
+    def _step_coefficients(self, t: torch.Tensor, prev_t: torch.Tensor) -> dict:
+        """Per-step coefficients {name: (N,) tensor} for timesteps t (N,) and their successors prev_t (N,)."""
         raise NotImplementedError
+
+    def _alpha_bar_prev(self, prev_t: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
+        """alphas_cumprod[prev_t] (N,), with `final` after the last step (prev_t = -1)."""
+        return torch.where(prev_t >= 0, self.alphas_cumprod[prev_t.clamp(min=0)], final)
 
     def previous_timestep(self, timestep) -> int:
         """The timestep after `timestep` in the current list, or -1 after the last one."""
@@ -239,4 +248,6 @@ def noise_like(shape, generator, device, dtype, variance_noise=None):
         if generator is not None:
             raise ValueError("pass either generator or variance_noise, not both")
         return variance_noise
-    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    # drawn on the generator's device (a CPU generator with a GPU sample), then moved
+    source = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=source, dtype=dtype).to(device)

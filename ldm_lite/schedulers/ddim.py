@@ -18,29 +18,30 @@ class DDIMScheduler(Scheduler):
                  thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
                  clip_sample_range: float = 1.0, sample_max_value: float = 1.0, timestep_spacing: str = "leading",
                  rescale_betas_zero_snr: bool = False):
-        self.set_alpha_to_one = set_alpha_to_one  # needed by _step_coefficients, called from the base constructor
+        self.set_alpha_to_one = set_alpha_to_one  # read by _step_coefficients, which the base constructor calls
         super().__init__(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, prediction_type,
                          clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value,
                          timestep_spacing, steps_offset, rescale_betas_zero_snr)
         self.config["set_alpha_to_one"] = set_alpha_to_one
 
-    def _step_coefficients(self, t: int, prev_t: int) -> dict:
-        # float32 scalars, in diffusers' operation order (see base module docstring)
+    def _step_coefficients(self, t, prev_t) -> dict:
+        # float32, in diffusers' operation order (see base module docstring)
         ab = self.alphas_cumprod[t]
         final = torch.tensor(1.0) if self.set_alpha_to_one else self.alphas_cumprod[0]
-        ab_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else final
+        ab_prev = self._alpha_bar_prev(prev_t, final)
         variance = ((1 - ab_prev) / (1 - ab)) * (1 - ab / ab_prev)  # sigma_t^2 / eta^2, Song et al. eq. 16
-        return dict(sqrt_ab=float(ab ** 0.5), sqrt_one_minus_ab=float((1 - ab) ** 0.5),
-                    sqrt_ab_prev=float(ab_prev ** 0.5), ab_prev=ab_prev, variance=variance, by_eta={})
+        return dict(sqrt_ab=ab ** 0.5, sqrt_one_minus_ab=(1 - ab) ** 0.5, sqrt_ab_prev=ab_prev ** 0.5,
+                    ab_prev=ab_prev, variance=variance)
 
-    @staticmethod
-    def _eta_coefficients(coefficients: dict, eta: float) -> tuple:
+    def _eta_coefficients(self, coefficients: dict, eta: float) -> tuple:
         """(sigma_t, sqrt(1 - ab_prev - sigma_t^2)) for this eta, computed once per (t, eta) in float32."""
-        if eta not in coefficients["by_eta"]:
-            sigma = eta * coefficients["variance"] ** 0.5
-            direction = (1 - coefficients["ab_prev"] - sigma ** 2).clamp(min=0) ** 0.5  # rounding can dip below 0
-            coefficients["by_eta"][eta] = (float(sigma), float(direction))
-        return coefficients["by_eta"][eta]
+        cache = coefficients.setdefault("by_eta", {})
+        if eta not in cache:
+            variance, ab_prev = torch.tensor(coefficients["variance"]), torch.tensor(coefficients["ab_prev"])
+            sigma = eta * variance ** 0.5
+            direction = (1 - ab_prev - sigma ** 2).clamp(min=0) ** 0.5  # rounding can dip below 0
+            cache[eta] = (float(sigma), float(direction))
+        return cache[eta]
 
     def step(self, model_output, timestep, sample, *, eta: float = 0.0, generator=None, variance_noise=None,
              eps_scale: float = 1.0) -> SchedulerOutput:

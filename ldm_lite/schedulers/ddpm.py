@@ -29,19 +29,18 @@ class DDPMScheduler(Scheduler):
                          timestep_spacing, steps_offset, rescale_betas_zero_snr)
         self.config["variance_type"] = variance_type
 
-    def _step_coefficients(self, t: int, prev_t: int) -> dict:
-        # float32 scalars, in diffusers' operation order (see base module docstring)
+    def _step_coefficients(self, t, prev_t) -> dict:
+        # float32, in diffusers' operation order (see base module docstring)
         ab = self.alphas_cumprod[t]
-        ab_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else torch.tensor(1.0)
+        ab_prev = self._alpha_bar_prev(prev_t, torch.tensor(1.0))
         alpha = ab / ab_prev  # alpha'_t of the respaced chain
         beta = 1 - alpha
         posterior_variance = torch.clamp((1 - ab_prev) / (1 - ab) * beta, min=1e-20)  # beta_tilde, eq. 7
-        return dict(sqrt_ab=float(ab ** 0.5), sqrt_one_minus_ab=float((1 - ab) ** 0.5),
-                    x0_coeff=float((ab_prev ** 0.5 * beta) / (1 - ab)),  # eq. 7, mean
-                    sample_coeff=float(alpha ** 0.5 * (1 - ab_prev) / (1 - ab)),
-                    std_small=float(posterior_variance ** 0.5), std_large=float(beta ** 0.5),
-                    log_small=float(torch.log(posterior_variance)), log_large=float(torch.log(beta)),
-                    add_noise=t > 0)
+        return dict(sqrt_ab=ab ** 0.5, sqrt_one_minus_ab=(1 - ab) ** 0.5,
+                    x0_coeff=(ab_prev ** 0.5 * beta) / (1 - ab),  # eq. 7, posterior mean
+                    sample_coeff=alpha ** 0.5 * (1 - ab_prev) / (1 - ab),
+                    std_small=posterior_variance ** 0.5, std_large=beta ** 0.5,
+                    log_small=torch.log(posterior_variance), log_large=torch.log(beta), add_noise=t > 0)
 
     def step(self, model_output, timestep, sample, *, generator=None, variance_noise=None,
              eps_scale: float = 1.0) -> SchedulerOutput:

@@ -1,0 +1,374 @@
+"""`python -m sample` and `python -m analysis leak-stats` end to end on a tiny model trained here, once per session,
+on the embedded synthetic brightness data with Stable Diffusion's leaky scaled_linear schedule.
+
+Determinism (in process and across processes), the manifest, one-line user errors, and the signal-leak effect:
+raising the leak's channel mean raises the brightness of the samples. About 60 s on a busy 2-core CPU, most of it
+the 80 training steps.
+"""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from analysis.__main__ import main as analysis_main
+from ldm_lite.cli import run_main
+from ldm_lite.config import load_config
+from ldm_lite.data import synthetic_brightness, to_float
+from ldm_lite.generate import scheduler_config_from_training
+from ldm_lite.leak import LeakStats
+from ldm_lite.models import load_unet, save_unet
+from ldm_lite.schedules import alphas_cumprod_from_betas, make_betas, make_timesteps
+from ldm_lite.training import train
+from sample.__main__ import main as sample_main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "train" / "configs" / "synthetic_tiny.toml"
+TRAINING = {"train.steps": "80", "train.batch_size": "16", "train.warmup_steps": "10", "train.num_threads": "1",
+            "run.checkpoint_every": "0", "run.sample_every": "0", "run.log_every": "40", "run.progress": "false"}
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread: on a shared 2-core machine two OpenMP threads spin against other processes (~5x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A tiny class-conditional model (3 brightness classes + null label), 80 steps of batch 16 on 16x16 images.
+
+    Enough for the leak effect: the brightness gap between leak means -0.8 and 0.8 was 0.20 after 30 steps, 0.30
+    after 60 and 0.51 after 120 (standard error about 0.015).
+    """
+    out = tmp_path_factory.mktemp("run") / "synthetic_tiny"
+    return train(load_config(TINY, {**TRAINING, "run.out": str(out)}))
+
+
+@pytest.fixture(scope="module")
+def data_stats(tmp_path_factory) -> Path:
+    """Signal-leak statistics of the training data (dct+pixel, 3 components), as a file."""
+    path = tmp_path_factory.mktemp("stats") / "synthetic.safetensors"
+    LeakStats.fit(to_float(synthetic_brightness(1024, 16).images)).save(path)
+    return path
+
+
+def run_cli(main, argv, capsys) -> tuple[int, str, str]:
+    """Run a command's main through the shared error handling, as `python -m` does; (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    code = run_main(main, [str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def sample_args(run_dir, out, *extra) -> list:
+    return ["--ckpt", run_dir, "--out", out, "--steps", 8, "--n", 6, "--batch-size", 4, *extra]
+
+
+def write_stats(path: Path, shape) -> Path:
+    """Per-element statistics of random data of shape (C, H, W), written to `path`."""
+    LeakStats.fit(torch.rand(8, *shape, generator=torch.Generator().manual_seed(0)) * 2 - 1, kind="pixel").save(path)
+    return path
+
+
+def png_bytes(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.png"))}
+
+
+def brightness(folder: Path) -> np.ndarray:
+    """Mean of each sample image (not the grid), in [-1, 1] units."""
+    images = [np.asarray(Image.open(p), dtype=np.float64) for p in sorted(folder.glob("0*.png"))]
+    return np.array([image.mean() / 127.5 - 1 for image in images])
+
+
+# ----------------------------------------------------------------------------- determinism and manifest
+
+
+def test_same_seed_same_images_in_and_across_processes(run_dir, tmp_path, capsys):
+    extra = ["--leak-dc", "0=0.5", "--eps-scale", "1.01", "--eps-scale-slope", "0.001"]
+    code, out, err = run_cli(sample_main, sample_args(run_dir, tmp_path / "a", *extra), capsys)
+    assert code == 0, err
+    assert "first timestep 875" in out
+    assert run_cli(sample_main, sample_args(run_dir, tmp_path / "b", *extra), capsys)[0] == 0
+    subprocess.run([sys.executable, "-m", "sample", *map(str, sample_args(run_dir, tmp_path / "c", *extra))],
+                   cwd=ROOT, check=True, capture_output=True, env=ONE_THREAD)
+    assert run_cli(sample_main, sample_args(run_dir, tmp_path / "d", *extra, "--seed", 1), capsys)[0] == 0
+    first = png_bytes(tmp_path / "a")
+    assert sorted(first) == [f"{i:05d}.png" for i in range(6)] + ["grid.png"]
+    assert png_bytes(tmp_path / "b") == first
+    assert png_bytes(tmp_path / "c") == first  # a fresh interpreter gives the same bytes
+    other = png_bytes(tmp_path / "d")
+    assert all(other[name] != first[name] for name in first)
+
+
+def test_manifest_records_every_setting(run_dir, tmp_path, capsys):
+    args = sample_args(run_dir, tmp_path, "--scheduler", "ddim", "--eta", "0.5", "--leak-dc", "1=-0.25",
+                       "--eps-scale", "1.02", "--eps-scale-slope", "-0.001", "--class", "bright", "--guidance", "2",
+                       "--seed", 7)
+    assert run_cli(sample_main, args, capsys)[0] == 0
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    settings = manifest["settings"]
+    assert (settings["scheduler"], settings["steps"], settings["eta"], settings["n"], settings["batch_size"]) == \
+        ("ddim", 8, 0.5, 6, 4)
+    assert manifest["seed"] == settings["seed"] == 7
+    assert settings["leak_dc"] == [[1, -0.25]] and settings["guidance"] == 2.0 and settings["class_label"] == "bright"
+    assert manifest["class_label"] == 2  # "bright" is the third synthetic class
+    # the schedule comes from the run's config.toml: scaled_linear, leading spacing, 1000 steps
+    expected_steps = make_timesteps(8, 1000, "leading", 0).tolist()
+    assert manifest["timesteps"] == expected_steps and manifest["first_timestep"] == expected_steps[0] == 875
+    alphas_cumprod = alphas_cumprod_from_betas(make_betas("scaled_linear", 1000, 0.00085, 0.012).double())
+    assert manifest["sqrt_alpha_bar_first_timestep"] == pytest.approx(math.sqrt(alphas_cumprod[875]), rel=1e-6)
+    assert manifest["scheduler"]["class"] == "DDIMScheduler"
+    assert manifest["scheduler"]["config"]["beta_schedule"] == "scaled_linear"
+    assert manifest["eps_scales"] == pytest.approx([1.02 - 0.001 * i for i in range(8)], abs=1e-12)
+    assert manifest["leak"]["fixed_components"] == [[1, 0, 0, pytest.approx(-0.25 * 16)]]  # DC = mean * sqrt(H W)
+    assert manifest["checkpoint"]["kind"] == "ldm_lite run"
+    assert manifest["unet_config"]["num_classes"] == 3 and manifest["vae"] is None
+    assert manifest["images"] == [f"{i:05d}.png" for i in range(6)] and manifest["grid"] == "grid.png"
+    image = Image.open(tmp_path / "00000.png")
+    assert (image.size, image.mode) == ((16, 16), "RGB")
+    assert Image.open(tmp_path / "grid.png").size == (3 * 18 + 2, 2 * 18 + 2)  # 3 per row, 2-pixel gaps
+
+
+def test_ddpm_with_spacing_override(run_dir, tmp_path, capsys):
+    args = sample_args(run_dir, tmp_path, "--scheduler", "ddpm", "--spacing", "trailing", "--leak-dc", "2=0.4")
+    assert run_cli(sample_main, args, capsys)[0] == 0
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["scheduler"]["class"] == "DDPMScheduler"
+    assert manifest["scheduler"]["config"]["timestep_spacing"] == "trailing"
+    assert manifest["timesteps"] == make_timesteps(8, 1000, "trailing").tolist() and manifest["first_timestep"] == 999
+    alphas_cumprod = alphas_cumprod_from_betas(make_betas("scaled_linear", 1000, 0.00085, 0.012).double())
+    assert manifest["sqrt_alpha_bar_first_timestep"] == pytest.approx(math.sqrt(alphas_cumprod[999]), rel=1e-6)
+    assert manifest["sqrt_alpha_bar_first_timestep"] == pytest.approx(0.06826, abs=1e-5)  # REFERENCES.md
+
+
+def test_exported_weights_need_and_take_a_scheduler_config(run_dir, tmp_path, capsys):
+    """Bare weights carry no schedule: --scheduler-config supplies it, and then the images equal the run's."""
+    save_unet(load_unet(run_dir), tmp_path / "unet.safetensors")  # the EMA weights, as sampling from the run uses
+    schedule = scheduler_config_from_training(load_config(run_dir / "config.toml"))
+    (tmp_path / "scheduler_config.json").write_text(json.dumps(schedule))
+    code, _, err = run_cli(sample_main, sample_args(tmp_path / "unet.safetensors", tmp_path / "bare"), capsys)
+    assert code == 0, err  # found beside the weights
+    (tmp_path / "scheduler_config.json").rename(tmp_path / "schedule.json")
+    code, _, err = run_cli(sample_main, sample_args(tmp_path / "unet.safetensors", tmp_path / "none"), capsys)
+    assert code == 2 and "holds no noise schedule" in err and "--scheduler-config" in err
+    args = sample_args(tmp_path / "unet.safetensors", tmp_path / "given", "--scheduler-config",
+                       tmp_path / "schedule.json")
+    assert run_cli(sample_main, args, capsys)[0] == 0
+    assert run_cli(sample_main, sample_args(run_dir, tmp_path / "run"), capsys)[0] == 0
+    assert png_bytes(tmp_path / "given") == png_bytes(tmp_path / "run") == png_bytes(tmp_path / "bare")
+
+
+def test_bf16_autocast_stays_close_to_float32(run_dir, tmp_path, capsys):
+    assert run_cli(sample_main, sample_args(run_dir, tmp_path / "fp32"), capsys)[0] == 0
+    assert run_cli(sample_main, sample_args(run_dir, tmp_path / "bf16", "--bf16"), capsys)[0] == 0
+    assert json.loads((tmp_path / "bf16" / "manifest.json").read_text())["settings"]["bf16"] is True
+    fp32, bf16 = (np.stack([np.asarray(Image.open(tmp_path / kind / f"{i:05d}.png"), dtype=np.float64)
+                            for i in range(6)]) for kind in ("fp32", "bf16"))
+    difference = np.abs(fp32 - bf16) / 127.5  # in [-1, 1] units
+    assert 0 < difference.mean() < 0.02, difference.mean()
+
+
+# ----------------------------------------------------------------------------- diffusers folders
+
+SMALL_UNET = dict(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+                  down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                  attention_head_dim=8, norm_num_groups=8)
+
+
+def diffusers_unet(**overrides):
+    """A small diffusers UNet2DModel with every parameter moved off its init (so a mis-loaded one shows)."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(**{**SMALL_UNET, **overrides}).eval()
+    with torch.no_grad():
+        for parameter in unet.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return unet
+
+
+def read_pngs(folder: Path, n: int) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(folder / f"{i:05d}.png")) for i in range(n)]).astype(np.int64)
+
+
+def test_diffusers_pipeline_folder_samples_like_diffusers_ddim(tmp_path, capsys):
+    diffusers = pytest.importorskip("diffusers")
+    unet = diffusers_unet()
+    scheduler = diffusers.DDPMScheduler(beta_schedule="linear", variance_type="fixed_large")  # ddpm-cifar10-32's
+    diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp_path / "pipeline")
+    args = ["--ckpt", tmp_path / "pipeline", "--out", tmp_path / "out", "--steps", 10, "--n", 4, "--batch-size", 4]
+    code, _, err = run_cli(sample_main, args, capsys)
+    assert code == 0, err
+    reference = diffusers.DDIMPipeline(unet=unet, scheduler=scheduler)
+    reference.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        expected = reference(batch_size=4, generator=torch.Generator().manual_seed(0), num_inference_steps=10,
+                             eta=0.0, output_type="np").images  # (4, 8, 8, 3) in [0, 1]
+    # same x_T (randn of the seed), same schedule and weights: equal up to one uint8 level of rounding
+    assert np.abs(read_pngs(tmp_path / "out", 4) - np.round(expected * 255)).max() <= 1
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["checkpoint"]["kind"] == "diffusers pipeline" and manifest["first_timestep"] == 900
+    assert manifest["scheduler"]["config"]["beta_schedule"] == "linear"
+
+
+def test_latent_diffusers_pipeline_decodes_through_its_vae(tmp_path, capsys):
+    diffusers = pytest.importorskip("diffusers")
+    unet = diffusers_unet(sample_size=4, in_channels=4, out_channels=4)
+    torch.manual_seed(1)
+    vae = diffusers.AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
+                                  down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2).eval()
+    scheduler = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                        clip_sample=False)
+    folder = tmp_path / "pipeline"
+    diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(folder)
+    vae.save_pretrained(folder / "vae")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "vae": ["diffusers", "AutoencoderKL"]}))
+    args = ["--ckpt", folder, "--out", tmp_path / "out", "--steps", 5, "--n", 2, "--batch-size", 2,
+            "--leak-dc", "3=1.5"]
+    code, _, err = run_cli(sample_main, args, capsys)
+    assert code == 0, err
+    # the reference: diffusers' DDIM on latents with the same constant-DC leak, then vae.decode(z / scaling_factor)
+    scheduler.set_timesteps(5)
+    ab = float(scheduler.alphas_cumprod[int(scheduler.timesteps[0])])
+    latents = math.sqrt(1 - ab) * torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    latents[:, 3] += math.sqrt(ab) * 1.5
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            latents = scheduler.step(unet(latents, t).sample, t, latents).prev_sample
+        images = vae.decode(latents / vae.config.scaling_factor).sample
+    expected = torch.round((images.clamp(-1, 1) + 1) * 127.5).permute(0, 2, 3, 1).numpy()
+    assert read_pngs(tmp_path / "out", 2).shape == (2, 8, 8, 3)
+    assert np.abs(read_pngs(tmp_path / "out", 2) - expected).max() <= 1
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["vae"] is not None and manifest["leak"]["space"] == "latent"
+    # pixel-space statistics do not fit a latent model: one error line
+    stats = write_stats(tmp_path / "pixel.safetensors", (3, 8, 8))
+    code, _, err = run_cli(sample_main, args[:-2] + ["--leak", stats], capsys)
+    assert code == 2 and re.search(r"\(3, 8, 8\).*\(4, 4, 4\)", err) and len(err.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- user errors
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing checkpoint", "does not exist"),
+    ("stats with 1 channel", r"\(1, 16, 16\).*\(3, 16, 16\)"),
+    ("stats at resolution 8", r"\(3, 8, 8\).*\(3, 16, 16\)"),
+    ("stats file that is not one", "not a readable signal-leak statistics file"),
+    ("leak-dc value not a number", "--leak-dc expects CH=VALUE"),
+    ("leak-dc without =", "--leak-dc expects CH=VALUE"),
+    ("leak-dc not finite", "--leak-dc expects CH=VALUE"),
+    ("leak-dc channel out of range", "--leak-dc channel 3 is out of range"),
+    ("class out of range", "--class must be an integer in"),
+    ("eta with ddpm", "eta applies to the ddim scheduler only"),
+])
+def test_user_errors_print_one_line_and_exit_2(case, message, run_dir, tmp_path, capsys):
+    extra = {
+        "missing checkpoint": [],
+        "stats with 1 channel": ["--leak", write_stats(tmp_path / "s1.safetensors", (1, 16, 16))],
+        "stats at resolution 8": ["--leak", write_stats(tmp_path / "s8.safetensors", (3, 8, 8))],
+        "stats file that is not one": ["--leak", tmp_path / "grid.png"],
+        "leak-dc value not a number": ["--leak-dc", "0=bright"],
+        "leak-dc without =": ["--leak-dc", "0"],
+        "leak-dc not finite": ["--leak-dc", "0=nan"],
+        "leak-dc channel out of range": ["--leak-dc", "3=0.5"],
+        "class out of range": ["--class", "3"],
+        "eta with ddpm": ["--scheduler", "ddpm", "--eta", "0.5"],
+    }[case]
+    (tmp_path / "grid.png").write_bytes(b"\x89PNG not statistics")
+    checkpoint = tmp_path / "no_such_run" if case == "missing checkpoint" else run_dir
+    code, out, err = run_cli(sample_main, sample_args(checkpoint, tmp_path / "out", *extra), capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert re.search(message, lines[0]), lines[0]
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_missing_checkpoint_from_a_real_interpreter_has_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "sample", "--ckpt", str(tmp_path / "nope"), "--out",
+                             str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, env=ONE_THREAD)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: checkpoint {str(tmp_path / 'nope')!r} does not exist "
+                                                  "(expected an ldm_lite run folder, a training checkpoint .pt or a "
+                                                  "diffusers folder)"]
+
+
+# ----------------------------------------------------------------------------- leak-stats
+
+
+def test_leak_stats_command_fits_a_folder_and_feeds_sample(run_dir, tmp_path, capsys):
+    data = synthetic_brightness(24, 16, seed=3)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(data.images):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:03d}.png")
+    stats_path = tmp_path / "stats.safetensors"
+    code, out, err = run_cli(analysis_main, ["leak-stats", "--data", folder, "--out", stats_path,
+                                             "--n-components", 2], capsys)
+    assert code == 0, err
+    stats = LeakStats.load(stats_path)
+    assert (stats.kind, stats.shape, stats.n_components, stats.num_images, stats.space, stats.resolution) == \
+        ("dct+pixel", (3, 16, 16), 2, 24, "pixel", 16)  # resolution defaults to the first image's side
+    # the DC part of the low-frequency mean is sqrt(H W) times the data's channel means (PNG is lossless)
+    channel_means = to_float(data.images).double().mean(dim=(0, 2, 3))
+    torch.testing.assert_close(stats.low_mean[:3], 16 * channel_means, rtol=0, atol=1e-9)
+    code, _, err = run_cli(sample_main, sample_args(run_dir, tmp_path / "out", "--leak", stats_path,
+                                                    "--leak-dc", "0=0.3"), capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["leak"]["path"] == str(stats_path)
+
+
+def test_leak_stats_command_in_latent_space(tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(synthetic_brightness(6, 16, seed=4).images):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+    stats_path = tmp_path / "latent.safetensors"
+    code, _, err = run_cli(analysis_main, ["leak-stats", "--data", folder, "--out", stats_path, "--vae", "test",
+                                           "--kind", "pixel"], capsys)
+    assert code == 0, err
+    stats = LeakStats.load(stats_path)
+    assert (stats.shape, stats.space, stats.scaling_factor) == ((4, 8, 8), "latent", 1.0)
+    code, _, err = run_cli(analysis_main, ["leak-stats", "--data", folder, "--out", stats_path, "--vae", "test",
+                                           "--resolution", "15"], capsys)
+    assert code == 2 and "multiple of the VAE's downscale factor 2" in err
+
+
+# ----------------------------------------------------------------------------- the effect
+
+
+def test_raising_the_leak_channel_mean_raises_brightness(run_dir, data_stats, tmp_path, capsys):
+    """Everaert et al. 2024: the model reads the image the leak carries, so a brighter leak gives brighter samples.
+
+    Channel 0's mean is set on the data's statistics (the other channels follow through their correlation with
+    it); 32 samples per value, unconditional (null label), DDIM 10 steps from t0 = 900 (sqrt(ab) = 0.093).
+    """
+    means, errors = [], []
+    for value in (-0.8, 0.0, 0.8):
+        out = tmp_path / f"dc_{value}"
+        args = ["--ckpt", run_dir, "--out", out, "--steps", 10, "--n", 32, "--batch-size", 32, "--seed", 0,
+                "--leak", data_stats, "--leak-dc", f"0={value}"]
+        code, _, err = run_cli(sample_main, args, capsys)
+        assert code == 0, err
+        per_image = brightness(out)
+        means.append(per_image.mean())
+        errors.append(per_image.std(ddof=1) / math.sqrt(len(per_image)))
+    print("mean brightness at channel-0 leak means -0.8, 0, 0.8:", np.round(means, 3), "standard errors",
+          np.round(errors, 3))
+    for i in range(2):  # strictly increasing, each step by > 0.05 and > 4 standard errors of the difference
+        gap = means[i + 1] - means[i]
+        assert gap > max(0.05, 4 * math.hypot(errors[i], errors[i + 1])), (means, errors)
