@@ -103,25 +103,37 @@ def signal_at_first_step(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) 
     return float(alphas_cumprod[int(timesteps[0])].double().sqrt())
 
 
+# Common schedules by name: (make_betas keywords, zero terminal SNR rescale).
+NAMED_SCHEDULES = {
+    "linear": (dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02), False),
+    "scaled_linear": (dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012), False),
+    "cosine": (dict(beta_schedule="squaredcos_cap_v2"), False),
+    "sigmoid": (dict(beta_schedule="sigmoid", beta_start=1e-4, beta_end=0.02), False),
+    "scaled_linear_zero_snr": (dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012), True),
+}
+
+
+def named_alphas_cumprod(names=None, num_train_timesteps: int = 1000) -> dict:
+    """{name: alphas_cumprod (T,) float64} for names in NAMED_SCHEDULES (all by default)."""
+    names = list(NAMED_SCHEDULES) if names is None else list(names)
+    result = {}
+    for name in names:
+        if name not in NAMED_SCHEDULES:
+            raise ValueError(f"schedule must be one of {tuple(NAMED_SCHEDULES)}, got {name!r}")
+        kwargs, zero_snr = NAMED_SCHEDULES[name]
+        betas = make_betas(num_train_timesteps=num_train_timesteps, **kwargs)
+        result[name] = alphas_cumprod_from_betas((rescale_zero_terminal_snr(betas) if zero_snr else betas).double())
+    return result
+
+
 def schedule_table(num_inference_steps: int = 50, num_train_timesteps: int = 1000) -> list[dict]:
-    """Rows describing the signal leak of common schedules at each spacing.
+    """Rows describing the signal leak of the named schedules at each spacing.
 
     Each row: schedule name, spacing, first timestep t0, sqrt(alpha_bar[t0]) and the terminal SNR
-    at t = T - 1. Used by `python -m analysis schedules` and the README.
+    at t = T - 1 (steps_offset 1 for `leading`, as Stable Diffusion). Used by `python -m analysis schedules`.
     """
-    named = [
-        ("linear 1e-4..0.02", dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02), False),
-        ("scaled_linear 0.00085..0.012", dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012), False),
-        ("squaredcos_cap_v2", dict(beta_schedule="squaredcos_cap_v2"), False),
-        ("sigmoid 1e-4..0.02", dict(beta_schedule="sigmoid", beta_start=1e-4, beta_end=0.02), False),
-        ("scaled_linear + zero SNR", dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012), True),
-    ]
     rows = []
-    for name, kwargs, zero_snr in named:
-        betas = make_betas(num_train_timesteps=num_train_timesteps, **kwargs)
-        if zero_snr:
-            betas = rescale_zero_terminal_snr(betas)
-        alphas_cumprod = alphas_cumprod_from_betas(betas.double())
+    for name, alphas_cumprod in named_alphas_cumprod(None, num_train_timesteps).items():
         for spacing in TIMESTEP_SPACINGS:
             offset = 1 if spacing == "leading" else 0
             timesteps = make_timesteps(num_inference_steps, num_train_timesteps, spacing, offset)
@@ -133,9 +145,9 @@ def schedule_table(num_inference_steps: int = 50, num_train_timesteps: int = 100
 
 def format_schedule_table(rows: list[dict]) -> str:
     """Plain-text table of `schedule_table` rows."""
-    header = f"{'schedule':<30} {'spacing':<9} {'t0':>4} {'sqrt(ab[t0])':>13} {'terminal SNR':>13}"
+    header = f"{'schedule':<24} {'spacing':<9} {'t0':>4} {'sqrt(ab[t0])':>13} {'terminal SNR':>13}"
     lines = [header, "-" * len(header)]
     for row in rows:
-        lines.append(f"{row['schedule']:<30} {row['spacing']:<9} {row['first_timestep']:>4} "
+        lines.append(f"{row['schedule']:<24} {row['spacing']:<9} {row['first_timestep']:>4} "
                      f"{row['signal_at_first_step']:>13.4g} {row['terminal_snr']:>13.3e}")
     return "\n".join(lines)

@@ -291,11 +291,11 @@ def test_timestep_spacings_match_reference_lists():
 
 def test_schedule_table_facts():
     rows = {(r["schedule"], r["spacing"]): r for r in schedule_table(50)}
-    assert rows[("scaled_linear 0.00085..0.012", "trailing")]["signal_at_first_step"] == pytest.approx(0.0683, abs=1e-4)
-    assert rows[("scaled_linear 0.00085..0.012", "leading")]["first_timestep"] == 981
-    assert rows[("linear 1e-4..0.02", "linspace")]["signal_at_first_step"] == pytest.approx(0.00635, abs=1e-5)
-    assert rows[("scaled_linear + zero SNR", "trailing")]["signal_at_first_step"] == 0.0
-    assert rows[("scaled_linear + zero SNR", "trailing")]["terminal_snr"] == 0.0
+    assert rows[("scaled_linear", "trailing")]["signal_at_first_step"] == pytest.approx(0.0683, abs=1e-4)
+    assert rows[("scaled_linear", "leading")]["first_timestep"] == 981
+    assert rows[("linear", "linspace")]["signal_at_first_step"] == pytest.approx(0.00635, abs=1e-5)
+    assert rows[("scaled_linear_zero_snr", "trailing")]["signal_at_first_step"] == 0.0
+    assert rows[("scaled_linear_zero_snr", "trailing")]["terminal_snr"] == 0.0
 
 
 @pytest.mark.parametrize("cls", [DDPMScheduler, DDIMScheduler])

@@ -1,0 +1,247 @@
+"""Figures and CSV tables for the bias analyses (matplotlib, Agg backend, imported only when a figure is drawn,
+so importing ldm_lite stays light).
+
+Every `plot_*` function takes the dict returned by the matching `ldm_lite.metrics` / `ldm_lite.hspace`
+function, writes one PNG and returns its path.
+"""
+import csv
+from pathlib import Path
+
+import torch
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
+def write_csv(rows: list, path) -> Path:
+    """Write a list of dicts (same keys) as CSV; floats keep full precision."""
+    if not rows:
+        raise ValueError(f"no rows to write to {path}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _band_label(result: dict, band: int) -> str:
+    k_min, k_max = result["band_radii"][band]
+    return f"band {band} (k {k_min})" if k_min == k_max else f"band {band} (k {k_min}-{k_max})"
+
+
+# ----------------------------------------------------------------------------- bands
+
+
+def plot_band_snr(result: dict, path, schedule: str | None = None) -> Path:
+    """SNR_b(t) of every band (channels pooled) on log axes, with the SNR = 1 line, for one schedule."""
+    plt = _pyplot()
+    schedule = schedule or next(iter(result["snr"]))
+    snr = result["snr"][schedule][:, -1]  # (T, B), pooled channels
+    timesteps = torch.arange(1, snr.shape[0] + 1)  # t + 1 so that t = 0 fits on a log axis
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for band in range(snr.shape[1]):
+        ax.loglog(timesteps, snr[:, band].clamp(min=1e-12), label=_band_label(result, band))
+    ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="SNR = 1")
+    ax.set(xlabel="timestep t + 1", ylabel="SNR_b(t) = ab P_b / (1 - ab)",
+           title=f"Per-band SNR of the forward process ({schedule})")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_destruction(result: dict, path) -> Path:
+    """First timestep with SNR_b < 1 against the band, one line per schedule (white noise solid, offset dashed)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    bands = range(result["power"].shape[1])
+    schedules = list(dict.fromkeys(schedule for schedule, _ in result["destruction"]))
+    for (schedule, noise), steps in result["destruction"].items():
+        ax.plot(bands, steps[-1], marker="o", color=f"C{schedules.index(schedule)}",
+                linestyle="-" if noise == "white" else "--", label=schedule if noise == "white" else None)
+    ax.set(xlabel="band (0 = DC, higher = finer detail)", ylabel="destruction timestep (SNR_b < 1)",
+           title="When each band is drowned by noise (channels pooled)")
+    ax.legend(fontsize=7, title="dashed: offset noise", title_fontsize=7)
+    return _save(fig, path)
+
+
+def plot_leak(result: dict, path) -> Path:
+    """SNR per band left at the first sampled timestep (channels pooled), one panel per spacing, one colour per
+    schedule; solid white noise, dashed offset noise. Exactly zero (zero terminal SNR) is drawn at the bottom."""
+    plt = _pyplot()
+    spacings = list(dict.fromkeys(spacing for _, spacing, _ in result["leak"]))
+    schedules = list(dict.fromkeys(schedule for schedule, _, _ in result["leak"]))
+    positive = [float(leak["snr"][-1][leak["snr"][-1] > 0].min()) for leak in result["leak"].values()
+                if (leak["snr"][-1] > 0).any()]
+    floor = 0.1 * min(positive, default=1.0)
+    fig, axes = plt.subplots(1, len(spacings), figsize=(5 * len(spacings), 4.5), sharey=True, squeeze=False)
+    for ax, spacing in zip(axes[0], spacings):
+        for (schedule, leak_spacing, noise), leak in result["leak"].items():
+            if leak_spacing == spacing:
+                ax.semilogy(range(leak["snr"].shape[1]), leak["snr"][-1].clamp(min=floor), marker="o",
+                            color=f"C{schedules.index(schedule)}", linestyle="-" if noise == "white" else "--",
+                            label=f"{schedule} (t0={leak['t0']})" if noise == "white" else None)
+        ax.axhline(floor, color="grey", linewidth=0.5)
+        ax.set(xlabel="band (0 = DC)", title=f"{spacing} spacing, {result['num_inference_steps']} steps")
+        ax.legend(fontsize=7, title="dashed: offset noise; bottom line: SNR 0", title_fontsize=7)
+    axes[0][0].set_ylabel("SNR_b at the first sampled step (signal leak)")
+    return _save(fig, path)
+
+
+def plot_band_correlation(result: dict, path) -> Path:
+    """Measured corr(x0, x_t) per band (markers) against sqrt(S / (1 + S)) (lines), averaged over channels."""
+    plt = _pyplot()
+    correlation = result["correlation"]
+    timesteps = correlation["timesteps"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for band in range(correlation["theory"].shape[2]):
+        line, = ax.plot(timesteps, correlation["theory"][:, :, band].mean(dim=1), label=_band_label(result, band))
+        ax.plot(timesteps, correlation["correlation"][:, :, band].mean(dim=1), "o", color=line.get_color())
+    ax.set(xlabel="timestep t", ylabel="corr(x0, x_t) per band",
+           title=f"Measured (dots) vs sqrt(S / (1 + S)) (lines), {correlation['schedule']}")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_bands(result: dict, out_dir, prefix: str = "bands") -> dict:
+    """All four band figures into out_dir: {"snr", "destruction", "leak", "correlation": path}."""
+    out_dir = Path(out_dir)
+    return {"snr": plot_band_snr(result, out_dir / f"{prefix}_snr.png"),
+            "destruction": plot_destruction(result, out_dir / f"{prefix}_destruction.png"),
+            "leak": plot_leak(result, out_dir / f"{prefix}_leak.png"),
+            "correlation": plot_band_correlation(result, out_dir / f"{prefix}_correlation.png")}
+
+
+# ----------------------------------------------------------------------------- brightness and spectrum
+
+
+def plot_brightness(report: dict, path, bins: int | None = None) -> Path:
+    """Histogram overlay of per-image brightness, samples vs data, one panel per quantity.
+    bins: default sqrt of the smaller sample size, within [10, 50]."""
+    plt = _pyplot()
+    names = list(report["samples"])
+    smaller = min(len(report["samples"][names[0]]), len(report["data"][names[0]]))
+    bins = bins or int(min(max(smaller ** 0.5, 10), 50))
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.4), squeeze=False)
+    for ax, row, name in zip(axes[0], report["rows"], names):
+        samples, data = report["samples"][name], report["data"][name]
+        low, high = float(min(samples.min(), data.min())), float(max(samples.max(), data.max()))
+        edges = torch.linspace(low, high + 1e-9, bins + 1).numpy()
+        ax.hist(data.numpy(), bins=edges, density=True, alpha=0.5, label="data")
+        ax.hist(samples.numpy(), bins=edges, density=True, alpha=0.5, label="samples")
+        ax.set(xlabel=f"per-image mean ({name})",
+               title=f"{name}: std ratio {row['std_ratio']:.2f}, W1 {row['wasserstein']:.3f}")
+        ax.title.set_fontsize(8)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_spectrum(report: dict, path) -> Path:
+    """Radially averaged DCT power of samples and data (log-log, DC left out) and their log10 ratio."""
+    plt = _pyplot()
+    radius = report["radius"][1:]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.5, 6), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    top.loglog(radius, report["data"][1:], label="data")
+    top.loglog(radius, report["samples"][1:], label="samples")
+    top.set(ylabel="power per coefficient", title="Radially averaged power spectrum (orthonormal DCT)")
+    top.legend()
+    bottom.semilogx(radius, report["log10_ratio"][1:], marker=".")
+    bottom.axhline(0.0, color="black", linewidth=1)
+    bottom.set(xlabel="radial frequency index k (k / 2R cycles per pixel)", ylabel="log10 samples / data")
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- exposure bias
+
+
+def plot_exposure(result: dict, path) -> Path:
+    """Left: eps-norm along sampling vs on forward-noised data. Right: delta_t and its no-memory reference."""
+    plt = _pyplot()
+    timesteps = result["timesteps"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for key, label in (("eps_norm_forward", "forward-noised data (training)"), ("eps_norm_sampling", "sampling chain")):
+        left.errorbar(timesteps, result[key], yerr=result[key + "_std"], capsize=2, marker=".", label=label)
+    left.set(xlabel="timestep t", ylabel="mean ||eps_theta|| per image", title="Epsilon norm")
+    left.invert_xaxis()
+    left.legend()
+    right.semilogy(timesteps, result["delta"].clamp(min=1e-12), marker=".", label="delta_t measured")
+    right.semilogy(timesteps, result["delta_reference"].clamp(min=1e-12), linestyle="--",
+                   label="reference: x_hat_t independent of x0")
+    right.set(xlabel="timestep t", ylabel="delta_t = (sigma_hat_t - sqrt(1 - ab_t))^2", title="Exposure bias delta_t")
+    right.invert_xaxis()
+    right.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_eps_scale_scan(scan: dict, path) -> Path:
+    """Eps-norm ratio sampling / forward along the chain for every candidate eps scale."""
+    plt = _pyplot()
+    forward = scan["forward"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for scale, gap, trace in zip(scan["candidates"], scan["gap"], scan["traces"]):
+        ax.plot(trace["timesteps"], trace["eps_norm"] / forward["eps_norm"], marker=".",
+                linewidth=2.5 if scale == scan["best"] else 1, label=f"eps scale {scale:g} (gap {gap:.4f})")
+    ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
+    ax.set(xlabel="timestep t", ylabel="eps-norm ratio sampling / forward",
+           title=f"Epsilon-scaling scan (best {scan['best']:g})")
+    ax.invert_xaxis()
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- h-space
+
+
+def _to_display(images: torch.Tensor) -> torch.Tensor:
+    """(..., C, H, W) in [-1, 1] -> (..., H, W, 3) in [0, 1]; non-RGB: the first channel as grey."""
+    images = images.float().clamp(-1, 1).add(1).div(2)
+    if images.shape[-3] != 3:
+        images = images[..., :1, :, :].expand(*images.shape[:-3], 3, *images.shape[-2:])
+    return images.movedim(-3, -1)
+
+
+def plot_edit_grid(grid: torch.Tensor, path, components, scales) -> Path:
+    """Edit grid (R, S, N, C, H, W) in [-1, 1]: rows are principal components (N images each), columns scales."""
+    plt = _pyplot()
+    rows, columns, n = grid.shape[:3]
+    images = _to_display(grid)  # (R, S, N, H, W, 3)
+    height, width = images.shape[3:5]
+    pad, gap = max(height // 16, 1), max(height // 4, 2)  # between images, and between component blocks
+    block = n * (height + pad) + gap
+    canvas = torch.ones(rows * block, columns * (width + pad), 3)
+    for r in range(rows):
+        for i in range(n):
+            for c in range(columns):
+                top, left = r * block + i * (height + pad), c * (width + pad)
+                canvas[top:top + height, left:left + width] = images[r, c, i]
+    fig, ax = plt.subplots(figsize=(1.0 + 1.2 * columns, 0.5 + 1.2 * rows * n))
+    ax.imshow(canvas.numpy(), interpolation="nearest")
+    ax.set_xticks([c * (width + pad) + width / 2 for c in range(columns)], [f"{s:+g} std" for s in scales])
+    ax.set_yticks([r * block + n * (height + pad) / 2 for r in range(rows)], [f"PC {k}" for k in components])
+    ax.tick_params(length=0)
+    ax.set_title("h-space edits (rows: principal components, columns: scale)")
+    return _save(fig, path)
+
+
+def plot_pca_explained(explained: dict, path) -> Path:
+    """Explained-variance fraction per component; `explained` maps a label (e.g. "all" or a timestep) to (k,)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for label, fractions in explained.items():
+        ax.plot(range(len(fractions)), fractions, marker="o", label=str(label))
+    ax.set(xlabel="principal component", ylabel="fraction of variance", yscale="log",
+           title="h-space PCA: explained variance")
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)
