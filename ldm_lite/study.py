@@ -17,14 +17,17 @@ import dataclasses
 import html
 import json
 import math
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ldm_lite import metrics, plots
-from ldm_lite.config import config_from_dict
+from ldm_lite.config import config_from_dict, config_to_dict
 from ldm_lite.data import brightness_terciles, load_dataset, save_image_grid, to_float
 from ldm_lite.leak import LeakStats
 from ldm_lite.models import load_unet
@@ -45,7 +48,7 @@ class StudyConfig:
     train_steps: int = 1500
     batch_size: int = 64
     lr: float = 1e-3
-    minutes: float = 10.0
+    minutes: float = 8.5              # leaves room for the install within make demo's 10 minutes
     samples_per_class: int = 64
     unconditional_samples: int = 256
     sample_steps: int = 50
@@ -92,16 +95,17 @@ def run_study(config: StudyConfig) -> dict:
     data = to_float(dataset.images)
     results = {"config": dataclasses.asdict(config), "tables": {}, "figures": {}, "grids": {}}
     clock.time("bands", study_bands, data, out, results, config.seed)
-    models = {}
-    names = ["standard", "offset"] + (["zero_snr"] if config.zero_snr_model else [])
-    for k, name in enumerate(names):
-        # what is left, less a fifth of the budget for sampling and the report, shared by the remaining models;
-        # train_steps is the plan, this cap only keeps the budget
-        minutes = (clock.left() - 0.2 * clock.budget) / 60 / (len(names) - k)
-        if name == "zero_snr" and minutes < 0.3:
-            results["skipped"] = f"zero-SNR model skipped: {clock.left() / 60:.1f} of {config.minutes} minutes left"
-            break
-        models[name] = clock.time(f"train {name}", train_model, config, name, max(minutes, 0.1))
+    # the two compared models train side by side, one core each: small convolutions scale poorly across
+    # threads, so two single-threaded runs finish sooner than two runs one after the other
+    pair_minutes = (clock.left() - 0.25 * clock.budget) / 60
+    models = clock.time("train standard + offset", train_models, config, ["standard", "offset"], pair_minutes)
+    if config.zero_snr_model:
+        minutes = (clock.left() - 0.15 * clock.budget) / 60
+        if minutes < 0.25 * config.minutes:
+            results["skipped"] = (f"zero-SNR model (part 4) skipped: {clock.left() / 60:.1f} of {config.minutes} "
+                                  "minutes left")
+        else:
+            models.update(clock.time("train zero_snr", train_models, config, ["zero_snr"], minutes))
     clock.time("offset noise", study_offset_noise, models, data, dataset.labels, config, out, results)
     clock.time("signal leak", study_signal_leak, models, data, config, out, results)
     results["timings"] = clock.parts
@@ -136,7 +140,7 @@ def study_bands(data, out: Path, results: dict, seed: int) -> None:
 
 # ----------------------------------------------------------------------------- training
 
-def train_config(config: StudyConfig, name: str, minutes: float):
+def train_config(config: StudyConfig, name: str, minutes: float, threads: int = 0):
     """The training config of one of the study's models (tiny, class-conditional, null labels 10%)."""
     zero_snr = name == "zero_snr"
     return config_from_dict({
@@ -147,18 +151,48 @@ def train_config(config: StudyConfig, name: str, minutes: float):
                       "rescale_betas_zero_snr": zero_snr, "prediction_type": "v_prediction" if zero_snr else "epsilon"},
         "noise": {"offset_noise": name == "offset", "offset_noise_strength": config.offset_noise},
         "train": {"steps": config.train_steps, "batch_size": config.batch_size, "lr": config.lr, "warmup_steps": 100,
-                  "ema_decay": 0.999, "seed": config.seed, "max_minutes": minutes},
-        "run": {"out": str(Path(config.out) / f"model_{name}"), "log_every": 50, "checkpoint_every": 0,
-                "sample_every": 0, "progress": config.progress, "resume": True},
+                  "ema_decay": 0.999, "seed": config.seed, "max_minutes": max(minutes, 0.1), "num_threads": threads},
+        "run": {"out": str(Path(config.out) / f"model_{name}"), "log_every": 25, "checkpoint_every": 250,
+                "sample_every": 0, "progress": config.progress and threads == 0, "resume": True},
     })
 
 
-def train_model(config: StudyConfig, name: str, minutes: float):
-    """Train one model (resuming a finished or interrupted run of the same settings) and load its EMA weights."""
-    training = train_config(config, name, minutes)
-    run_dir = train(training)
-    steps = load_checkpoint(run_dir / CHECKPOINT_NAME)["step"]
-    return {"model": load_unet(run_dir).eval(), "config": training, "run_dir": run_dir, "steps": steps}
+def train_models(config: StudyConfig, names: list, minutes: float) -> dict:
+    """Train the named models at once, one process and one thread each, capped at `minutes` of wall time;
+    a finished or interrupted run of the same settings is resumed. Returns {name: trained model info}."""
+    configs = {name: train_config(config, name, minutes, threads=1 if len(names) > 1 else 0) for name in names}
+    if len(names) == 1:
+        run_dirs = {names[0]: train(configs[names[0]])}
+    else:
+        run_dirs = _train_in_processes(configs, config.progress)
+    return {name: {"model": load_unet(run_dirs[name]).eval(), "config": configs[name], "run_dir": run_dirs[name],
+                   "steps": load_checkpoint(run_dirs[name] / CHECKPOINT_NAME)["step"]} for name in names}
+
+
+def _train_in_processes(configs: dict, progress: bool) -> dict:
+    """{name: Config} -> {name: run_dir}, one spawned process per run, one progress bar for all."""
+    context = multiprocessing.get_context("spawn")
+    total = sum(c.train.steps for c in configs.values())
+    with ProcessPoolExecutor(max_workers=len(configs), mp_context=context) as pool, \
+            tqdm(total=total, desc="training " + " + ".join(configs), unit="step", disable=not progress) as bar:
+        futures = {name: pool.submit(_train_worker, config_to_dict(c)) for name, c in configs.items()}
+        while not all(f.done() for f in futures.values()):
+            time.sleep(1.0)
+            bar.update(sum(_logged_step(Path(c.run.out)) for c in configs.values()) - bar.n)
+        return {name: Path(future.result()) for name, future in futures.items()}
+
+
+def _train_worker(config: dict) -> str:
+    return str(train(config_from_dict(config)))
+
+
+def _logged_step(run_dir: Path) -> int:
+    """The last step written to a run's metrics log (0 before the first line)."""
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        return json.loads(lines[-1])["step"] if lines else 0
+    except (FileNotFoundError, ValueError, KeyError):
+        return 0
 
 
 def study_scheduler(trained: dict, spacing: str = "leading") -> DDIMScheduler:
@@ -179,7 +213,8 @@ def study_offset_noise(models: dict, data, labels, config: StudyConfig, out: Pat
         images = sample(trained["model"], scheduler, len(class_labels), num_inference_steps=config.sample_steps,
                         class_labels=class_labels, generator=torch.Generator().manual_seed(config.seed),
                         progress=config.progress)
-        save_image_grid(images.clamp(-1, 1), out / f"grid_{name}_classes.png", nrow=n if n <= 16 else 16)
+        shown = torch.cat([images[class_labels == c][:16] for c in range(len(CLASS_NAMES))])  # one row per class
+        save_image_grid(shown.clamp(-1, 1), out / f"grid_{name}_classes.png", nrow=min(n, 16))
         results["grids"][f"{name}: dark / mid / bright rows"] = f"grid_{name}_classes.png"
         brightness = images.clamp(-1, 1).mean(dim=(1, 2, 3))
         for c, class_name in enumerate(CLASS_NAMES):
