@@ -2,7 +2,8 @@
 
     python bench/vae.py                  # full: 4x3x256x256 and 1x3x512x512, float32 and bfloat16
     python bench/vae.py --quick          # 2x3x128x128 only, 2 repeats: a smoke run
-    python bench/vae.py --tiled          # also ours at 1024x1024: decode in 512-pixel tiles vs in one piece
+    python bench/vae.py --tiled          # also ours at 1024x1024: decode in 640-pixel tiles (2x2) vs whole
+    python bench/vae.py --cases "decode 1x4x64x64" --dtypes bfloat16     # one case
 
 Time: both models in this process, runs interleaved (order alternating), median of --reps, after one warm-up
 each. bfloat16 means weights and inputs in bfloat16 for both models (`.to(torch.bfloat16)`, no autocast).
@@ -34,7 +35,7 @@ SD_CONFIG = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, la
                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
 FULL_CASES = ["encode 4x3x256x256", "decode 4x4x32x32", "encode 1x3x512x512", "decode 1x4x64x64"]
 QUICK_CASES = ["encode 2x3x128x128", "decode 2x4x16x16"]
-TILED_CASES = ["decode 1x4x128x128 tile512", "decode 1x4x128x128"]
+TILED_CASES = ["decode 1x4x128x128 tile640", "decode 1x4x128x128"]
 
 
 def diffusers_model(folder: Path, dtype: torch.dtype):
@@ -117,12 +118,17 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=None, help="timed repeats per model (default 5, quick 2)")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--cases", default=None, help="comma-separated cases like 'encode 4x3x256x256', "
+                        "'decode 1x4x64x64' (default: the full or quick set)")
     parser.add_argument("--tiled", action="store_true", help="add ours-only 1024x1024 decode, tiled vs whole")
     parser.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         return memory_child(*args.memory_child)
-    cases = QUICK_CASES if args.quick else FULL_CASES
+    if args.cases is not None:   # --cases "" with --tiled runs the tiled cases only
+        cases = [case for case in args.cases.split(",") if case]
+    else:
+        cases = QUICK_CASES if args.quick else FULL_CASES
     reps = args.reps or (2 if args.quick else 5)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, reps {reps}")
     with tempfile.TemporaryDirectory() as tmp:

@@ -49,8 +49,8 @@ class StudyConfig:
     batch_size: int = 64
     lr: float = 1e-3
     minutes: float = 8.5              # leaves room for the install within make demo's 10 minutes
-    samples_per_class: int = 64
-    unconditional_samples: int = 256
+    samples_per_class: int = 48
+    unconditional_samples: int = 192
     sample_steps: int = 50
     offset_noise: float = 0.1
     zero_snr_model: bool = True      # part 4, trained only when the budget still allows it

@@ -268,6 +268,9 @@ def test_bf16_autocast_output_close_to_float32():
             low = model(x, t)
     assert low.dtype == torch.bfloat16
     assert (low.float() - reference).abs().max() < 0.05 * reference.abs().max()
+    model.mid_block_hook = lambda h: h + torch.ones(h.shape[1:])  # a float32 edit inside a bf16 forward
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(x, t).shape == reference.shape
 
 
 def test_config_errors():

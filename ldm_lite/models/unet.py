@@ -110,7 +110,7 @@ PRESETS = {
     "ddpm_cifar10": UNetConfig(dropout=0.1),
     # Same shape at half width: about 9M parameters, trains in a CPU afternoon at 32x32.
     "small": UNetConfig(base_channels=64, dropout=0.1),
-    # Tests and demo: about 1.2M parameters; attention at 8x8 (level 1 at 16x16, level 2 at 32x32).
+    # Tests and demo: 1.1M parameters; attention at 8x8 (level 1 at 16x16, level 2 at 32x32).
     "tiny": UNetConfig(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(8,),
                        head_channels=32, norm_groups=8),
 }
@@ -150,6 +150,14 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, flip_sin_to_cos: bool 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last) \
         else torch.contiguous_format
+
+
+def add_into(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """fresh + other, written into `fresh` (saves an allocation) when the result keeps fresh's dtype.
+
+    Only for a `fresh` that nothing saved for backward, e.g. a conv or linear output.
+    """
+    return fresh.add_(other) if torch.promote_types(fresh.dtype, other.dtype) == fresh.dtype else fresh + other
 
 
 def norm_silu(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
@@ -236,9 +244,9 @@ class ResBlock(nn.Module):
             h = F.group_norm(h, norm2.num_groups, norm2.weight, norm2.bias, norm2.eps)
             h = F.silu(torch.addcmul(shift, h, 1 + scale))
         else:
-            h = norm_silu(h.add_(t), self.norm2)  # in place: conv outputs are not needed for their backward
+            h = norm_silu(add_into(h, t), self.norm2)
         h = self.conv2(dropout(h, self.dropout_p, self.training))
-        return h.add_(x if self.conv_shortcut is None else self.conv_shortcut(x))
+        return add_into(h, x if self.conv_shortcut is None else self.conv_shortcut(x))
 
 
 class AttentionBlock(nn.Module):
@@ -269,7 +277,7 @@ class AttentionBlock(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, HW, C / heads)
         h = attention(q, k, v).transpose(1, 2).reshape(B, H * W, C)
         h = self.to_out[0](h).view(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W), channels_last strides
-        return h.contiguous(memory_format=_memory_format(x)).add_(x)
+        return add_into(h.contiguous(memory_format=_memory_format(x)), x)
 
 
 class Downsample(nn.Module):
@@ -454,9 +462,10 @@ def load_unet(path, use_ema: bool = True, map_location="cpu") -> UNet:
     pipeline folder with unet/), our .safetensors from `save_unet`, a training checkpoint (.pt / .ckpt,
     format "ldm_lite.train.v1"; its EMA weights when use_ema and present) or a run dir holding checkpoint.pt.
     Raises ValueError naming missing, unexpected and wrongly shaped keys rather than loading partially.
+    The model is returned in eval mode (no dropout); call .train() to keep training it.
     """
     fields, state_dict = read_unet_weights(path, use_ema=use_ema, map_location=map_location)
     model = UNet(unet_config_from_dict(fields))
     check_state_dict({k: v.shape for k, v in model.state_dict().items()}, state_dict, source=path)
     model.load_state_dict(state_dict)
-    return model
+    return model.eval()

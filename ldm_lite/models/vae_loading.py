@@ -259,7 +259,9 @@ def load_vae(path_or_variant, variant: str | None = None, dtype: torch.dtype | N
     """An AutoencoderKL from a weight file or folder in any format above, or a random one from a variant name.
 
     path_or_variant: file, folder, or one of "sd", "sdxl", "sd3", "flux", "test" (random init seeded by `seed`).
-    variant: force a preset (its architecture must match the file); by default inferred from shapes and config.
+    variant: force a preset (its architecture must match the file); by default inferred from shapes and config:
+        the preset with the file's architecture and scaling, "sd" for an SD-shaped file without a config, and
+        "custom" for other architectures (scaling from config.json, else 0.18215; override `vae.config`).
     dtype: cast the weights (e.g. torch.float32 to upcast float16/bfloat16 files); default keeps the file's.
     """
     if variant is not None and variant not in PRESETS:
@@ -270,7 +272,7 @@ def load_vae(path_or_variant, variant: str | None = None, dtype: torch.dtype | N
             raise ValueError(f"variant={variant!r} contradicts path_or_variant={str(path_or_variant)!r}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = AutoencoderKL(vae_preset(variant or str(path_or_variant)))
+            model = AutoencoderKL(vae_preset(str(path_or_variant)))
         return model.to(dtype or torch.float32).eval()
     if not path.exists():
         raise ValueError(f"path_or_variant {str(path_or_variant)!r} is neither an existing file or folder nor "
