@@ -15,7 +15,7 @@ $(STAMP): setup.py
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m analysis schedules
+	$(PY) -m analysis demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests; rc=$$?; \
