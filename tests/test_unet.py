@@ -11,8 +11,6 @@ from ldm_lite.models.unet import (UNet, UNetConfig, attention, dropout, load_une
                                   unet_config_from_dict, unet_preset, upsample_kernel)
 from ldm_lite.models.unet_loading import write_unet_weights
 
-diffusers = pytest.importorskip("diffusers")
-
 # google/ddpm-cifar10-32's config.json, key for key (Ho et al. 2020's CIFAR-10 model).
 DDPM_CIFAR10_CONFIG = {
     "_class_name": "UNet2DModel", "act_fn": "silu", "attention_head_dim": None,
@@ -47,6 +45,7 @@ ATOL = 1e-5  # float32 parity bar for the whole network output
 
 def diffusers_model(config: dict, seed: int = 0):
     """A diffusers UNet2DModel with random weights, GroupNorm affines and biases included (not the init values)."""
+    diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(seed)
     model = diffusers.UNet2DModel(**{k: v for k, v in config.items() if not k.startswith("_")}).eval()
     with torch.no_grad():
