@@ -148,6 +148,7 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, flip_sin_to_cos: bool 
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last if x is stored that way, else the default NCHW layout."""
     return torch.channels_last if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last) \
         else torch.contiguous_format
 
@@ -413,6 +414,7 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(widths[0], cfg.out_channels, 3, padding=1)
 
     def activation_format(self, x: torch.Tensor) -> torch.memory_format:
+        """Memory layout for this forward's activations; see `channels_last` in the class docstring."""
         if self.channels_last is None:
             low_precision = torch.is_autocast_enabled(x.device.type) or self.conv_in.weight.dtype != torch.float32
             return torch.contiguous_format if low_precision else torch.channels_last
