@@ -22,7 +22,7 @@ from ldm_lite.config import config_from_dict, load_config
 from ldm_lite.data import CIFAR10_CLASSES, SYNTHETIC_CLASSES, save_image_grid, to_uint8
 from ldm_lite.leak import LeakStats
 from ldm_lite.models.unet import load_unet
-from ldm_lite.models.unet_loading import torch_load_weights
+from ldm_lite.models.weights_io import torch_load_weights
 from ldm_lite.models.vae_loading import load_vae
 from ldm_lite.sampling import eps_scale_schedule, sample
 from ldm_lite.schedulers import SCHEDULERS

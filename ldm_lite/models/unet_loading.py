@@ -8,11 +8,11 @@ old files renamed (`query, key, value, proj_attn` -> `to_q, to_k, to_v, to_out.0
 This module knows file formats only; `unet.py` builds the model (`load_unet`, `save_unet`).
 """
 import json
-import pickle
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, safe_open, save_file
+
+from ldm_lite.models.weights_io import torch_load_weights
 
 EXPORT_FORMAT = "ldm_lite.unet.v1"
 TRAIN_FORMAT = "ldm_lite.train.v1"
@@ -131,15 +131,6 @@ def check_state_dict(expected: dict, state_dict: dict, source, shown: int = 5) -
         lines = [f"{name} ({len(keys)}): {keys[:shown]}{' ...' if len(keys) > shown else ''}"
                  for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
         raise ValueError(f"weights in {source} do not fit the UNet config; " + "; ".join(lines))
-
-
-def torch_load_weights(file: Path, map_location="cpu"):
-    """torch.load with weights_only=True: tensors and plain containers only, never pickled code."""
-    try:
-        return torch.load(file, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(f"{file}: refused to unpickle (weights_only=True allows tensors and plain data only): "
-                         f"{error}") from None
 
 
 def _strip_averaged_model(state_dict: dict) -> dict:

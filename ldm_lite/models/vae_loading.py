@@ -16,7 +16,6 @@ missing, unexpected and wrongly shaped keys and the detected format, never a sil
 import dataclasses
 import json
 import math
-import pickle
 import re
 import warnings
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ldm_lite.models.weights_io import torch_load_weights
 from ldm_lite.models.vae import PRESETS, AutoencoderKL, VAEConfig, vae_preset
 
 CHECKPOINT_PREFIXES = ("first_stage_model.", "vae.")
@@ -36,27 +36,6 @@ ATTENTION_WEIGHT = re.compile(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$")
 
 
 # ----------------------------------------------------------------------------------------------- reading files
-
-def torch_load_weights(file: Path):
-    """torch.load(weights_only=True), memory-mapped when the file allows it (only the tensors used get read)."""
-    try:
-        try:
-            return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as error:
-            if "mmap" not in str(error):
-                raise
-            return torch.load(file, map_location="cpu", weights_only=True)   # legacy (non-zip) pickle
-    except pickle.UnpicklingError as error:
-        reason = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\.\s|\n|$)", str(error))
-        reason = reason[1] if reason else str(error).splitlines()[0]
-        if "global" not in reason.lower():
-            raise ValueError(f"{file}: not a readable PyTorch weight file ({reason})") from None
-        raise ValueError(f"{file}: refused: it holds more than tensors and plain containers ({reason}), so "
-                         f"reading it would mean running code from the file. Use a .safetensors copy of these "
-                         f"weights instead (it can hold tensors only).") from None
-    except Exception as error:
-        raise ValueError(f"{file}: not a readable PyTorch weight file ({type(error).__name__}: {error})") from None
-
 
 def _checkpoint_prefix(keys) -> str:
     return next((p for p in CHECKPOINT_PREFIXES if any(k.startswith(p) for k in keys)), "")
