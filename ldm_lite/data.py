@@ -262,8 +262,12 @@ def load_dataset(source: str, resolution: int, center_crop: bool = True, downloa
     return load_image_folder(source, resolution, center_crop, max_images, progress, seed)
 
 
-def save_image_grid(images: torch.Tensor, path, nrow: int = 8) -> None:
-    """Write images (N, 3, H, W) in [-1, 1] as one PNG grid with `nrow` images per row, 2-pixel gaps."""
+def save_image_grid(images: torch.Tensor, path, nrow: int = 8, scale: int = 1) -> None:
+    """Write images (N, 3, H, W) in [-1, 1] as one PNG grid with `nrow` images per row, 2-pixel gaps.
+    scale: nearest-neighbour upscaling of each image, so 16x16 samples stay visible on a screen."""
+    if scale < 1:
+        raise ValueError(f"scale must be >= 1, got {scale}")
+    images = images.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
     n, channels, height, width = images.shape
     rows = (n + nrow - 1) // nrow
     grid = torch.zeros(channels, rows * (height + 2) + 2, nrow * (width + 2) + 2, dtype=torch.uint8)

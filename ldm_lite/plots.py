@@ -148,6 +148,38 @@ def plot_brightness(report: dict, path, bins: int | None = None) -> Path:
     return _save(fig, path)
 
 
+def plot_study_summary(offset_rows: list, luminance: dict, path) -> Path:
+    """The bias study at a glance. Left: mean brightness per asked class, data vs each model (rows of the
+    offset-noise table: model, asked, data_mean, samples_mean). Right: per-image luminance histograms,
+    luminance = {label: (N,) tensor}, with the data under the label "data"."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    classes = list(dict.fromkeys(row["asked"] for row in offset_rows))
+    models = list(dict.fromkeys(row["model"] for row in offset_rows))
+    series = {"data": [next(r["data_mean"] for r in offset_rows if r["asked"] == c) for c in classes]}
+    for model in models:
+        series[model] = [next(r["samples_mean"] for r in offset_rows if r["asked"] == c and r["model"] == model)
+                         for c in classes]
+    width = 0.8 / len(series)
+    for i, (label, means) in enumerate(series.items()):
+        left.bar([c + (i - (len(series) - 1) / 2) * width for c in range(len(classes))], means, width, label=label)
+    left.axhline(0.0, color="black", linewidth=0.8)
+    left.set(xticks=range(len(classes)), xticklabels=[f"asked: {c}" for c in classes],
+             ylabel="mean brightness of the images", title="Class-conditional: asked for dark / mid / bright")
+    left.legend(fontsize=8)
+    data = luminance["data"]
+    edges = torch.linspace(-1, 1, 31).numpy()
+    right.hist(data.numpy(), bins=edges, density=True, color="lightgrey", label="data")
+    for label, values in luminance.items():
+        if label != "data":
+            ratio = float(values.std() / data.std())
+            right.hist(values.numpy(), bins=edges, density=True, histtype="step", linewidth=1.8,
+                       label=f"{label} (std ratio {ratio:.2f})")
+    right.set(xlabel="per-image mean luminance", ylabel="density", title="Unconditional: brightness spread")
+    right.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def plot_spectrum(report: dict, path) -> Path:
     """Radially averaged DCT power of samples and data (log-log, DC left out) and their log10 ratio."""
     plt = _pyplot()

@@ -103,11 +103,12 @@ def run_study(config: StudyConfig) -> dict:
         minutes = (clock.left() - 0.15 * clock.budget) / 60
         if minutes < 0.25 * config.minutes:
             results["skipped"] = (f"zero-SNR model (part 4) skipped: {clock.left() / 60:.1f} of {config.minutes} "
-                                  "minutes left")
+                                  "minutes left; a larger --minutes budget includes it")
         else:
             models.update(clock.time("train zero_snr", train_models, config, ["zero_snr"], minutes))
     clock.time("offset noise", study_offset_noise, models, data, dataset.labels, config, out, results)
-    clock.time("signal leak", study_signal_leak, models, data, config, out, results)
+    leak_reports = clock.time("signal leak", study_signal_leak, models, data, config, out, results)
+    study_summary(leak_reports, out, results)
     results["timings"] = clock.parts
     results["total_seconds"] = time.monotonic() - clock.start
     (out / "results.json").write_text(json.dumps(_jsonable(results), indent=2))
@@ -214,7 +215,8 @@ def study_offset_noise(models: dict, data, labels, config: StudyConfig, out: Pat
                         class_labels=class_labels, generator=torch.Generator().manual_seed(config.seed),
                         progress=config.progress)
         shown = torch.cat([images[class_labels == c][:16] for c in range(len(CLASS_NAMES))])  # one row per class
-        save_image_grid(shown.clamp(-1, 1), out / f"grid_{name}_classes.png", nrow=min(n, 16))
+        save_image_grid(shown.clamp(-1, 1), out / f"grid_{name}_classes.png", nrow=min(n, 16),
+                        scale=_grid_scale(config))
         results["grids"][f"{name}: dark / mid / bright rows"] = f"grid_{name}_classes.png"
         brightness = images.clamp(-1, 1).mean(dim=(1, 2, 3))
         for c, class_name in enumerate(CLASS_NAMES):
@@ -228,8 +230,9 @@ def study_offset_noise(models: dict, data, labels, config: StudyConfig, out: Pat
 
 # ----------------------------------------------------------------------------- 3. signal leak
 
-def study_signal_leak(models: dict, data, config: StudyConfig, out: Path, results: dict) -> None:
-    """Unconditional samples vs the data's brightness distribution, from plain noise and with a signal leak."""
+def study_signal_leak(models: dict, data, config: StudyConfig, out: Path, results: dict) -> dict:
+    """Unconditional samples vs the data's brightness distribution, from plain noise and with a signal leak.
+    Returns the brightness report of each setting, keyed "model, initial noise"."""
     stats = LeakStats.fit(data, kind="dct+pixel", n_components=3)
     stats.save(out / "leak_stats.safetensors")
     n, rows, reports = config.unconditional_samples, [], {}
@@ -254,7 +257,7 @@ def study_signal_leak(models: dict, data, config: StudyConfig, out: Path, result
         images = sample(trained["model"], scheduler, n, x_T=x_T, class_labels=trained["model"].config.num_classes,
                         generator=generator, progress=config.progress).clamp(-1, 1)
         key = f"{name}, {start}"
-        save_image_grid(images[:64], out / f"grid_{name}_{_slug(start)}.png", nrow=16)
+        save_image_grid(images[:64], out / f"grid_{name}_{_slug(start)}.png", nrow=16, scale=_grid_scale(config))
         results["grids"][f"{key} (unconditional)"] = f"grid_{name}_{_slug(start)}.png"
         report = metrics.brightness_report(images, data)
         reports[key] = report
@@ -269,6 +272,16 @@ def study_signal_leak(models: dict, data, config: StudyConfig, out: Path, result
         plots.plot_brightness(report, path)
         results["figures"][f"brightness: {key}"] = path.name
     results["tables"]["signal_leak"] = rows
+    return reports
+
+
+def study_summary(leak_reports: dict, out: Path, results: dict) -> None:
+    """One figure for parts 2 and 3: class means per model, and the spread of unconditional brightness."""
+    shown = [key for key in leak_reports if key.startswith(("standard", "zero_snr")) or "own offset" in key]
+    luminance = {"data": leak_reports[shown[0]]["data"]["luminance"]}
+    luminance.update({key: leak_reports[key]["samples"]["luminance"] for key in shown})
+    plots.plot_study_summary(results["tables"]["offset_noise"], luminance, out / "summary.png")
+    results["figures"]["summary"] = "summary.png"
 
 
 # ----------------------------------------------------------------------------- report
@@ -290,6 +303,9 @@ def write_report(results: dict, path: Path) -> None:
     """A self-contained HTML page (images referenced next to it) with every section of the study."""
     config = results["config"]
     sections = [
+        ("Summary", "<p>Left: mean brightness of class-conditional samples per asked class (part 2). Right: "
+         "spread of the per-image brightness of unconditional samples against the data (part 3).</p>" +
+         _img(results["figures"]["summary"])),
         ("Settings", _html_table([{"setting": k, "value": v} for k, v in config.items()]) +
          _html_table([{"part": k, "seconds": round(v, 1)} for k, v in results["timings"].items()]) +
          f"<p>Total run time: {results['total_seconds'] / 60:.1f} minutes.</p>"),
@@ -343,6 +359,11 @@ def _format(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def _grid_scale(config: StudyConfig) -> int:
+    """Pixel repeat that makes small samples about 48 pixels wide in the report's grids."""
+    return max(1, 48 // config.resolution)
 
 
 def _slug(text: str) -> str:

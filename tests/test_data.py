@@ -2,6 +2,7 @@
 import warnings
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 from PIL import Image
@@ -157,6 +158,18 @@ def test_save_image_grid(tmp_path):
     grid = Image.open(tmp_path / "grid.png")
     assert grid.size == (3 * 6 + 2, 2 * 6 + 2)
     assert grid.getpixel((2, 2)) == (0, 0, 0) and grid.getpixel((2 + 6 * 1, 2 + 6)) == (255, 255, 255)
+
+
+def test_save_image_grid_scale_repeats_pixels(tmp_path):
+    images = torch.tensor([[-1.0, 1.0], [1.0, -1.0]]).expand(1, 3, 2, 2)  # a 2x2 checkerboard
+    save_image_grid(images, tmp_path / "grid.png", nrow=1, scale=3)
+    grid = torch.from_numpy(numpy.array(Image.open(tmp_path / "grid.png")))[..., 0]
+    assert grid.shape == (2 * 3 + 4, 2 * 3 + 4)
+    inner = grid[2:8, 2:8]
+    expected = torch.tensor([[0, 255], [255, 0]], dtype=torch.uint8).repeat_interleave(3, 0).repeat_interleave(3, 1)
+    assert torch.equal(inner, expected)
+    with pytest.raises(ValueError, match="scale"):
+        save_image_grid(images, tmp_path / "bad.png", scale=0)
 
 
 @pytest.mark.skipif(not CIFAR_JPEG.is_dir(), reason=f"CIFAR-10 JPEG folder {CIFAR_JPEG} not present")

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 from ldm_lite.study import StudyConfig, run_study
 
@@ -21,9 +22,13 @@ def study(tmp_path_factory):
 def test_report_has_every_section(study):
     out, results = study
     page = (out / "report.html").read_text()
-    for title in ("1. How the forward process destroys each DCT band", "2. Offset noise", "3. Signal leak",
-                  "Settings"):
+    for title in ("Summary", "1. How the forward process destroys each DCT band", "2. Offset noise",
+                  "3. Signal leak", "Settings"):
         assert title in page
+    assert results["figures"]["summary"] == "summary.png" and (out / "summary.png").stat().st_size > 10_000
+    assert "src='summary.png'" in page
+    # grids of 8x8 samples are upscaled 6x: 16 per row, 6 * 8 pixels each plus 2-pixel gaps
+    assert Image.open(out / "grid_standard_plain_noise.png").size[0] == 16 * (6 * 8 + 2) + 2
     for figure in list(results["figures"]["bands"].values()) + list(results["grids"].values()):
         assert (out / figure).is_file(), figure
         assert f"src='{figure}'" in page

@@ -272,6 +272,16 @@ def test_bf16_autocast_output_close_to_float32():
         assert model(x, t).shape == reference.shape
 
 
+def test_model_cast_to_bf16_takes_float32_input():
+    model = tiny_model()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 700])
+    with torch.no_grad():
+        reference = model(x, t)
+        low = model.to(torch.bfloat16)(x, t)  # weights, activations and time embedding all bf16
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - reference).abs().max() < 0.05 * reference.abs().max()
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="unknown UNet preset"):
         unet_preset("huge")
