@@ -377,7 +377,7 @@ def _schedule_name(trained: dict) -> str:
 
 def _jsonable(value):
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items() if k != "model"}
+        return {str(k): _jsonable(v) for k, v in value.items() if not isinstance(v, torch.nn.Module)}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):

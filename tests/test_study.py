@@ -53,6 +53,7 @@ def test_results_are_measured(study):
     assert plain["wasserstein"] != leaky["wasserstein"]  # same seed, only the initial noise differs
     saved = json.loads((out / "results.json").read_text())
     assert saved["tables"]["signal_leak"][0]["std_ratio"] == pytest.approx(results["tables"]["signal_leak"][0]["std_ratio"])
+    assert [row["model"] for row in saved["tables"]["offset_noise"]] == [row["model"] for row in offset_rows]
     assert results["band_correlation_max_error"] < 0.2
 
 
