@@ -382,8 +382,8 @@ class UNet(nn.Module):
       class_labels: (B,) long in [0, num_classes], where index num_classes is the null class (classifier-free
       guidance); None on a class-conditional model means all null. Returns (B, out_channels, H, W) in the
       weights' dtype (contiguous NCHW), out_channels = 2 * in_channels when cfg.learn_sigma else in_channels.
-      A model cast with `.to(torch.bfloat16)` takes a float32 x and runs wholly in bf16 (fastest for sampling
-      on CPU); autocast keeps float32 weights (for training).
+      A model cast with `.to(torch.bfloat16)` takes a float32 x and runs wholly in bf16 (as fast as autocast
+      on this project's CPU; half the weight memory); autocast keeps float32 weights (for training).
 
     h-space: `model.mid_block_hook = fn` makes forward call `h = fn(h)` on the middle-block output
     (B, C_mid, h, w); fn may record h or return an edited copy (h + scale * direction). Default None.
