@@ -28,7 +28,8 @@ from ldm_lite.sampling import eps_scale_schedule, sample
 from ldm_lite.schedulers import SCHEDULERS
 from ldm_lite.schedules import TIMESTEP_SPACINGS, signal_at_first_step
 
-CHECKPOINT_NAME, RUN_CONFIG_FILE = "checkpoint.pt", "config.toml"  # what an ldm_lite run folder holds
+# what an ldm_lite run folder holds (written by training.py)
+CHECKPOINT_NAME, RUN_CONFIG_FILE, CLASSES_FILE = "checkpoint.pt", "config.toml", "classes.json"
 
 
 # ----------------------------------------------------------------------------- settings
@@ -209,7 +210,7 @@ def _load_run(path: Path, config, config_source: str, use_ema: bool) -> LoadedMo
     """An ldm_lite run: the schedule, the VAE and the class names come from its resolved training config."""
     vae = load_vae(config.latent.vae, dtype=torch.float32) if config.latent.vae else None
     return LoadedModel(load_unet(path, use_ema=use_ema), scheduler_config_from_training(config), vae,
-                       class_names=_class_names(config.data.source),
+                       class_names=_class_names(path if path.is_dir() else path.parent, config.data),
                        source={"kind": "ldm_lite run", "path": str(path), "config": config_source})
 
 
@@ -228,11 +229,14 @@ def scheduler_config_from_training(config) -> dict:
                 timestep_spacing="trailing" if diffusion.rescale_betas_zero_snr else "leading")
 
 
-def _class_names(source: str) -> tuple | None:
-    """Label names of a training data source, when they are known without reading the data."""
-    if source == "synthetic":
+def _class_names(run_dir: Path, data) -> tuple | None:
+    """Label names of a run: its classes.json, or for runs older than that file, what the data config implies."""
+    recorded = run_dir / CLASSES_FILE
+    if recorded.is_file():
+        return tuple(json.loads(recorded.read_text()))
+    if data.source == "synthetic" or data.labels == "brightness":
         return SYNTHETIC_CLASSES
-    if source.startswith("cifar10:"):
+    if data.source.startswith("cifar10:"):
         return CIFAR10_CLASSES
     return None
 

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ldm_lite.config import Config, config_from_dict, config_to_dict, to_toml
 from ldm_lite.data import InMemoryImages, brightness_terciles, load_dataset, save_image_grid, to_float
-from ldm_lite.generate import scheduler_config_from_training
+from ldm_lite.generate import CHECKPOINT_NAME, CLASSES_FILE, RUN_CONFIG_FILE, scheduler_config_from_training
 from ldm_lite.models import UNet, unet_preset
 from ldm_lite.noise import min_snr_weights, perturb_noise, training_noise
 from ldm_lite.sampling import sample
@@ -40,7 +40,6 @@ from ldm_lite.schedulers import DDIMScheduler, DDPMScheduler
 from ldm_lite.schedules import snr
 
 CHECKPOINT_FORMAT = "ldm_lite.train.v1"
-CHECKPOINT_NAME = "checkpoint.pt"
 # Test hook: when set to a step number, the save of that step's checkpoint stops half-way and waits to be killed.
 BLOCK_SAVE_ENV = "LDM_LITE_TEST_BLOCK_SAVE_AT_STEP"
 
@@ -391,7 +390,7 @@ def open_run(config: Config, state: TrainState, world: World) -> Path:
                              "or choose another --out")
         state.restore(load_checkpoint(path), config, path)
     if world.is_main:
-        (run_dir / "config.toml").write_text(to_toml(config))
+        (run_dir / RUN_CONFIG_FILE).write_text(to_toml(config))
         _truncate_metrics(run_dir / "metrics.jsonl", state.step)
     return run_dir
 
@@ -500,6 +499,9 @@ def _train(config: Config, world: World) -> Path:
         model = model.to(memory_format=torch.channels_last)
     state = new_state(config, model)
     run_dir = open_run(config, state, world)
+    if world.is_main and config.model.class_conditional:
+        # label index -> name, for `python -m sample --class NAME` (folder names are not in the config)
+        (run_dir / CLASSES_FILE).write_text(json.dumps(list(dataset.class_names)))
     forward = torch.nn.parallel.DistributedDataParallel(model) if world.size > 1 else model
     if config.train.compile:
         forward = torch.compile(forward)

@@ -226,6 +226,20 @@ def test_trains_on_an_image_folder(tmp_path):
     assert checkpoint["unet_config"]["num_classes"] == 10 and len(losses(run_dir)) == 2
 
 
+@pytest.mark.parametrize("labels, expected", [("dataset", ("cats", "dogs")), ("brightness", ("dark", "mid", "bright"))])
+def test_run_records_its_class_names_for_sampling(tmp_path, labels, expected):
+    from PIL import Image
+    from ldm_lite.generate import load_model
+    for i, name in enumerate(("cats", "dogs", "cats", "dogs", "cats", "dogs")):
+        (tmp_path / "images" / name).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (40 * i, 30 * i, 20 * i)).save(tmp_path / "images" / name / f"{i}.png")
+    run_dir = train(tiny_config(tmp_path / "run", data__source=tmp_path / "images", data__labels=labels,
+                                train__steps=1, train__batch_size=2))
+    assert json.loads((run_dir / "classes.json").read_text()) == list(expected)
+    assert load_model(run_dir).class_names == expected  # so `python -m sample --class dogs` resolves
+    assert load_model(run_dir / "checkpoint.pt").class_names == expected
+
+
 def test_two_process_gloo_run_matches_one_process(tmp_path):
     extra = dict(train__steps=4, noise__offset_noise="true", run__checkpoint_every=0)
     single = train(tiny_config(tmp_path / "one", **extra))
