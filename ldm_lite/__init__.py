@@ -5,9 +5,7 @@ The public API, in the order data flows: data -> noise -> model -> scheduler -> 
 """
 from .data import InMemoryImages, load_dataset, load_image_folder, synthetic_brightness, to_float, to_uint8
 from .leak import LeakStats
-from .models import UNet, UNetConfig, load_unet, save_unet, unet_preset
-from .models.vae import AutoencoderKL
-from .models.vae_loading import load_vae
+from .models import AutoencoderKL, UNet, UNetConfig, load_unet, load_vae, save_unet, unet_preset
 from .noise import add_offset_noise, min_snr_weights, perturb_noise, pyramid_noise, training_noise
 from .sampling import eps_scale_schedule, initial_noise, sample
 from .schedulers import DDIMScheduler, DDPMScheduler, SchedulerOutput, predict_x0_and_eps

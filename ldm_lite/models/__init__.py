@@ -1,4 +1,8 @@
-"""Denoising networks. `unet` holds the DDPM/ADM UNet; `unet_loading` reads and writes its weight files."""
+"""Networks. `unet`: the DDPM/ADM denoising UNet; `vae`: the Stable Diffusion autoencoder; the `*_loading`
+modules beside them read and write their weight files."""
 from ldm_lite.models.unet import UNet, UNetConfig, load_unet, save_unet, unet_config_from_dict, unet_preset
+from ldm_lite.models.vae import AutoencoderKL
+from ldm_lite.models.vae_loading import load_vae
 
-__all__ = ["UNet", "UNetConfig", "load_unet", "save_unet", "unet_config_from_dict", "unet_preset"]
+__all__ = ["UNet", "UNetConfig", "load_unet", "save_unet", "unet_config_from_dict", "unet_preset",
+           "AutoencoderKL", "load_vae"]
