@@ -8,13 +8,7 @@ from ldm_lite import DDIMScheduler, DDPMScheduler, hspace
 from ldm_lite.models.unet import UNet, unet_preset
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one thread avoids OpenMP hand-offs (very slow on a loaded 2-core machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def planted_activations(n=400, shape=(64, 4, 4), stds=(3.0, 1.5), noise=0.1, seed=0):

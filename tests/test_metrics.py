@@ -10,14 +10,7 @@ from ldm_lite import DDIMScheduler, DDPMScheduler, metrics, spectral
 from ldm_lite.schedules import named_alphas_cumprod
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are small: with one thread they skip OpenMP hand-offs, which cost up to 100x on a loaded
-    2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ----------------------------------------------------------------------------- W1 and KS
 
