@@ -336,3 +336,35 @@ def test_memory_format_does_not_change_outputs(channels_last):
         reference = model(x, t)
         model.channels_last = channels_last
         torch.testing.assert_close(model(x, t), reference, atol=1e-5, rtol=1e-5)
+
+
+def _level_layouts(model, x, t) -> list:
+    """Memory layout ("cl" or "nchw") of the input of each down level's first residual block."""
+    layouts = []
+    hooks = [block.resnets[0].register_forward_pre_hook(
+        lambda module, args: layouts.append("cl" if not args[0].is_contiguous() else "nchw"))
+        for block in model.down_blocks]
+    try:
+        model(x, t)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return layouts
+
+
+def test_layout_policy_per_level_and_mode():
+    model = tiny_model()  # levels at 32x32, 16x16, 8x8 for a 32x32 input
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([10, 700])
+    with torch.no_grad():
+        assert _level_layouts(model, x, t) == ["cl", "cl", "cl"]  # float32: channels_last throughout
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert _level_layouts(model, x, t) == ["cl", "nchw", "nchw"]  # bf16 sampling: channels_last from 32x32
+            reference = model(x, t).float()
+            model.channels_last = False
+            assert _level_layouts(model, x, t) == ["nchw"] * 3
+            forced = model(x, t).float()
+    assert (forced - reference).abs().max() < 0.02 * reference.abs().max()  # same maths, bf16 rounding apart
+    model.channels_last = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _level_layouts(model, x, t) == ["nchw"] * 3  # bf16 training: NCHW
+

@@ -13,8 +13,9 @@ with only a config translation (see `unet_loading.py`). Every image-shaped tenso
 Speed (CPU training, measured against diffusers, see bench/train_throughput.py): nearest-upsample + 3x3 conv
 runs as one stride-2 transposed conv (2.25x fewer FLOPs, same output); bf16 attention uses explicit
 matmuls (the fused CPU kernel's bf16 backward is slow); q, k, v come from one matmul; float32 activations
-are channels_last (faster oneDNN convs), bf16 ones NCHW (PyTorch's channels_last GroupNorm is 2-14x slower
-in bf16); dropout draws its mask from 16-bit random words instead of per-element Bernoulli draws.
+are channels_last (faster oneDNN convs); bf16 ones are NCHW in training, and without autograd channels_last
+only at resolutions of 32x32 and up (there its convs are 10-25% faster; below, PyTorch's channels_last GroupNorm
+is 5-30x slower); dropout draws its mask from 16-bit random words instead of per-element Bernoulli draws.
 
 h-space (Kwon et al. 2023, arXiv:2210.10960): set `model.mid_block_hook = fn`; during each forward pass
 `fn(h)` receives the middle-block output h, shape (B, C_mid, H / 2^(L-1), W / 2^(L-1)) with C_mid =
@@ -189,11 +190,11 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v for (B, heads, N, d) tensors (Vaswani et al. 2017 eq. 1).
 
-    float32, and any dtype without autograd, go to F.scaled_dot_product_attention. bf16 training uses the
-    explicit form: on CPU the fused kernel's bf16 backward is 1.6-5x slower than two batched matmuls and a
-    softmax at N <= 1024.
+    float32 goes to F.scaled_dot_product_attention. Lower precision uses the explicit form (two batched
+    matmuls and a softmax) in training, where on CPU the fused kernel's bf16 backward is 1.6-5x slower at
+    N <= 1024, and without autograd up to N = 256, where it is 1.3x faster than the fused kernel.
     """
-    if q.dtype == torch.float32 or not torch.is_grad_enabled():
+    if q.dtype == torch.float32 or (not torch.is_grad_enabled() and q.shape[-2] > 256):
         return F.scaled_dot_product_attention(q, k, v)
     scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, heads, N, N)
     return torch.matmul(scores.softmax(dim=-1), v)
@@ -276,7 +277,9 @@ class AttentionBlock(nn.Module):
         """x (B, C, H, W) -> (B, C, H, W), in x's memory format."""
         B, C, H, W = x.shape
         h = x if self.group_norm is None else self.group_norm(x)
-        h = h.permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, HW, C); a view when h is channels_last
+        # (B, HW, C): a view when h is channels_last, else a copy. A strided view would send F.linear down a
+        # batched-matmul path that is 1.8x slower in bf16.
+        h = h.permute(0, 2, 3, 1).contiguous().view(B, H * W, C)
         # One matmul for q, k and v: the three weights stacked (3C, C).
         qkv_weight = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
         qkv_bias = torch.cat([self.to_q.bias, self.to_k.bias, self.to_v.bias])
@@ -322,15 +325,17 @@ class DownBlock(nn.Module):
         # A ModuleList of one, so parameter names match diffusers (`downsamplers.0.conv`).
         self.downsamplers = nn.ModuleList([Downsample(out_ch, cfg.downsample_padding)]) if downsample else None
 
-    def forward(self, h: torch.Tensor, emb: torch.Tensor, skips: list) -> torch.Tensor:
-        """Runs the level and appends every intermediate output to `skips` for the decoder."""
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, skips: list,
+                next_format: torch.memory_format) -> torch.Tensor:
+        """Runs the level and appends every intermediate output to `skips` for the decoder; the downsampled
+        output is stored in `next_format`, the next level's memory layout."""
         for j, resnet in enumerate(self.resnets):
             h = resnet(h, emb)
             if self.attentions is not None:
                 h = self.attentions[j](h)
             skips.append(h)
         if self.downsamplers is not None:
-            h = self.downsamplers[0](h)
+            h = self.downsamplers[0](h).contiguous(memory_format=next_format)
             skips.append(h)
         return h
 
@@ -347,13 +352,14 @@ class UpBlock(nn.Module):
                                         for _ in skip_chs) if attention else None
         self.upsamplers = nn.ModuleList([Upsample(out_ch)]) if upsample else None
 
-    def forward(self, h: torch.Tensor, emb: torch.Tensor, skips: list) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, skips: list,
+                next_format: torch.memory_format) -> torch.Tensor:
         for j, resnet in enumerate(self.resnets):
             h = resnet(torch.cat([h, skips.pop()], dim=1), emb)
             if self.attentions is not None:
                 h = self.attentions[j](h)
         if self.upsamplers is not None:
-            h = self.upsamplers[0](h)
+            h = self.upsamplers[0](h).contiguous(memory_format=next_format)
         return h
 
 
@@ -388,8 +394,8 @@ class UNet(nn.Module):
     h-space: `model.mid_block_hook = fn` makes forward call `h = fn(h)` on the middle-block output
     (B, C_mid, h, w); fn may record h or return an edited copy (h + scale * direction). Default None.
 
-    Memory format: `model.channels_last` None (default) picks channels_last activations in float32 and NCHW
-    under autocast or low-precision weights (fastest on CPU); True / False force one. Outputs do not depend on it.
+    Memory format: `model.channels_last` None (default) picks the fastest layout on CPU per resolution level
+    (see `activation_format`); True / False force channels_last / NCHW everywhere. Outputs do not depend on it.
     """
 
     def __init__(self, config: UNetConfig):
@@ -421,12 +427,18 @@ class UNet(nn.Module):
         self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, widths[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(widths[0], cfg.out_channels, 3, padding=1)
 
-    def activation_format(self, x: torch.Tensor) -> torch.memory_format:
-        """Memory layout for this forward's activations; see `channels_last` in the class docstring."""
-        if self.channels_last is None:
-            low_precision = torch.is_autocast_enabled(x.device.type) or self.conv_in.weight.dtype != torch.float32
-            return torch.contiguous_format if low_precision else torch.channels_last
-        return torch.channels_last if self.channels_last else torch.contiguous_format
+    def activation_format(self, x: torch.Tensor, pixels: int) -> torch.memory_format:
+        """Memory layout of the activations at a level with `pixels` = H * W, for a forward on input x.
+
+        float32: channels_last. Lower precision (autocast or cast weights): NCHW when training; without autograd
+        channels_last from 32x32 up (faster bf16 convs), NCHW below (channels_last GroupNorm is slow there).
+        """
+        if self.channels_last is not None:
+            return torch.channels_last if self.channels_last else torch.contiguous_format
+        low_precision = torch.is_autocast_enabled(x.device.type) or self.conv_in.weight.dtype != torch.float32
+        if low_precision and (torch.is_grad_enabled() or pixels < 1024):
+            return torch.contiguous_format
+        return torch.channels_last
 
     def embed(self, timesteps, class_labels, batch: int, device) -> torch.Tensor:
         """SiLU(time MLP(sinusoid(t)) + class embedding(y)) -> (B, time_embed_dim), shared by all blocks."""
@@ -450,15 +462,17 @@ class UNet(nn.Module):
             raise ValueError(f"x must be (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}")
         emb = self.embed(timesteps, class_labels, x.shape[0], x.device)
         x = x.to(self.conv_in.weight.dtype)  # a float32 x_t runs through a model cast to bf16 / fp16
-        h = self.conv_in(x.contiguous(memory_format=self.activation_format(x)))
+        levels = len(self.down_blocks)
+        formats = [self.activation_format(x, x.shape[2] * x.shape[3] >> 2 * level) for level in range(levels)]
+        h = self.conv_in(x.contiguous(memory_format=formats[0]))
         skips = [h]
-        for block in self.down_blocks:
-            h = block(h, emb, skips)
+        for level, block in enumerate(self.down_blocks):
+            h = block(h, emb, skips, formats[min(level + 1, levels - 1)])
         h = self.mid_block(h, emb)
         if self.mid_block_hook is not None:
             h = self.mid_block_hook(h)
-        for block in self.up_blocks:
-            h = block(h, emb, skips)
+        for level, block in zip(reversed(range(levels)), self.up_blocks):
+            h = block(h, emb, skips, formats[max(level - 1, 0)])
         return self.conv_out(norm_silu(h, self.conv_norm_out)).contiguous()
 
 
