@@ -14,8 +14,8 @@ Speed (CPU training, measured against diffusers, see bench/train_throughput.py):
 runs as one stride-2 transposed conv (2.25x fewer FLOPs, same output); bf16 attention uses explicit
 matmuls (the fused CPU kernel's bf16 backward is slow); q, k, v come from one matmul; float32 activations
 are channels_last (faster oneDNN convs); bf16 ones are NCHW in training, and without autograd channels_last
-only at resolutions of 32x32 and up (there its convs are 10-25% faster; below, PyTorch's channels_last GroupNorm
-is 5-30x slower); dropout draws its mask from 16-bit random words instead of per-element Bernoulli draws.
+only at resolutions of 32x32 and up (there its convs are 15-30% faster; below, PyTorch's channels_last GroupNorm
+is 5-35x slower); dropout draws its mask from 16-bit random words instead of per-element Bernoulli draws.
 
 h-space (Kwon et al. 2023, arXiv:2210.10960): set `model.mid_block_hook = fn`; during each forward pass
 `fn(h)` receives the middle-block output h, shape (B, C_mid, H / 2^(L-1), W / 2^(L-1)) with C_mid =
