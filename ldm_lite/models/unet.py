@@ -354,12 +354,14 @@ class UpBlock(nn.Module):
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor, skips: list,
                 next_format: torch.memory_format) -> torch.Tensor:
+        """Runs the level, consuming its skips; the upsampled output is in `next_format` (next level's layout)."""
         for j, resnet in enumerate(self.resnets):
             h = resnet(torch.cat([h, skips.pop()], dim=1), emb)
             if self.attentions is not None:
                 h = self.attentions[j](h)
         if self.upsamplers is not None:
-            h = self.upsamplers[0](h).contiguous(memory_format=next_format)
+            # Change layout before upsampling: the input is a quarter of the output's size.
+            h = self.upsamplers[0](h.contiguous(memory_format=next_format))
         return h
 
 
