@@ -339,11 +339,12 @@ def test_memory_format_does_not_change_outputs(channels_last):
 
 
 def _level_layouts(model, x, t) -> list:
-    """Memory layout ("cl" or "nchw") of the input of each down level's first residual block."""
+    """Memory layout ("cl" or "nchw") of the first residual block's input at each level: down levels 0, 1, ...,
+    then up levels from the deepest to 0 (an up block's input is its upsampled h concatenated with a skip)."""
     layouts = []
     hooks = [block.resnets[0].register_forward_pre_hook(
         lambda module, args: layouts.append("cl" if not args[0].is_contiguous() else "nchw"))
-        for block in model.down_blocks]
+        for block in [*model.down_blocks, *model.up_blocks]]
     try:
         model(x, t)
     finally:
@@ -355,16 +356,18 @@ def _level_layouts(model, x, t) -> list:
 def test_layout_policy_per_level_and_mode():
     model = tiny_model()  # levels at 32x32, 16x16, 8x8 for a 32x32 input
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([10, 700])
+    sampling_layout = ["cl", "nchw", "nchw", "nchw", "nchw", "cl"]  # channels_last from 32x32 up, down then up
     with torch.no_grad():
-        assert _level_layouts(model, x, t) == ["cl", "cl", "cl"]  # float32: channels_last throughout
+        assert _level_layouts(model, x, t) == ["cl"] * 6  # float32: channels_last throughout
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert _level_layouts(model, x, t) == ["cl", "nchw", "nchw"]  # bf16 sampling: channels_last from 32x32
+            assert _level_layouts(model, x, t) == sampling_layout  # bf16 sampling
             reference = model(x, t).float()
             model.channels_last = False
-            assert _level_layouts(model, x, t) == ["nchw"] * 3
+            assert _level_layouts(model, x, t) == ["nchw"] * 6
             forced = model(x, t).float()
     assert (forced - reference).abs().max() < 0.02 * reference.abs().max()  # same maths, bf16 rounding apart
     model.channels_last = None
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert _level_layouts(model, x, t) == ["nchw"] * 3  # bf16 training: NCHW
-
+        assert _level_layouts(model, x, t) == ["nchw"] * 6  # bf16 training: NCHW
+    with torch.no_grad():
+        assert _level_layouts(model.to(torch.bfloat16), x, t) == sampling_layout  # bf16 weights, no autocast

@@ -10,12 +10,13 @@ scale-shift ("adaptive group norm", ADM eq. in section 3) time conditioning, opt
 The module tree uses the parameter names of diffusers' `UNet2DModel`, so a diffusers state dict loads
 with only a config translation (see `unet_loading.py`). Every image-shaped tensor is (B, C, H, W).
 
-Speed (CPU training, measured against diffusers, see bench/train_throughput.py): nearest-upsample + 3x3 conv
-runs as one stride-2 transposed conv (2.25x fewer FLOPs, same output); bf16 attention uses explicit
-matmuls (the fused CPU kernel's bf16 backward is slow); q, k, v come from one matmul; float32 activations
-are channels_last (faster oneDNN convs); bf16 ones are NCHW in training, and without autograd channels_last
-only at resolutions of 32x32 and up (there its convs are 15-30% faster; below, PyTorch's channels_last GroupNorm
-is 5-35x slower); dropout draws its mask from 16-bit random words instead of per-element Bernoulli draws.
+Speed (CPU, measured against diffusers, see bench/train_throughput.py and bench/sampling.py): nearest-upsample
++ 3x3 conv runs as one stride-2 transposed conv (2.25x fewer FLOPs, same output); q, k, v come from one matmul;
+low-precision attention uses explicit matmuls where the fused CPU kernel is slower (see `attention`); float32
+activations are channels_last (faster oneDNN convs); bf16 / fp16 ones are NCHW when autograd is on, and without
+autograd channels_last only at resolutions of 32x32 and up (there bf16 convs are 15-30% faster; below, PyTorch's
+channels_last GroupNorm is 5-35x slower); dropout draws its mask from 16-bit random words instead of
+per-element Bernoulli draws.
 
 h-space (Kwon et al. 2023, arXiv:2210.10960): set `model.mid_block_hook = fn`; during each forward pass
 `fn(h)` receives the middle-block output h, shape (B, C_mid, H / 2^(L-1), W / 2^(L-1)) with C_mid =
@@ -190,13 +191,14 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v for (B, heads, N, d) tensors (Vaswani et al. 2017 eq. 1).
 
-    float32 goes to F.scaled_dot_product_attention. Lower precision uses the explicit form (two batched
-    matmuls and a softmax) in training, where on CPU the fused kernel's bf16 backward is 1.6-5x slower at
-    N <= 1024, and without autograd up to N = 256, where it is 1.3x faster than the fused kernel.
+    float32 and float64 go to F.scaled_dot_product_attention. bf16 / fp16 use the explicit form (two batched
+    matmuls and a softmax) when autograd is on, where on CPU the fused kernel's bf16 backward is 1.6-5x slower
+    at N <= 1024, and without autograd up to N = 256, where it is 1.3x faster than the fused kernel.
     """
-    if q.dtype == torch.float32 or (not torch.is_grad_enabled() and q.shape[-2] > 256):
+    if q.dtype in (torch.float32, torch.float64) or (not torch.is_grad_enabled() and q.shape[-2] > 256):
         return F.scaled_dot_product_attention(q, k, v)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, heads, N, N)
+    # q is scaled before the product so fp16 scores cannot overflow where the scaled ones would not
+    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))  # (B, heads, N, N)
     return torch.matmul(scores.softmax(dim=-1), v)
 
 
@@ -397,7 +399,8 @@ class UNet(nn.Module):
     (B, C_mid, h, w); fn may record h or return an edited copy (h + scale * direction). Default None.
 
     Memory format: `model.channels_last` None (default) picks the fastest layout on CPU per resolution level
-    (see `activation_format`); True / False force channels_last / NCHW everywhere. Outputs do not depend on it.
+    (see `activation_format`); True / False force channels_last / NCHW everywhere. Outputs depend on it only
+    through rounding (1e-5 in float32; bf16 convolutions may round differently per layout).
     """
 
     def __init__(self, config: UNetConfig):
@@ -432,12 +435,14 @@ class UNet(nn.Module):
     def activation_format(self, x: torch.Tensor, pixels: int) -> torch.memory_format:
         """Memory layout of the activations at a level with `pixels` = H * W, for a forward on input x.
 
-        float32: channels_last. Lower precision (autocast or cast weights): NCHW when training; without autograd
-        channels_last from 32x32 up (faster bf16 convs), NCHW below (channels_last GroupNorm is slow there).
+        float32: channels_last. bf16 / fp16 (autocast or cast weights): NCHW when autograd is on (faster for
+        training, measured); without autograd channels_last from 32x32 up (faster bf16 convs), NCHW below
+        (channels_last GroupNorm is slow there).
         """
         if self.channels_last is not None:
             return torch.channels_last if self.channels_last else torch.contiguous_format
-        low_precision = torch.is_autocast_enabled(x.device.type) or self.conv_in.weight.dtype != torch.float32
+        low_precision = (torch.is_autocast_enabled(x.device.type)
+                         or self.conv_in.weight.dtype in (torch.bfloat16, torch.float16))
         if low_precision and (torch.is_grad_enabled() or pixels < 1024):
             return torch.contiguous_format
         return torch.channels_last
