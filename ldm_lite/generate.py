@@ -155,6 +155,11 @@ def load_model(path, use_ema: bool = True, scheduler_config=None) -> LoadedModel
     return loaded
 
 
+def _folder(path: Path) -> Path:
+    """`path` if it is a folder, else the folder holding the file."""
+    return path if path.is_dir() else path.parent
+
+
 def _read_json_config(path: Path, name: str) -> dict:
     file = path / name if path.is_dir() else path
     if not file.is_file():
@@ -180,7 +185,7 @@ def _load_diffusers_pipeline(folder: Path) -> LoadedModel:
 
 def _find_scheduler_config(path: Path) -> dict:
     """The schedule of bare weights: scheduler_config.json beside them, in scheduler/, or in ../scheduler/."""
-    folder = path if path.is_dir() else path.parent
+    folder = _folder(path)
     for candidate in (folder / "scheduler_config.json", folder / "scheduler" / "scheduler_config.json",
                       folder.parent / "scheduler" / "scheduler_config.json"):
         if candidate.is_file():
@@ -210,7 +215,7 @@ def _load_run(path: Path, config, config_source: str, use_ema: bool) -> LoadedMo
     """An ldm_lite run: the schedule, the VAE and the class names come from its resolved training config."""
     vae = load_vae(config.latent.vae, dtype=torch.float32) if config.latent.vae else None
     return LoadedModel(load_unet(path, use_ema=use_ema), scheduler_config_from_training(config), vae,
-                       class_names=_class_names(path if path.is_dir() else path.parent, config.data),
+                       class_names=_class_names(_folder(path), config.data),
                        source={"kind": "ldm_lite run", "path": str(path), "config": config_source})
 
 
