@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ldm_lite.models.unet import (UNet, UNetConfig, attention, dropout, load_unet, save_unet, timestep_embedding,
-                                  unet_config_from_dict, unet_preset, upsample_kernel)
+from ldm_lite.models.unet import (AttentionBlock, UNet, UNetConfig, attention, dropout, load_unet, save_unet,
+                                  timestep_embedding, unet_config_from_dict, unet_preset, upsample_kernel)
 from ldm_lite.models.unet_loading import write_unet_weights
 
 # google/ddpm-cifar10-32's config.json, key for key (Ho et al. 2020's CIFAR-10 model).
@@ -306,11 +306,51 @@ def test_upsample_as_transposed_conv_equals_nearest_then_conv():
     torch.testing.assert_close(actual, expected, atol=1e-12, rtol=0)
 
 
+def textbook_attention_block(block, x):
+    """GroupNorm, q/k/v/out Linear layers applied as written in Vaswani et al. eq. 1, per head, then + x."""
+    B, C, H, W = x.shape
+    d = C // block.heads
+    h = block.group_norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+    q, k, v = (layer(h).view(B, H * W, block.heads, d).transpose(1, 2)
+               for layer in (block.to_q, block.to_k, block.to_v))
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1)
+    out = block.to_out[0]((weights @ v).transpose(1, 2).reshape(B, H * W, C))
+    return x + out.transpose(1, 2).view(B, C, H, W)
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_attention_block_matches_the_textbook_form_with_gradients(heads, channels_last):
+    """The folded form (one 1x1 conv for q, k, v; 1 / sqrt(d) in q's weights; one head's W_o inside v's)
+    against the plain formula in float64: outputs and every parameter's gradient."""
+    torch.manual_seed(0)
+    block = AttentionBlock(16, heads, UNetConfig(base_channels=16, channel_mult=(1,), norm_groups=4)).double()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(2, 16, 4, 5, dtype=torch.float64)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    grad_out = torch.randn(2, 16, 4, 5, dtype=torch.float64)
+    outputs, grads = [], []
+    for form in (block, lambda x: textbook_attention_block(block, x)):
+        block.zero_grad()
+        out = form(x)
+        (out * grad_out).sum().backward()
+        outputs.append(out)
+        grads.append([p.grad.clone() for p in block.parameters()])
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-12, rtol=0)
+    for ours, expected in zip(*grads):
+        torch.testing.assert_close(ours, expected, atol=1e-12, rtol=0)
+    assert outputs[0].is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    with torch.no_grad():  # the in-place bias add of the sampling path
+        torch.testing.assert_close(block(x), outputs[1], atol=1e-12, rtol=0)
+
+
 def test_bf16_attention_matches_sdpa():
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, 64, 16, generator=generator) for _ in range(3))
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    actual = attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    actual = attention(*(t.transpose(-1, -2).bfloat16() for t in (q, k, v))).transpose(-1, -2)
     assert actual.dtype == torch.bfloat16
     assert (actual.float() - expected).abs().max() < 0.03  # bf16 has 8 mantissa bits; |values| < 3 here
 

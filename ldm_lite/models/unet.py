@@ -11,8 +11,9 @@ The module tree uses the parameter names of diffusers' `UNet2DModel`, so a diffu
 with only a config translation (see `unet_loading.py`). Every image-shaped tensor is (B, C, H, W).
 
 Speed (CPU, measured against diffusers, see bench/train_throughput.py and bench/sampling.py): nearest-upsample
-+ 3x3 conv runs as one stride-2 transposed conv (2.25x fewer FLOPs, same output); q, k, v come from one matmul;
-low-precision attention uses explicit matmuls where the fused CPU kernel is slower (see `attention`); float32
++ 3x3 conv runs as one stride-2 transposed conv (2.25x fewer FLOPs, same output); q, k, v come from one 1x1
+conv, and a single head's output projection is folded into v's (see `AttentionBlock`); low-precision attention
+uses explicit matmuls where the fused CPU kernel is slower (see `attention`); float32
 activations are channels_last (faster oneDNN convs); bf16 / fp16 ones are NCHW when autograd is on, and without
 autograd channels_last only at resolutions of 32x32 and up (there bf16 convs are 15-30% faster; below, PyTorch's
 channels_last GroupNorm is 5-35x slower); dropout draws its mask from 16-bit random words instead of
@@ -188,18 +189,21 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return (x * keep).mul_(65536 / (65536 - dropped))
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v for (B, heads, N, d) tensors (Vaswani et al. 2017 eq. 1).
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """softmax(q^T k * scale) averages of v (Vaswani et al. 2017 eq. 1), channel-major: q, k, v and the result
+    are (B, heads, d, N) for N positions; scale defaults to 1 / sqrt(d).
 
     float32 and float64 go to F.scaled_dot_product_attention. bf16 / fp16 use the explicit form (two batched
     matmuls and a softmax) when autograd is on, where on CPU the fused kernel's bf16 backward is 1.6-5x slower
     at N <= 1024, and without autograd up to N = 256, where it is 1.3x faster than the fused kernel.
     """
-    if q.dtype in (torch.float32, torch.float64) or (not torch.is_grad_enabled() and q.shape[-2] > 256):
-        return F.scaled_dot_product_attention(q, k, v)
+    scale = q.shape[-2] ** -0.5 if scale is None else scale
+    if q.dtype in (torch.float32, torch.float64) or (not torch.is_grad_enabled() and q.shape[-1] > 256):
+        q, k, v = (t.transpose(-1, -2) for t in (q, k, v))
+        return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(-1, -2)
     # q is scaled before the product so fp16 scores cannot overflow where the scaled ones would not
-    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))  # (B, heads, N, N)
-    return torch.matmul(scores.softmax(dim=-1), v)
+    scores = torch.matmul((q if scale == 1.0 else q * scale).transpose(-1, -2), k)  # (B, heads, N_q, N_k)
+    return torch.matmul(v, scores.softmax(dim=-1).transpose(-1, -2))
 
 
 # Nearest 2x upsampling then a 3x3 conv (padding 1) equals a stride-2 transposed conv with a 4x4 kernel:
@@ -264,6 +268,11 @@ class AttentionBlock(nn.Module):
 
     Same maths as DDPM's `nin` q/k/v projections and diffusers' `Attention` with residual_connection;
     `to_out` is a list of one Linear so parameter names match diffusers (`to_out.0`).
+
+    Computed as one 1x1 convolution for q, k and v (in the input's memory layout, so no transpose copies),
+    with 1 / sqrt(d) folded into q's weights. With a single head the output projection is folded into v's:
+    softmax rows sum to one, so W_o (V P^T) + b_o = ((W_o W_v) h + W_o b_v) P^T + b_o, one C x C matmul
+    fewer per call (same result up to rounding).
     """
 
     def __init__(self, channels: int, heads: int, cfg: UNetConfig, norm: bool = True):
@@ -275,20 +284,30 @@ class AttentionBlock(nn.Module):
         self.to_v = nn.Linear(channels, channels)
         self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
 
+    def projection(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stacked (3C, C) weight and (3C,) bias of q (scaled by 1 / sqrt(d)), k and v (times W_o if one head)."""
+        scale = (self.to_q.weight.shape[0] // self.heads) ** -0.5
+        value_weight, value_bias = self.to_v.weight, self.to_v.bias
+        if self.heads == 1:
+            out_weight = self.to_out[0].weight
+            value_weight, value_bias = out_weight @ value_weight, out_weight @ value_bias
+        return (torch.cat([self.to_q.weight * scale, self.to_k.weight, value_weight]),
+                torch.cat([self.to_q.bias * scale, self.to_k.bias, value_bias]))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) -> (B, C, H, W), in x's memory format."""
         B, C, H, W = x.shape
         h = x if self.group_norm is None else self.group_norm(x)
-        # (B, HW, C): a view when h is channels_last, else a copy. A strided view would send F.linear down a
-        # batched-matmul path that is 1.8x slower in bf16.
-        h = h.permute(0, 2, 3, 1).contiguous().view(B, H * W, C)
-        # One matmul for q, k and v: the three weights stacked (3C, C).
-        qkv_weight = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
-        qkv_bias = torch.cat([self.to_q.bias, self.to_k.bias, self.to_v.bias])
-        qkv = F.linear(h, qkv_weight, qkv_bias).view(B, H * W, 3, self.heads, C // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, HW, C / heads)
-        h = attention(q, k, v).transpose(1, 2).reshape(B, H * W, C)
-        h = self.to_out[0](h).view(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W), channels_last strides
+        weight, bias = self.projection()
+        qkv = F.conv2d(h, weight[:, :, None, None], bias)  # (B, 3C, H, W), h's memory layout
+        q, k, v = qkv.view(B, 3, self.heads, C // self.heads, H * W).unbind(1)  # each (B, heads, d, HW)
+        h = attention(q, k, v, scale=1.0).reshape(B, C, H, W)
+        out = self.to_out[0]
+        if self.heads == 1:  # W_o is inside v: only its bias is left
+            bias = out.bias.to(h.dtype)[:, None, None]
+            h = h + bias if torch.is_grad_enabled() else h.add_(bias)  # the fused kernel saves h for backward
+        else:
+            h = F.conv2d(h, out.weight[:, :, None, None], out.bias)
         return add_into(h.contiguous(memory_format=_memory_format(x)), x)
 
 
