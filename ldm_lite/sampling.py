@@ -100,22 +100,25 @@ def sample(model, scheduler, n: int, *, shape=None, num_inference_steps: int | N
     outputs = []
     steps_total = math.ceil(n / batch_size) * len(scheduler.timesteps)
     bar = tqdm(total=steps_total, desc="sampling", disable=not progress, leave=False)
-    for start in range(0, n, batch_size):
-        count = min(batch_size, n - start)
-        x = (x_T[start:start + count].to(device, dtype) if x_T is not None else
-             initial_noise(scheduler, (count, *shape), leak, generator, device, dtype))
-        batch_labels = labels[start:start + count] if labels is not None else None
-        for i, t in enumerate(scheduler.timesteps):
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+    # One autocast context around the whole loop keeps its low-precision copies of the weights from step to
+    # step (leaving the outermost context drops them); the scheduler step runs with autocast off, in `dtype`.
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        for start in range(0, n, batch_size):
+            count = min(batch_size, n - start)
+            x = (x_T[start:start + count].to(device, dtype) if x_T is not None else
+                 initial_noise(scheduler, (count, *shape), leak, generator, device, dtype))
+            batch_labels = labels[start:start + count] if labels is not None else None
+            for i, t in enumerate(scheduler.timesteps):
                 output = _denoise(model, x, t, batch_labels, guidance, null_label)
-            output = output.to(dtype)
-            step = scheduler.step(output, t, x, generator=generator, eps_scale=lambdas[i], **step_kwargs)
-            if callback is not None:
-                callback(dict(step_index=i, timestep=int(t), batch_start=start, x_t=x, model_output=output,
-                              pred_original_sample=step.pred_original_sample, prev_sample=step.prev_sample))
-            x = step.prev_sample
-            bar.update(1)
-        outputs.append(x)
+                with torch.autocast(device.type, enabled=False):
+                    output = output.to(dtype)
+                    step = scheduler.step(output, t, x, generator=generator, eps_scale=lambdas[i], **step_kwargs)
+                    if callback is not None:
+                        callback(dict(step_index=i, timestep=int(t), batch_start=start, x_t=x, model_output=output,
+                                      pred_original_sample=step.pred_original_sample, prev_sample=step.prev_sample))
+                x = step.prev_sample
+                bar.update(1)
+            outputs.append(x)
     bar.close()
     return torch.cat(outputs)
 

@@ -178,3 +178,39 @@ def test_eps_scales_builds_k_i_plus_b_and_rejects_non_positive():
     assert eps_scales(1.0, 0.5, 2) == [1.0, 1.5]
     with pytest.raises(ValueError, match="must stay > 0"):
         eps_scales(1.0, -0.2, 10)
+
+
+# ----------------------------------------------------------------------------- autocast
+
+
+def test_autocast_covers_the_model_only():
+    """bf16 autocast: the model runs under it, the scheduler step and callback in float32 without it; the
+    result equals entering autocast around each model call (the sampler's one context for the whole loop only
+    saves re-casting the weights at every step, see bench/sampling.py)."""
+    model = TinyDenoiser()
+    seen = []
+
+    class Recording(torch.nn.Module):
+        def forward(self, x, timesteps, class_labels=None):
+            seen.append(("model", torch.is_autocast_enabled("cpu"), torch.is_autocast_cache_enabled()))
+            return model(x, timesteps)
+
+    def callback(info):
+        seen.append(("step", torch.is_autocast_enabled("cpu"), info["model_output"].dtype,
+                     info["prev_sample"].dtype))
+
+    scheduler = DDIMScheduler(**SCALED_LINEAR)
+    out = sample(Recording(), scheduler, 2, shape=SHAPE, num_inference_steps=3,
+                 generator=torch.Generator().manual_seed(0), progress=False, callback=callback,
+                 autocast_dtype=torch.bfloat16)
+    assert seen == [("model", True, True), ("step", False, torch.float32, torch.float32)] * 3
+
+    def per_call(x, timesteps, class_labels=None):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(x, timesteps)
+
+    expected = sample(per_call, scheduler, 2, shape=SHAPE, num_inference_steps=3,
+                      generator=torch.Generator().manual_seed(0), progress=False)
+    assert out.dtype == torch.float32 and torch.equal(out, expected)
+    assert not torch.equal(out, sample(model, scheduler, 2, shape=SHAPE, num_inference_steps=3,
+                                       generator=torch.Generator().manual_seed(0), progress=False))  # bf16 was used
