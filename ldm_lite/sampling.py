@@ -71,22 +71,23 @@ def _denoise(model, x, t, class_labels, guidance, null_label):
 
 @torch.no_grad()
 def sample(model, scheduler, n: int, *, shape=None, num_inference_steps: int | None = None, leak=None,
-           eps_scale=None, eps_scale_slope: float = 0.0, guidance: float | None = None, class_labels=None, generator=None, batch_size: int = 64,
-           eta: float = 0.0, x_T=None, callback=None, progress: bool = True, device=None, dtype=torch.float32,
-           autocast_dtype=None):
+           eps_scale=None, eps_scale_slope: float = 0.0, guidance: float | None = None, class_labels=None,
+           generator=None, batch_size: int = 64, eta: float = 0.0, x_T=None, callback=None, progress: bool = True,
+           device=None, dtype=torch.float32, autocast_dtype=None):
     """Draw n samples (n, C, H, W) by running `scheduler` from x_T to x_0.
 
     model: callable (x (B, C, H, W), timesteps (B,) long, class_labels (B,) long or None) -> (B, C or 2C, H, W);
       an `ldm_lite` UNet works directly. shape: (C, H, W), default from `model.config`.
     num_inference_steps: calls `scheduler.set_timesteps` when given, else uses the scheduler's current list.
     leak: `LeakStats` or leak tensor for the signal-leak initial noise (see `initial_noise`).
-    eps_scale, eps_scale_slope: epsilon scaling lambda_i = slope * i + b, see `eps_scale_schedule`. guidance: classifier-free guidance weight w.
+    eps_scale, eps_scale_slope: epsilon scaling lambda_i = slope * i + b, see `eps_scale_schedule`.
+    guidance: classifier-free guidance weight w.
     class_labels: (n,) long or an int for all; the null label (model.config.num_classes) means unconditional.
     generator: seeds x_T and every step's noise, batch after batch: same seed, same images.
     x_T: (n, C, H, W) to start from instead of drawing it. eta: DDIM only.
     callback(info): called after every step with a dict: step_index, timestep, batch_start, x_t, model_output,
       pred_original_sample, prev_sample (tensors of the current batch); used by the analysis tools.
-    autocast_dtype: e.g. torch.bfloat16 to run the model under autocast; the scheduler step stays float32.
+    autocast_dtype: e.g. torch.bfloat16 to run the model under autocast; the scheduler step stays in `dtype`.
     """
     if num_inference_steps is not None:
         scheduler.set_timesteps(num_inference_steps)
