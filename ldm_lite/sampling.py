@@ -88,6 +88,8 @@ def sample(model, scheduler, n: int, *, shape=None, num_inference_steps: int | N
     callback(info): called after every step with a dict: step_index, timestep, batch_start, x_t, model_output,
       pred_original_sample, prev_sample (tensors of the current batch); used by the analysis tools.
     autocast_dtype: e.g. torch.bfloat16 to run the model under autocast; the scheduler step stays in `dtype`.
+      One autocast context spans the whole call, so its low-precision copies of the weights are made once:
+      the weights must not change during the call (e.g. from a callback).
     """
     if num_inference_steps is not None:
         scheduler.set_timesteps(num_inference_steps)

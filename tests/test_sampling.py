@@ -183,34 +183,43 @@ def test_eps_scales_builds_k_i_plus_b_and_rejects_non_positive():
 # ----------------------------------------------------------------------------- autocast
 
 
-def test_autocast_covers_the_model_only():
-    """bf16 autocast: the model runs under it, the scheduler step and callback in float32 without it; the
-    result equals entering autocast around each model call (the sampler's one context for the whole loop only
-    saves re-casting the weights at every step, see bench/sampling.py)."""
+def test_autocast_covers_the_model_only_and_spans_the_loop():
+    """bf16 autocast: the model runs under it (its bf16 output is cast back), the scheduler step and callback
+    in float32 with autocast off, inside the one outer context that keeps the bf16 weight copies alive; the
+    result equals entering autocast around each model call."""
     model = TinyDenoiser()
     seen = []
 
+    def autocast_nesting() -> int:
+        """How many autocast contexts are open (autocast drops its weight copies when this reaches 0)."""
+        level = torch.autocast_increment_nesting() - 1
+        torch.autocast_decrement_nesting()
+        return level
+
     class Recording(torch.nn.Module):
         def forward(self, x, timesteps, class_labels=None):
-            seen.append(("model", torch.is_autocast_enabled("cpu"), torch.is_autocast_cache_enabled()))
-            return model(x, timesteps)
+            seen.append(("model", torch.is_autocast_enabled("cpu"), autocast_nesting()))
+            return model.conv(x)  # bf16 under autocast
 
     def callback(info):
-        seen.append(("step", torch.is_autocast_enabled("cpu"), info["model_output"].dtype,
+        seen.append(("step", torch.is_autocast_enabled("cpu"), autocast_nesting(), info["model_output"].dtype,
                      info["prev_sample"].dtype))
 
     scheduler = DDIMScheduler(**SCALED_LINEAR)
     out = sample(Recording(), scheduler, 2, shape=SHAPE, num_inference_steps=3,
                  generator=torch.Generator().manual_seed(0), progress=False, callback=callback,
                  autocast_dtype=torch.bfloat16)
-    assert seen == [("model", True, True), ("step", False, torch.float32, torch.float32)] * 3
+    # the step is 2 deep: the loop's autocast and the autocast-off block inside it
+    assert seen == [("model", True, 1), ("step", False, 2, torch.float32, torch.float32)] * 3
+    assert autocast_nesting() == 0
 
     def per_call(x, timesteps, class_labels=None):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            return model(x, timesteps)
+            return model.conv(x)
 
     expected = sample(per_call, scheduler, 2, shape=SHAPE, num_inference_steps=3,
                       generator=torch.Generator().manual_seed(0), progress=False)
     assert out.dtype == torch.float32 and torch.equal(out, expected)
-    assert not torch.equal(out, sample(model, scheduler, 2, shape=SHAPE, num_inference_steps=3,
-                                       generator=torch.Generator().manual_seed(0), progress=False))  # bf16 was used
+    float32 = sample(lambda x, t, y=None: model.conv(x), scheduler, 2, shape=SHAPE, num_inference_steps=3,
+                     generator=torch.Generator().manual_seed(0), progress=False)
+    assert not torch.equal(out, float32) and (out - float32).abs().max() < 0.1  # bf16 was used, and is close

@@ -330,20 +330,36 @@ def test_attention_block_matches_the_textbook_form_with_gradients(heads, channel
             p.add_(0.1 * torch.randn_like(p))
     x = torch.randn(2, 16, 4, 5, dtype=torch.float64)
     x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    x.requires_grad_()
     grad_out = torch.randn(2, 16, 4, 5, dtype=torch.float64)
     outputs, grads = [], []
     for form in (block, lambda x: textbook_attention_block(block, x)):
         block.zero_grad()
+        x.grad = None
         out = form(x)
         (out * grad_out).sum().backward()
         outputs.append(out)
-        grads.append([p.grad.clone() for p in block.parameters()])
+        grads.append([p.grad.clone() for p in block.parameters()] + [x.grad.clone()])
     torch.testing.assert_close(outputs[0], outputs[1], atol=1e-12, rtol=0)
     for ours, expected in zip(*grads):
         torch.testing.assert_close(ours, expected, atol=1e-12, rtol=0)
     assert outputs[0].is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     with torch.no_grad():  # the in-place bias add of the sampling path
         torch.testing.assert_close(block(x), outputs[1], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_bf16_attention_block_is_close_to_the_textbook_form(grad):
+    """The bf16 path (explicit matmuls, in-place bias add without autograd) against float64."""
+    torch.manual_seed(0)
+    block = AttentionBlock(32, 1, UNetConfig(base_channels=32, channel_mult=(1,), norm_groups=8))
+    x = torch.randn(2, 32, 6, 6)
+    with torch.no_grad():
+        expected = textbook_attention_block(block.double(), x.double())
+    with torch.set_grad_enabled(grad):
+        actual = block.bfloat16()(x.bfloat16())
+    assert actual.dtype == torch.bfloat16
+    assert (actual.double() - expected).abs().max() < 0.05  # |values| < 4; bf16 keeps 8 bits
 
 
 def test_bf16_attention_matches_sdpa():

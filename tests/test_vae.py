@@ -160,8 +160,10 @@ def test_full_sd_config_matches_diffusers(full_sd, name, tmp_path):
     (CI's /tmp is small)."""
     ref, expected = full_sd
     if name == "diffusers":
-        ref.half().save_pretrained(tmp_path / name)
-        ref.float()  # exact: the weights are float16-representable
+        try:
+            ref.half().save_pretrained(tmp_path / name)
+        finally:
+            ref.float()  # exact: the weights are float16-representable
     else:
         half = {k: v.half().contiguous() for k, v in ref.state_dict().items()}
         save_file(fake_sd_checkpoint(original_from_diffusers(half)), str(tmp_path / name))
