@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from ldm_lite.allocator import keep_freed_memory
 from ldm_lite.generate import build_scheduler
 from ldm_lite.models.unet import load_unet
 from ldm_lite.sampling import sample
@@ -123,6 +124,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds per sampler")
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="glibc malloc keeps freed memory (as python -m sample does), for both samplers")
     args = parser.parse_args(argv)
     dtypes = args.dtypes.split(",")
     if set(dtypes) - {"fp32", "bf16"} or min(args.n, args.steps, args.rounds) < 1:
@@ -130,8 +133,9 @@ def main(argv=None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; DDIM {args.steps} steps, {args.n} images "
-          f"32x32, ddpm-cifar10-32 UNet (random weights), {args.rounds} rounds", flush=True)
+    allocator = "kept freed memory" if args.keep_freed_memory and keep_freed_memory() else "default allocator"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {allocator}; DDIM {args.steps} steps, "
+          f"{args.n} images 32x32, ddpm-cifar10-32 UNet (random weights), {args.rounds} rounds", flush=True)
     ours, scheduler, pipeline = build_pair()
     results = {}
     for dtype in dtypes:

@@ -10,6 +10,8 @@ with --peak-fp32 / --peak-bf16, in GFLOP/s).
 
 Quick run (a few minutes on 2 cores):  python bench/train_throughput.py --steps 2 --rounds 2
 Only the small model:                  python bench/train_throughput.py --configs tiny --steps 10
+As `python -m train` runs:              add --keep-freed-memory (glibc keeps freed memory; process-wide, so
+                                       for both models)
 On a machine shared with other jobs:   add --threads 1 (timed with the process's CPU time, which other
                                        processes do not inflate; 2-thread wall times there are meaningless)
 """
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from ldm_lite.allocator import keep_freed_memory
 from ldm_lite.models.unet import UNet, UNetConfig, unet_preset
 
 
@@ -143,6 +146,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per model and dtype")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="glibc malloc keeps freed memory (as python -m train does), for both models")
     parser.add_argument("--peak-fp32", type=float, default=None, help="GFLOP/s; measured when omitted")
     parser.add_argument("--peak-bf16", type=float, default=None, help="GFLOP/s; measured when omitted")
     args = parser.parse_args(argv)
@@ -152,12 +157,14 @@ def main(argv=None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    allocator = "kept freed memory" if args.keep_freed_memory and keep_freed_memory() else "default allocator"
     # One thread: count its CPU time, which time-slicing by other processes does not inflate.
     args.clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
     peaks = {"fp32": args.peak_fp32 or measure_peak(False, args.clock),
              "bf16": args.peak_bf16 or measure_peak(True, args.clock)}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads "
-          f"({'process CPU time' if args.clock is time.process_time else 'wall time'}), batch {args.batch}; "
+          f"({'process CPU time' if args.clock is time.process_time else 'wall time'}), batch {args.batch}, "
+          f"{allocator}; "
           f"matmul peak fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
     rows = []
     for name in args.configs.split(","):

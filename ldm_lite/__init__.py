@@ -3,6 +3,7 @@ biases of diffusion models (signal leak, exposure bias, the frequency view of th
 
 The public API, in the order data flows: data -> noise -> model -> scheduler -> metrics.
 """
+from .allocator import keep_freed_memory
 from .data import InMemoryImages, load_dataset, load_image_folder, synthetic_brightness, to_float, to_uint8
 from .leak import LeakStats
 from .models import AutoencoderKL, UNet, UNetConfig, load_unet, load_vae, save_unet, unet_preset
@@ -22,5 +23,5 @@ __all__ = [
     "DDIMScheduler", "DDPMScheduler", "SchedulerOutput", "predict_x0_and_eps",
     "NAMED_SCHEDULES", "alphas_cumprod_from_betas", "make_betas", "make_timesteps", "named_alphas_cumprod",
     "rescale_zero_terminal_snr", "schedule_table", "signal_at_first_step", "snr",
-    "LeakStats", "eps_scale_schedule", "initial_noise", "sample", "dct2", "idct2",
+    "LeakStats", "eps_scale_schedule", "initial_noise", "sample", "dct2", "idct2", "keep_freed_memory",
 ]

@@ -211,6 +211,14 @@ def test_time_budget_stops_with_a_checkpoint(tmp_path):
     assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
+@pytest.mark.parametrize("keep", [True, False])
+def test_train_keeps_freed_memory_as_configured(tmp_path, monkeypatch, keep):
+    calls = []
+    monkeypatch.setattr(training, "keep_freed_memory", lambda: calls.append(1) or True)
+    train(tiny_config(tmp_path / "run", train__steps=1, train__keep_freed_memory=str(keep).lower()))
+    assert calls == ([1] if keep else [])
+
+
 def test_loss_decreases_on_synthetic_data(tmp_path):
     run_dir = train(tiny_config(tmp_path / "run", train__steps=40, train__batch_size=16, train__warmup_steps=5,
                                 run__checkpoint_every=0))
