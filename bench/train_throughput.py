@@ -10,7 +10,7 @@ with --peak-fp32 / --peak-bf16, in GFLOP/s).
 
 Quick run (a few minutes on 2 cores):  python bench/train_throughput.py --steps 2 --rounds 2
 Only the small model:                  python bench/train_throughput.py --configs tiny --steps 10
-As `python -m train` runs:              add --keep-freed-memory (glibc keeps freed memory; process-wide, so
+As `python -m train` runs:             add --keep-freed-memory (glibc keeps freed memory; process-wide, so
                                        for both models)
 On a machine shared with other jobs:   add --threads 1 (timed with the process's CPU time, which other
                                        processes do not inflate; 2-thread wall times there are meaningless)

@@ -4,11 +4,16 @@ PyTorch on CPU has no caching allocator: every activation is a malloc and a free
 large freed blocks back to the kernel: it unmaps blocks over its mmap threshold and trims the top of the
 heap. The next step then writes to fresh pages, which costs a page fault and a zeroed page per 4 KiB. Measured
 on this project's 2-core CPU (see docs/benchmarks.md): a `ddpm_cifar10` training step at batch 32 takes about
-140,000 faults in bf16 and 340,000 in float32, and 6-19 % of the step's time goes on them. A batch-64 float32
+140,000 faults in bf16 and 340,000 in float32, and 5-19 % of the step's time goes on them. A batch-64 float32
 forward pass takes about 400,000. With every block served from the heap and the heap never trimmed, the
-count drops to zero.
-The cost is that the process keeps its peak memory until it exits. A training or sampling process reaches
-that peak at every step anyway.
+count drops to zero for the main thread, where PyTorch's CPU ops allocate. Other threads' arenas still mmap
+blocks too large for them.
+
+The cost is that memory, once freed, stays with the process until it exits. Peaks from start-up, such as data
+loading, are kept, and heap fragmentation can add more: peak RSS in training runs was 3-12 % higher. Only
+`python -m train` (switch `train.keep_freed_memory`) and `python -m sample` (`--no-keep-freed-memory`) call
+this. Library functions leave the allocator alone. The call overrides MALLOC_MMAP_MAX_ / MALLOC_TRIM_THRESHOLD_
+settings. With another allocator preloaded (jemalloc, tcmalloc) it has no effect.
 """
 import ctypes
 import sys

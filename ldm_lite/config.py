@@ -123,7 +123,7 @@ class TrainConfig:
     seed: int = 0
     max_minutes: float = 0.0       # stop (with a checkpoint) after this wall time; 0 = no limit
     num_threads: int = 0           # CPU threads for this process during training; 0 = torch's default
-    keep_freed_memory: bool = True  # glibc: keep freed memory in the process (no page faults per step)
+    keep_freed_memory: bool = True # python -m train: glibc keeps freed memory (ldm_lite/allocator.py)
 
     def __post_init__(self):
         for name in ("steps", "batch_size"):

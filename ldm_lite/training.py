@@ -30,7 +30,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ldm_lite.allocator import keep_freed_memory
 from ldm_lite.config import Config, config_from_dict, config_to_dict, to_toml
 from ldm_lite.data import InMemoryImages, brightness_terciles, load_dataset, save_image_grid, to_float
 from ldm_lite.generate import CHECKPOINT_NAME, CLASSES_FILE, RUN_CONFIG_FILE, scheduler_config_from_training
@@ -476,8 +475,6 @@ def train(config: Config) -> Path:
     TrainingDiverged on a NaN/inf loss (keeping the last good checkpoint). Under torchrun each process
     calls this; train.batch_size is the global batch.
     """
-    if config.train.keep_freed_memory:
-        keep_freed_memory()  # process-wide; see ldm_lite/allocator.py
     started_group = not dist.is_initialized()
     world = init_world()
     threads = torch.get_num_threads()

@@ -48,14 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bf16", action="store_true", help="run the model under bfloat16 autocast (the scheduler "
                         "step stays float32)")
     parser.add_argument("--no-ema", dest="use_ema", action="store_false", help="use the raw weights, not the EMA")
+    parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="glibc: keep freed memory in the process instead of page-faulting it back in at every "
+                        "step (ldm_lite/allocator.py)")
     return parser
 
 
 def main(argv=None) -> int:
     args = vars(build_parser().parse_args(argv))
     args["leak_dc"] = parse_leak_dc(args["leak_dc"])
+    if args.pop("keep_freed_memory"):
+        keep_freed_memory()
     settings = SampleSettings(checkpoint=args.pop("ckpt"), **args)
-    keep_freed_memory()  # fewer page faults per denoising step; see ldm_lite/allocator.py
     start = time.perf_counter()
     manifest = generate(settings)
     print(f"wrote {len(manifest['images'])} images, grid.png and manifest.json to {settings.out} "

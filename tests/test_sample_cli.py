@@ -147,6 +147,14 @@ def test_ddpm_with_spacing_override(run_dir, tmp_path, capsys):
     assert manifest["sqrt_alpha_bar_first_timestep"] == pytest.approx(0.06826, abs=1e-5)  # REFERENCES.md
 
 
+@pytest.mark.parametrize("flag, calls", [([], 1), (["--no-keep-freed-memory"], 0)])
+def test_keeps_freed_memory_unless_told_not_to(flag, calls, run_dir, tmp_path, capsys, monkeypatch):
+    made = []
+    monkeypatch.setattr(sys.modules["sample.__main__"], "keep_freed_memory", lambda: made.append(1) or True)
+    assert run_cli(sample_main, sample_args(run_dir, tmp_path, "--n", "1", *flag), capsys)[0] == 0
+    assert len(made) == calls
+
+
 def test_exported_weights_need_and_take_a_scheduler_config(run_dir, tmp_path, capsys):
     """Bare weights carry no schedule: --scheduler-config supplies it, and then the images equal the run's."""
     save_unet(load_unet(run_dir), tmp_path / "unet.safetensors")  # the EMA weights, as sampling from the run uses

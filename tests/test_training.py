@@ -2,6 +2,7 @@
 
 All runs use the tiny UNet on 8x8 synthetic images with batch 8 and a handful of steps.
 """
+import importlib
 import json
 import math
 import os
@@ -212,10 +213,11 @@ def test_time_budget_stops_with_a_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("keep", [True, False])
-def test_train_keeps_freed_memory_as_configured(tmp_path, monkeypatch, keep):
+def test_train_command_keeps_freed_memory_as_configured(tmp_path, monkeypatch, keep):
+    command = importlib.import_module("train.__main__")  # `train` here is ldm_lite.training.train
     calls = []
-    monkeypatch.setattr(training, "keep_freed_memory", lambda: calls.append(1) or True)
-    train(tiny_config(tmp_path / "run", train__steps=1, train__keep_freed_memory=str(keep).lower()))
+    monkeypatch.setattr(command, "keep_freed_memory", lambda: calls.append(1) or True)
+    assert command.main(cli_args(tmp_path / "run", train__steps=1, train__keep_freed_memory=str(keep).lower())) == 0
     assert calls == ([1] if keep else [])
 
 

@@ -8,6 +8,7 @@ Sections and keys: see `ldm_lite/config.py`.
 """
 import sys
 
+from ldm_lite.allocator import keep_freed_memory
 from ldm_lite.cli import run_main
 
 
@@ -20,6 +21,8 @@ def main(argv=None) -> int:
     from ldm_lite.training import TrainingDiverged, train
     config_path, overrides = parse_overrides(args)
     config = load_config(config_path, overrides)
+    if config.train.keep_freed_memory:
+        keep_freed_memory()  # process-wide, so here and not in train(); see ldm_lite/allocator.py
     try:
         run_dir = train(config)
     except TrainingDiverged as error:
