@@ -164,8 +164,7 @@ def main(argv=None) -> int:
              "bf16": args.peak_bf16 or measure_peak(True, args.clock)}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads "
           f"({'process CPU time' if args.clock is time.process_time else 'wall time'}), batch {args.batch}, "
-          f"{allocator}; "
-          f"matmul peak fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
+          f"{allocator}; matmul peak fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
     rows = []
     for name in args.configs.split(","):
         try:

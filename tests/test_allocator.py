@@ -53,11 +53,11 @@ def test_freed_memory_is_reused_without_page_faults_and_the_heap_is_not_trimmed(
     applied, kept_faults, trimmed = run("keep")
     assert applied == "True" and kept_faults < 200, kept_faults
     assert trimmed == 0  # without the M_TRIM_THRESHOLD setting glibc gives the freed 64 MiB back (measured)
+    # The fault count above proves something only where the default allocator faults at all:
     pages = (16 + 4) * 2 ** 20 * 4 // 4096  # 20,480 pages of 4 KiB touched per round
-    applied, default_faults, _ = run("default")
+    _, default_faults, _ = run("default")
     if default_faults <= pages // 2:  # e.g. transparent huge pages set to "always": few, large faults
         pytest.skip(f"the default allocator took only {default_faults} faults per round here: nothing to compare")
-    assert applied == "None"
 
 
 @pytest.mark.skipif(GLIBC, reason="glibc: the call applies (tested above)")
