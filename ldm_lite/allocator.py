@@ -12,8 +12,9 @@ blocks too large for them.
 The cost is that memory, once freed, stays with the process until it exits. Peaks from start-up, such as data
 loading, are kept, and heap fragmentation can add more: peak RSS in training runs was 3-12 % higher. Only
 `python -m train` (switch `train.keep_freed_memory`), `python -m sample` (`--no-keep-freed-memory`) and the
-benchmarks (on request) call this. Library functions leave the allocator alone. The call overrides MALLOC_MMAP_MAX_ / MALLOC_TRIM_THRESHOLD_
-settings. With another allocator preloaded (jemalloc, tcmalloc) it has no effect.
+benchmarks (on request) call this. Library functions leave the allocator alone. The call overrides
+MALLOC_MMAP_MAX_ / MALLOC_TRIM_THRESHOLD_ settings. With another allocator preloaded (jemalloc, tcmalloc) it has
+no effect.
 """
 import ctypes
 import sys
