@@ -243,11 +243,24 @@ def _read_scheduler_config(path: Path) -> dict:
 
 
 def noise_like(shape, generator, device, dtype, variance_noise=None):
-    """Gaussian noise for a stochastic step: `variance_noise` when given, else torch.randn(generator=...)."""
+    """Gaussian noise for a stochastic step: `variance_noise` when given, else `randn_tensor(shape, generator)`."""
     if variance_noise is not None:
         if generator is not None:
             raise ValueError("pass either generator or variance_noise, not both")
         return variance_noise
-    # drawn on the generator's device (a CPU generator with a GPU sample), then moved
-    source = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=source, dtype=dtype).to(device)
+    return randn_tensor(shape, generator, device, dtype)
+
+
+def randn_tensor(shape, generator=None, device=None, dtype=torch.float32):
+    """Standard normal noise of `shape` (B, ...) on `device`.
+
+    generator: None, one torch.Generator, or a list of B generators, one per sample (diffusers' convention):
+    sample b is then drawn from generator[b] alone, so its noise does not depend on the batch it is in.
+    Noise is drawn on the generator's device (a CPU generator with a GPU sample) and then moved.
+    """
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}: pass one per sample")
+        return torch.cat([randn_tensor((1, *shape[1:]), g, device, dtype) for g in generator])
+    source = generator.device if generator is not None else (device or "cpu")
+    return torch.randn(shape, generator=generator, device=source, dtype=dtype).to(device or source)
