@@ -78,8 +78,52 @@ def _check_choice(name: str, value, allowed):
         raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
 
 
-class Scheduler:
-    """Base class: holds the training schedule and the current list of sampled timesteps.
+class SchedulerBase:
+    """What every scheduler shares: `config` (exactly the constructor's keyword arguments), `from_config`,
+    `save_config`, `len()` (the number of training timesteps) and `repr`.
+
+    Subclasses set `self.config` and `self.num_train_timesteps` in their constructor.
+    """
+
+    @classmethod
+    def from_config(cls, config, **overrides):
+        """Build from a dict or a diffusers `scheduler_config.json` (file, its folder, or a model repo folder).
+
+        Keys starting with "_" (diffusers bookkeeping) are dropped; other unknown keys are ignored
+        with one warning naming them.
+        """
+        if not isinstance(config, dict):
+            config = _read_scheduler_config(Path(config))
+        config = {**config, **overrides}
+        known = set(cls._config_keys())
+        unknown = sorted(k for k in config if k not in known and not k.startswith("_"))
+        if unknown:
+            warnings.warn(f"{cls.__name__}.from_config ignores unknown keys: {', '.join(unknown)}", stacklevel=2)
+        return cls(**{k: v for k, v in config.items() if k in known})
+
+    @classmethod
+    def _config_keys(cls):
+        import inspect
+        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+    def save_config(self, path):
+        """Write the config as a diffusers-style scheduler_config.json."""
+        path = Path(path)
+        if path.is_dir() or not path.suffix:
+            path.mkdir(parents=True, exist_ok=True)
+            path = path / "scheduler_config.json"
+        path.write_text(json.dumps({"_class_name": type(self).__name__, **self.config}, indent=2))
+
+    def __len__(self):
+        return self.num_train_timesteps
+
+    def __repr__(self):
+        settings = ", ".join(f"{k}={v!r}" for k, v in self.config.items() if k != "trained_betas")
+        return f"{type(self).__name__}({settings})"
+
+
+class Scheduler(SchedulerBase):
+    """Base class of DDPM and DDIM: holds the training schedule and the current list of sampled timesteps.
 
     Subclasses implement `step`. `timesteps` is a descending LongTensor; the previous timestep of
     `timesteps[i]` is `timesteps[i + 1]` (or the end of the chain after the last), whatever the spacing.
@@ -114,36 +158,6 @@ class Scheduler:
         self.alphas_cumprod = alphas_cumprod_from_betas(self.betas)  # (T,) float32
         self.num_inference_steps = None
         self._set_timestep_list(torch.arange(num_train_timesteps - 1, -1, -1))
-
-    # ---- configuration -------------------------------------------------------------------------
-    @classmethod
-    def from_config(cls, config, **overrides):
-        """Build from a dict or a diffusers `scheduler_config.json` (file, its folder, or a model repo folder).
-
-        Keys starting with "_" (diffusers bookkeeping) are dropped; other unknown keys are ignored
-        with one warning naming them.
-        """
-        if not isinstance(config, dict):
-            config = _read_scheduler_config(Path(config))
-        config = {**config, **overrides}
-        known = set(cls._config_keys())
-        unknown = sorted(k for k in config if k not in known and not k.startswith("_"))
-        if unknown:
-            warnings.warn(f"{cls.__name__}.from_config ignores unknown keys: {', '.join(unknown)}", stacklevel=2)
-        return cls(**{k: v for k, v in config.items() if k in known})
-
-    @classmethod
-    def _config_keys(cls):
-        import inspect
-        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-
-    def save_config(self, path):
-        """Write the config as a diffusers-style scheduler_config.json."""
-        path = Path(path)
-        if path.is_dir() or not path.suffix:
-            path.mkdir(parents=True, exist_ok=True)
-            path = path / "scheduler_config.json"
-        path.write_text(json.dumps({"_class_name": type(self).__name__, **self.config}, indent=2))
 
     # ---- timesteps -------------------------------------------------------------------------
     def set_timesteps(self, num_inference_steps: int, device=None):
@@ -226,13 +240,6 @@ class Scheduler:
     def scale_model_input(self, sample, timestep=None):
         """Identity: DDPM/DDIM inputs need no scaling (kept for interface compatibility)."""
         return sample
-
-    def __len__(self):
-        return self.num_train_timesteps
-
-    def __repr__(self):
-        settings = ", ".join(f"{k}={v!r}" for k, v in self.config.items() if k != "trained_betas")
-        return f"{type(self).__name__}({settings})"
 
 
 def _read_scheduler_config(path: Path) -> dict:

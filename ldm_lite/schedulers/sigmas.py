@@ -1,0 +1,254 @@
+"""Noise levels for the samplers that step in sigma (Euler, Euler ancestral, Heun, DPM-Solver, UniPC), and their
+shared base class.
+
+Notation (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models",
+arXiv:2206.00364, sec. 2 and Table 1): with ab = alphas_cumprod, sigma_t = sqrt((1 - ab_t) / ab_t) and
+x_sigma = x_t / sqrt(ab_t) = x0 + sigma_t n. A DDPM-trained network expects x_t = x_sigma / sqrt(sigma^2 + 1),
+which is what `scale_model_input` hands it.
+
+Functions (stable names, imported by other schedulers):
+  sigmas_from_alphas_cumprod(alphas_cumprod) -> (T,) float32 tensor, ascending in t
+  spaced_timesteps(N, T, spacing, steps_offset) -> (N,) float32 array, descending (fractional for linspace)
+  timestep_to_sigma(timesteps, train_sigmas, interpolation_type) -> (N,) float64 array
+  sigma_to_timestep(sigmas, train_sigmas) -> (N,) float64 array, fractional timesteps
+  karras_sigmas(sigma_min, sigma_max, N, rho) -> (N,) float64 array, descending (Karras et al. eq. 5)
+  exponential_sigmas(sigma_min, sigma_max, N) -> (N,) float64 array, descending, uniform in log sigma
+  respaced_sigmas(timesteps, train_sigmas, ...) -> (timesteps, sigmas) for a sigma kind (plain, karras, exp.)
+  denoised(model_output, sample, sigma, prediction_type) -> x0 estimate in the sigma variable
+
+Numbers follow diffusers' arithmetic (float32 schedule, float64 numpy interpolation, one cast to float32 at the
+end), so a model driven by these samplers takes the same trajectory as with diffusers.
+"""
+import warnings
+
+import numpy as np
+import torch
+
+from ..schedules import TIMESTEP_SPACINGS, alphas_cumprod_from_betas, make_betas, make_timesteps, \
+    rescale_zero_terminal_snr
+from .base import SchedulerBase, _check_choice
+
+INTERPOLATION_TYPES = ("linear", "log_linear")
+FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
+# diffusers clamps the zero-SNR alpha_bar to 2^-24 in its sigma schedulers: sigma_max = 4096 instead of infinity
+ZERO_SNR_ALPHA_BAR = 2.0 ** -24
+
+
+# ---- noise levels --------------------------------------------------------------------------------------------
+def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """sigma_t = sqrt((1 - ab_t) / ab_t) for alphas_cumprod (T,); returns (T,) in its dtype, ascending in t."""
+    return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+
+
+def spaced_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000, timestep_spacing: str = "linspace",
+                     steps_offset: int = 0) -> np.ndarray:
+    """The N sampled timesteps (N,) float32, descending, as the sigma samplers space them.
+
+    `leading` and `trailing` as `ldm_lite.schedules.make_timesteps` (integers); `linspace` keeps the fractional
+    values of linspace(0, T - 1, N) unrounded (the sigma at a fractional t is interpolated).
+    """
+    if timestep_spacing != "linspace":
+        return make_timesteps(num_inference_steps, num_train_timesteps, timestep_spacing, steps_offset).numpy() \
+            .astype(np.float32)
+    T, N = num_train_timesteps, num_inference_steps
+    if not isinstance(N, int) or not 1 <= N <= T:
+        raise ValueError(f"num_inference_steps must be an integer in [1, num_train_timesteps={T}], got {N!r}")
+    return np.linspace(0, T - 1, N, dtype=np.float32)[::-1].copy()
+
+
+def timestep_to_sigma(timesteps, train_sigmas, interpolation_type: str = "linear") -> np.ndarray:
+    """sigma at possibly fractional timesteps (N,), float64.
+
+    train_sigmas: (T,) sigma of each training timestep (`sigmas_from_alphas_cumprod`). `linear` interpolates
+    sigma between neighbouring integer timesteps; `log_linear` interpolates log sigma (the two agree on integers).
+    """
+    _check_choice("interpolation_type", interpolation_type, INTERPOLATION_TYPES)
+    train_sigmas = np.asarray(train_sigmas)
+    grid = np.arange(len(train_sigmas))
+    if interpolation_type == "linear":
+        return np.interp(np.asarray(timesteps), grid, train_sigmas)
+    return np.exp(np.interp(np.asarray(timesteps), grid, np.log(train_sigmas.astype(np.float64))))
+
+
+def sigma_to_timestep(sigmas, train_sigmas) -> np.ndarray:
+    """Fractional timesteps (N,) float64 whose log sigma interpolates linearly between training timesteps.
+
+    The inverse of `timestep_to_sigma(..., "log_linear")` (k-diffusion's DiscreteSchedule.sigma_to_t, as in
+    diffusers). sigmas below train_sigmas[0] map to 0, above train_sigmas[-1] to T - 1.
+    train_sigmas: (T,) ascending; its logs are taken in its own dtype (float32 in the schedulers).
+    """
+    log_train = np.log(np.asarray(train_sigmas))  # (T,)
+    log_sigmas = np.log(np.maximum(np.asarray(sigmas, dtype=np.float64), 1e-10))  # (N,)
+    # index of the last training sigma at or below each sigma, kept inside [0, T - 2]
+    below = (log_train[None, :] <= log_sigmas[:, None]).sum(axis=1) - 1
+    low_idx = np.clip(below, 0, len(log_train) - 2)
+    low, high = log_train[low_idx], log_train[low_idx + 1]
+    weight = np.clip((low - log_sigmas) / (low - high), 0, 1)
+    return (1 - weight) * low_idx + weight * (low_idx + 1)
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, num_inference_steps: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. 2022 (arXiv:2206.00364) eq. 5: (N,) float64 from sigma_max down to sigma_min,
+    sigma_i = (sigma_max^(1/rho) + i / (N - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, rho = 7."""
+    ramp = np.linspace(0, 1, num_inference_steps)
+    max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def exponential_sigmas(sigma_min: float, sigma_max: float, num_inference_steps: int) -> np.ndarray:
+    """(N,) float64 from sigma_max down to sigma_min, uniformly spaced in log sigma."""
+    return np.exp(np.linspace(np.log(sigma_max), np.log(sigma_min), num_inference_steps))
+
+
+def respaced_sigmas(timesteps, train_sigmas, use_karras_sigmas: bool = False, use_exponential_sigmas: bool = False,
+                    interpolation_type: str = "linear", sigma_min=None, sigma_max=None):
+    """(timesteps (N,) float64, sigmas (N,) float64) of the Euler / Heun family.
+
+    Plain: sigma interpolated at the spaced timesteps. Karras / exponential: N new sigmas between sigma_min and
+    sigma_max (default: the sigmas at the last and first spaced timestep, as diffusers), whose timesteps become
+    the fractional `sigma_to_timestep` values.
+    """
+    sigmas = timestep_to_sigma(timesteps, train_sigmas, interpolation_type)
+    if not (use_karras_sigmas or use_exponential_sigmas):
+        return np.asarray(timesteps, dtype=np.float64), sigmas
+    low = sigma_min if sigma_min is not None else sigmas[-1].item()
+    high = sigma_max if sigma_max is not None else sigmas[0].item()
+    make = karras_sigmas if use_karras_sigmas else exponential_sigmas
+    sigmas = make(low, high, len(sigmas))
+    return sigma_to_timestep(sigmas, train_sigmas), sigmas
+
+
+def final_sigma(train_sigmas, final_sigmas_type: str = "zero") -> float:
+    """The noise level after the last step: 0 ("zero", a clean sample) or sigma at t = 0 ("sigma_min")."""
+    _check_choice("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS_TYPES)
+    return 0.0 if final_sigmas_type == "zero" else float(train_sigmas[0])
+
+
+def denoised(model_output, sample, sigma, prediction_type: str):
+    """x0 estimate (B, C, H, W) from the output of a DDPM-trained network at x_sigma = `sample` (B, C, H, W).
+
+    sigma: 0-d float32 tensor. In VP terms sqrt(ab) = 1 / sqrt(sigma^2 + 1) and sqrt(1 - ab) = sigma sqrt(ab):
+    epsilon: x0 = x - sigma eps; v_prediction (Salimans & Ho 2022, arXiv:2202.00512):
+    x0 = x / (sigma^2 + 1) - sigma / sqrt(sigma^2 + 1) v; sample: x0 = output.
+    """
+    if prediction_type == "epsilon":
+        return sample - sigma * model_output
+    if prediction_type == "v_prediction":
+        return model_output * (-sigma / (sigma ** 2 + 1) ** 0.5) + (sample / (sigma ** 2 + 1))
+    return model_output
+
+
+# ---- shared base ---------------------------------------------------------------------------------------------
+class SigmaScheduler(SchedulerBase):
+    """Base of the samplers that step in sigma: training schedule, the (timesteps, sigmas) table of the current
+    trajectory, a step counter, input scaling and the forward process.
+
+    After `set_timesteps`: `timesteps` (M,) and `sigmas` (M + 1,) float32; sigmas[i] is the noise level at
+    timesteps[i], sigmas[M] the level after the last step. As in diffusers, a counter walks the table (Heun lists
+    each timestep twice): it starts at the first `step` or `scale_model_input` call, from the timestep given, and
+    `set_timesteps` resets it and every other piece of trajectory state.
+    """
+
+    order = 1  # model calls per listed timestep
+
+    def _init_schedule(self, config: dict, prediction_types=("epsilon", "v_prediction", "sample")):
+        """Validate the shared keywords of `config` (the constructor's arguments) and build the schedule."""
+        self.config = config
+        _check_choice("prediction_type", config["prediction_type"], prediction_types)
+        _check_choice("timestep_spacing", config["timestep_spacing"], TIMESTEP_SPACINGS)
+        if config.get("use_beta_sigmas"):
+            raise ValueError("use_beta_sigmas is not supported (it needs scipy's beta quantiles); use "
+                             "use_karras_sigmas or use_exponential_sigmas")
+        if config.get("use_karras_sigmas") and config.get("use_exponential_sigmas"):
+            raise ValueError("use at most one of use_karras_sigmas and use_exponential_sigmas")
+        zero_snr = config.get("rescale_betas_zero_snr", False)
+        if zero_snr and config["prediction_type"] == "epsilon":
+            warnings.warn("rescale_betas_zero_snr with prediction_type='epsilon': at SNR 0 the model cannot predict "
+                          "the noise; use 'v_prediction'", stacklevel=3)
+        self.num_train_timesteps = T = config["num_train_timesteps"]
+        self.prediction_type = config["prediction_type"]
+        betas = make_betas(config["beta_schedule"], T, config["beta_start"], config["beta_end"],
+                           config["trained_betas"])
+        if len(betas) != T:
+            raise ValueError(f"trained_betas has {len(betas)} values, num_train_timesteps is {T}")
+        self.betas = rescale_zero_terminal_snr(betas) if zero_snr else betas
+        self.alphas_cumprod = alphas_cumprod_from_betas(self.betas)  # (T,) float32
+        if zero_snr:
+            self.alphas_cumprod[-1] = ZERO_SNR_ALPHA_BAR
+        self.train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)  # (T,) float32, ascending
+        self.num_inference_steps = None
+        # before set_timesteps: every training timestep, then a clean sample
+        self._set_table(np.arange(T - 1, -1, -1, dtype=np.float32), np.append(self.train_sigmas.numpy()[::-1], 0.0))
+
+    def _set_table(self, timesteps, sigmas, device=None, timestep_dtype=torch.float32):
+        """Install timesteps (M,) and sigmas (M + 1,) (cast once to float32) and reset the trajectory state."""
+        self.timesteps = torch.from_numpy(np.asarray(timesteps)).to(device=device, dtype=timestep_dtype)
+        self.sigmas = torch.from_numpy(np.asarray(sigmas).astype(np.float32))  # on the CPU, read as scalars
+        self._step_index = None
+        self._reset_state()
+
+    def _reset_state(self):
+        """Subclasses drop their multistep / second-order state here."""
+
+    def _spaced_timesteps(self, num_inference_steps: int) -> np.ndarray:
+        config = self.config
+        return spaced_timesteps(num_inference_steps, self.num_train_timesteps, config["timestep_spacing"],
+                                config["steps_offset"])
+
+    @property
+    def init_noise_sigma(self) -> float:
+        """Scale of x_T = init_noise_sigma * randn: sigma_max, or sqrt(sigma_max^2 + 1) for `leading` spacing
+        (diffusers' convention: the model input x_T / sqrt(sigma^2 + 1) is then exactly unit Gaussian)."""
+        sigma_max = self.sigmas.max()
+        if self.config["timestep_spacing"] in ("linspace", "trailing"):
+            return float(sigma_max)
+        return float((sigma_max ** 2 + 1) ** 0.5)
+
+    @property
+    def step_index(self):
+        """Position of the next step in `timesteps` (None before the first call of a trajectory)."""
+        return self._step_index
+
+    def index_for_timestep(self, timestep) -> int:
+        """Position of `timestep` in `timesteps`; of a repeated one, its second place (diffusers' rule: starting
+        mid-schedule then skips no sigma)."""
+        matches = (self.timesteps.cpu() == self._as_timestep(timestep)).nonzero().flatten().tolist()
+        if not matches:
+            raise ValueError(f"timestep {float(timestep)} is not in the current list of timesteps "
+                             f"({self.timesteps[:3].tolist()} ... {self.timesteps[-3:].tolist()}); call "
+                             "set_timesteps() first and pass one of scheduler.timesteps")
+        return matches[1] if len(matches) > 1 else matches[0]
+
+    def _as_timestep(self, timestep) -> torch.Tensor:
+        """`timestep` as a 0-d CPU tensor of the timesteps' dtype, for exact comparison with the list."""
+        return torch.as_tensor(timestep).cpu().to(self.timesteps.dtype)
+
+    def _current_index(self, timestep) -> int:
+        """The step counter, started from `timestep` on the first call; checks `timestep` is the one it expects."""
+        if self._step_index is None:
+            self._step_index = self.index_for_timestep(timestep)
+        index = self._step_index
+        if index >= len(self.timesteps):
+            raise ValueError("this trajectory has already taken every step: call set_timesteps() before the next")
+        if self.timesteps[index].cpu() != self._as_timestep(timestep):
+            raise ValueError(f"expected timestep {float(self.timesteps[index])} (step {index}), got {float(timestep)}:"
+                             " step once per entry of scheduler.timesteps, and call set_timesteps() before each "
+                             "trajectory")
+        return index
+
+    def scale_model_input(self, sample, timestep):
+        """The network input for x_sigma = `sample` (B, C, H, W): x_sigma / sqrt(sigma^2 + 1) = x_t."""
+        sigma = self.sigmas[self._current_index(timestep)]
+        return sample / ((sigma ** 2 + 1) ** 0.5)
+
+    def add_noise(self, original_samples, noise, timesteps):
+        """x_sigma = x0 + sigma noise (B, ...) for timesteps (B,) taken from `timesteps` (the k-diffusion
+        variable; divide by sqrt(sigma^2 + 1) for the DDPM x_t)."""
+        sigma = self._sigmas_at(timesteps, original_samples)
+        return original_samples + noise * sigma
+
+    def _sigmas_at(self, timesteps, like):
+        """sigmas (B, 1, ...) for listed timesteps (B,), broadcastable against `like`."""
+        indices = [self.index_for_timestep(t) for t in torch.as_tensor(timesteps).reshape(-1)]
+        sigma = self.sigmas.to(device=like.device, dtype=like.dtype)[indices]
+        return sigma.view((-1,) + (1,) * (like.ndim - 1))
