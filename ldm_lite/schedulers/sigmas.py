@@ -63,11 +63,11 @@ def timestep_to_sigma(timesteps, train_sigmas, interpolation_type: str = "linear
     sigma between neighbouring integer timesteps; `log_linear` interpolates log sigma (the two agree on integers).
     """
     _check_choice("interpolation_type", interpolation_type, INTERPOLATION_TYPES)
-    train_sigmas = np.asarray(train_sigmas)
+    train_sigmas, timesteps = _numpy(train_sigmas), _numpy(timesteps)
     grid = np.arange(len(train_sigmas))
     if interpolation_type == "linear":
-        return np.interp(np.asarray(timesteps), grid, train_sigmas)
-    return np.exp(np.interp(np.asarray(timesteps), grid, np.log(train_sigmas.astype(np.float64))))
+        return np.interp(timesteps, grid, train_sigmas)
+    return np.exp(np.interp(timesteps, grid, np.log(train_sigmas.astype(np.float64))))
 
 
 def sigma_to_timestep(sigmas, train_sigmas) -> np.ndarray:
@@ -77,14 +77,20 @@ def sigma_to_timestep(sigmas, train_sigmas) -> np.ndarray:
     diffusers). sigmas below train_sigmas[0] map to 0, above train_sigmas[-1] to T - 1.
     train_sigmas: (T,) ascending; its logs are taken in its own dtype (float32 in the schedulers).
     """
-    log_train = np.log(np.asarray(train_sigmas))  # (T,)
-    log_sigmas = np.log(np.maximum(np.asarray(sigmas, dtype=np.float64), 1e-10))  # (N,)
-    # index of the last training sigma at or below each sigma, kept inside [0, T - 2]
-    below = (log_train[None, :] <= log_sigmas[:, None]).sum(axis=1) - 1
-    low_idx = np.clip(below, 0, len(log_train) - 2)
+    log_train = np.log(_numpy(train_sigmas))  # (T,)
+    log_sigmas = np.log(np.maximum(_numpy(sigmas).astype(np.float64), 1e-10))  # (N,)
+    # the last training timestep whose sigma is at or below each sigma (0 if none), kept inside [0, T - 2]; "last",
+    # not "count - 1": the zero-SNR table is not monotonic at its end (sigma(999) = 4096 < sigma(998))
+    at_or_below = log_train[None, :] <= log_sigmas[:, None]  # (N, T)
+    last = np.where(at_or_below.any(axis=1), len(log_train) - 1 - at_or_below[:, ::-1].argmax(axis=1), 0)
+    low_idx = np.clip(last, 0, len(log_train) - 2)
     low, high = log_train[low_idx], log_train[low_idx + 1]
     weight = np.clip((low - log_sigmas) / (low - high), 0, 1)
     return (1 - weight) * low_idx + weight * (low_idx + 1)
+
+
+def _numpy(values) -> np.ndarray:
+    return values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, num_inference_steps: int, rho: float = 7.0) -> np.ndarray:
@@ -197,12 +203,17 @@ class SigmaScheduler(SchedulerBase):
 
     @property
     def init_noise_sigma(self) -> float:
-        """Scale of x_T = init_noise_sigma * randn: sigma_max, or sqrt(sigma_max^2 + 1) for `leading` spacing
-        (diffusers' convention: the model input x_T / sqrt(sigma^2 + 1) is then exactly unit Gaussian)."""
-        sigma_max = self.sigmas.max()
+        """Scale of x_T = init_noise_sigma * randn: the first noise level sigmas[0], or sqrt(sigmas[0]^2 + 1) for
+        `leading` spacing (diffusers' convention: the model input x_T / sqrt(sigma^2 + 1) is then unit Gaussian).
+
+        diffusers takes max(sigmas) instead, the same value except with rescale_betas_zero_snr, whose clamped table
+        is not monotonic (sigma(999) = 4096 < sigma(996..998)): with 996-998 among the timesteps it would start
+        from a noise level above that of the first step.
+        """
+        sigma_start = self.sigmas[0]
         if self.config["timestep_spacing"] in ("linspace", "trailing"):
-            return float(sigma_max)
-        return float((sigma_max ** 2 + 1) ** 0.5)
+            return float(sigma_start)
+        return float((sigma_start ** 2 + 1) ** 0.5)
 
     @property
     def step_index(self):
@@ -211,7 +222,9 @@ class SigmaScheduler(SchedulerBase):
 
     def index_for_timestep(self, timestep) -> int:
         """Position of `timestep` in `timesteps`; of a repeated one, its second place (diffusers' rule: starting
-        mid-schedule then skips no sigma)."""
+        mid-schedule then skips no sigma). A trajectory that starts at timesteps[0] starts at index 0, even where
+        rounding repeats the first timestep (DPM-Solver with Karras sigmas and zero SNR), where diffusers would
+        skip the first step and fail on the last."""
         matches = (self.timesteps.cpu() == self._as_timestep(timestep)).nonzero().flatten().tolist()
         if not matches:
             raise ValueError(f"timestep {float(timestep)} is not in the current list of timesteps "
@@ -225,8 +238,9 @@ class SigmaScheduler(SchedulerBase):
 
     def _current_index(self, timestep) -> int:
         """The step counter, started from `timestep` on the first call; checks `timestep` is the one it expects."""
-        if self._step_index is None:
-            self._step_index = self.index_for_timestep(timestep)
+        if self._step_index is None:  # the first call of a trajectory
+            at_start = self.timesteps[0].cpu() == self._as_timestep(timestep)
+            self._step_index = 0 if at_start else self.index_for_timestep(timestep)
         index = self._step_index
         if index >= len(self.timesteps):
             raise ValueError("this trajectory has already taken every step: call set_timesteps() before the next")
