@@ -1,0 +1,175 @@
+"""PNDM / PLMS sampler: Liu, Ren, Lin & Zhao 2022, "Pseudo Numerical Methods for Diffusion Models on Manifolds"
+(arXiv:2202.09778).
+
+Every update is the paper's transfer part phi (eq. 9), the DDIM step written with alpha_bar only:
+    x_end = sqrt(ab_end / ab_start) x - (ab_end - ab_start) e / (ab_start sqrt(1 - ab_end)
+            + sqrt(ab_start (1 - ab_start) ab_end)),
+fed with a combination e of recent noise predictions: pseudo Runge-Kutta (eq. 12, four model calls per step) for
+the first three steps, then pseudo linear multistep (eq. 13, Adams-Bashforth, one call per step). With
+`skip_prk_steps` (Stable Diffusion's setting) the warm-up is a pseudo improved Euler step and lower-order
+Adams-Bashforth instead.
+"""
+import torch
+
+from ..schedules import BETA_SCHEDULES, TIMESTEP_SPACINGS, alphas_cumprod_from_betas, make_betas, make_timesteps
+from .base import SchedulerBase, SchedulerOutput, _check_choice
+
+RUNGE_KUTTA_STEPS = 3  # steps taken by pseudo Runge-Kutta before multistep takes over (4 past outputs)
+
+
+class PNDMScheduler(SchedulerBase):
+    """PNDM with diffusers' keyword names and defaults. prediction_type: "epsilon" or "v_prediction".
+
+    `timesteps` is the list of model calls, as in diffusers: with skip_prk_steps, t_0, t_1, t_1, t_2, ..., t_{N-1}
+    (t_1 twice: the improved-Euler warm-up calls the model at t_1 before and after correcting); without, each of
+    the first three steps calls the model at t_i, m_i, m_i, t_{i+1} with midpoint m_i = t_{i+1} + (T // N) // 2.
+    `set_alpha_to_one`: after the last step use alpha_bar = 1 (clean x0) instead of alpha_bar[0].
+
+    Differences from diffusers:
+    - Each update ends at the timestep of the next model call, read from the list. diffusers ends at
+      t - T // N, which differs from the list for `linspace` and non-integer `trailing` spacings and for odd
+      T // N in the Runge-Kutta stages, so it calls the model at a timestep the sample is not at.
+    - skip_prk_steps=False with N < 4 raises a ValueError that says why (diffusers: a numpy broadcast error).
+    Kept as in diffusers, for compatibility: v-predictions are combined first and the combination is
+    converted to noise at the start of the update (exact for epsilon models; for v models the conversion at
+    one point lowers the method's order).
+    """
+
+    order = 1  # model calls per entry of `timesteps`
+    init_noise_sigma = 1.0  # x_T = init_noise_sigma * randn (diffusers' convention)
+
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
+                 beta_schedule: str = "linear", trained_betas=None, skip_prk_steps: bool = False,
+                 set_alpha_to_one: bool = False, prediction_type: str = "epsilon",
+                 timestep_spacing: str = "leading", steps_offset: int = 0):
+        if trained_betas is None:
+            _check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
+        _check_choice("prediction_type", prediction_type, ("epsilon", "v_prediction"))
+        _check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        self.config = dict(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
+                           beta_schedule=beta_schedule, trained_betas=trained_betas, skip_prk_steps=skip_prk_steps,
+                           set_alpha_to_one=set_alpha_to_one, prediction_type=prediction_type,
+                           timestep_spacing=timestep_spacing, steps_offset=steps_offset)
+        self.num_train_timesteps = num_train_timesteps
+        self.prediction_type = prediction_type
+        self.betas = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end, trained_betas)
+        self.alphas_cumprod = alphas_cumprod_from_betas(self.betas)  # (T,) float32
+        self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
+        self.num_inference_steps = None
+        self.timesteps = None
+        self._plan = []
+
+    # ---- timesteps -------------------------------------------------------------------------
+    def set_timesteps(self, num_inference_steps: int, device=None):
+        """Plan the model calls for N steps t_0 > ... > t_{N-1} (spaced by `timestep_spacing`) and reset the state.
+
+        Each planned call is (timestep of the model call, kind, start, end): the update it makes goes from
+        timestep `start` to `end` (-1: the end of the chain).
+        """
+        T, N = self.num_train_timesteps, num_inference_steps
+        if not self.config["skip_prk_steps"] and isinstance(N, int) and N < RUNGE_KUTTA_STEPS + 1:
+            raise ValueError(f"the Runge-Kutta warm-up (skip_prk_steps=False) needs num_inference_steps >= 4, got {N}")
+        steps = make_timesteps(N, T, self.config["timestep_spacing"], self.config["steps_offset"]).tolist()
+        ends = steps[1:] + [-1]
+        if self.config["skip_prk_steps"]:
+            plan = [(steps[0], "euler", steps[0], ends[0])]
+            if N > 1:
+                plan.append((steps[1], "improved_euler", steps[0], ends[0]))
+            first_multistep = 1
+        else:
+            plan = []
+            for i in range(RUNGE_KUTTA_STEPS):
+                start, end = steps[i], ends[i]
+                midpoint = end + T // N // 2
+                plan += [(start, "rk1", start, midpoint), (midpoint, "rk2", start, midpoint),
+                         (midpoint, "rk3", start, end), (end, "rk4", start, end)]
+            first_multistep = RUNGE_KUTTA_STEPS
+        plan += [(steps[i], "multistep", steps[i], ends[i]) for i in range(first_multistep, N)]
+        self._plan = plan
+        self.num_inference_steps = N
+        self.timesteps = torch.tensor([call[0] for call in plan], dtype=torch.long, device=device)
+        self.counter = 0  # model calls so far
+        self.past_outputs = []  # model outputs at t_0, t_1, ... (newest last; four are kept)
+        self._start_sample = None  # x at the start of a Runge-Kutta or improved-Euler step
+        self._runge_kutta_sum = None
+
+    # ---- the step ------------------------------------------------------------------------------
+    def step(self, model_output, timestep, sample) -> SchedulerOutput:
+        """One planned model call's update. model_output: epsilon or v (B, C, H, W) at x = `sample` (B, C, H, W).
+
+        Returns prev_sample (B, C, H, W); pred_original_sample is None (diffusers gives none).
+        """
+        if self.timesteps is None:
+            raise ValueError("call set_timesteps() before step()")
+        if self.counter >= len(self._plan):
+            raise ValueError(f"all {len(self._plan)} planned model calls are done; call set_timesteps() to restart")
+        expected, kind, start, end = self._plan[self.counter]
+        if int(timestep) != expected:
+            raise ValueError(f"model call {self.counter} is planned at timestep {expected}, got {int(timestep)}")
+        self.counter += 1
+        if kind == "multistep":
+            self.past_outputs = self.past_outputs[-3:] + [model_output]
+            return self._output(self._transfer(sample, _adams_bashforth(self.past_outputs), start, end))
+        if kind == "euler":  # skip_prk_steps warm-up: a first-order step ...
+            self.past_outputs, self._start_sample = [model_output], sample
+            return self._output(self._transfer(sample, model_output, start, end))
+        if kind == "improved_euler":  # ... redone with the mean of both ends' outputs (Heun)
+            combined = (model_output + self.past_outputs[-1]) / 2
+            return self._output(self._transfer(self._start_sample, combined, start, end))
+        return self._output(self._runge_kutta_stage(kind, model_output, sample, start, end))
+
+    def _runge_kutta_stage(self, kind, model_output, sample, start, end):
+        """Pseudo Runge-Kutta (PNDM eq. 12): stages e1 at (x, t), e2 at the midpoint from e1, e3 at the midpoint
+        from e2, e4 at the end from e3; the step uses (e1 + 2 e2 + 2 e3 + e4) / 6, every stage starting at x."""
+        if kind == "rk1":
+            self._start_sample = sample
+            self.past_outputs.append(model_output)
+            self._runge_kutta_sum = model_output / 6
+        elif kind in ("rk2", "rk3"):
+            self._runge_kutta_sum = self._runge_kutta_sum + model_output / 3
+        else:  # rk4
+            model_output = self._runge_kutta_sum + model_output / 6
+            self._runge_kutta_sum = None
+        return self._transfer(self._start_sample, model_output, start, end)
+
+    def _transfer(self, sample, model_output, start: int, end: int):
+        """The transfer part phi (PNDM eq. 9): x at `start` (B, C, H, W) to `end` with noise estimate e.
+
+        A v-prediction is first converted to e = sqrt(ab) v + sqrt(1 - ab) x at `start`. Coefficients are float32
+        scalars computed in diffusers' operation order.
+        """
+        ab_start = self.alphas_cumprod[start]
+        ab_end = self.alphas_cumprod[end] if end >= 0 else self.final_alpha_cumprod
+        noise = model_output
+        if self.prediction_type == "v_prediction":
+            noise = ab_start ** 0.5 * model_output + (1 - ab_start) ** 0.5 * sample
+        denominator = ab_start * (1 - ab_end) ** 0.5 + (ab_start * (1 - ab_start) * ab_end) ** 0.5
+        return (ab_end / ab_start) ** 0.5 * sample - (ab_end - ab_start) * noise / denominator
+
+    @staticmethod
+    def _output(prev_sample):
+        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=None)
+
+    # ---- interface -----------------------------------------------------------------------------
+    def scale_model_input(self, sample, timestep=None):
+        """Identity: PNDM's model input needs no scaling (kept for interface compatibility)."""
+        return sample
+
+    def add_noise(self, original_samples, noise, timesteps):
+        """Forward process q(x_t | x0) (Ho et al. 2020, arXiv:2006.11239, eq. 4); x0, noise (B, ...), t (B,)."""
+        alphas_cumprod = self.alphas_cumprod.to(device=original_samples.device, dtype=original_samples.dtype)
+        ab = alphas_cumprod[torch.as_tensor(timesteps, device=original_samples.device).long()].flatten()
+        ab = ab.view((-1,) + (1,) * (original_samples.ndim - 1))
+        return ab ** 0.5 * original_samples + (1 - ab) ** 0.5 * noise
+
+
+def _adams_bashforth(outputs: list):
+    """PNDM eq. 13: the Adams-Bashforth combination of the last 1-4 outputs (oldest first), e.g. for four
+    (55 e_t - 59 e_{t+1} + 37 e_{t+2} - 9 e_{t+3}) / 24; fewer outputs give the lower-order formulas."""
+    if len(outputs) == 1:
+        return outputs[-1]
+    if len(outputs) == 2:
+        return (3 * outputs[-1] - outputs[-2]) / 2
+    if len(outputs) == 3:
+        return (23 * outputs[-1] - 16 * outputs[-2] + 5 * outputs[-3]) / 12
+    return (55 * outputs[-1] - 59 * outputs[-2] + 37 * outputs[-3] - 9 * outputs[-4]) / 24

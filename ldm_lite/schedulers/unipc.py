@@ -1,0 +1,231 @@
+"""UniPC multistep sampler: Zhao, Bai, Rao, Zhou & Lu 2023, "UniPC: A Unified Predictor-Corrector Framework for
+Fast Sampling of Diffusion Models" (arXiv:2302.04867).
+
+Notation (DPM-Solver's, Lu et al. 2022, arXiv:2206.00927): x_t = alpha_t x0 + sigma_t eps with alpha_t =
+sqrt(ab_t), sigma_t = sqrt(1 - ab_t), log-SNR lambda_t = log(alpha_t / sigma_t); a step from s to t has
+h = lambda_t - lambda_s. The model output is converted to m = x0 (data prediction, `predict_x0`, UniPC's default)
+or m = eps (noise prediction). With past outputs m_k at earlier steps s_k, r_k = (lambda_{s_k} - lambda_s) / h and
+D_k = (m_k - m_0) / r_k, one update of order p is (eq. 8-9, data-prediction form; Algorithms 2-3):
+    x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) m_0 - alpha_t B(h) sum_k rho_k D_k,
+with B(h) = h ("bh1") or e^h - 1 ("bh2") taken at -h, and rho solving R rho = g, R_ik = r_k^(i-1),
+g_i = i! phi_{i+1}(-h) h / B(h). The predictor UniP uses the p - 1 past outputs (rho = 1/2 for p = 2); the
+corrector UniC adds D_p = m(x_t) - m_0 (r_p = 1) once the model has been called at the predicted x_t, and the
+corrected x_t is what the next step starts from. The noise-prediction form swaps alpha and sigma and h for -h.
+"""
+import numpy as np
+import torch
+
+from ..schedules import make_timesteps
+from .base import SchedulerOutput, _check_choice, threshold_sample
+from .sigmas import (FINAL_SIGMAS_TYPES, SigmaScheduler, final_sigma, karras_sigmas, sigma_to_timestep,
+                     timestep_to_sigma)
+
+SOLVER_TYPES = ("bh1", "bh2")
+LEGACY_SOLVER_TYPES = ("midpoint", "heun", "logrho")  # DPM-Solver names diffusers maps to "bh2"
+# keywords taken only at diffusers' defaults: flow matching, beta / exponential sigmas, an external predictor
+ONLY_AT_DEFAULT = dict(solver_p=None, use_exponential_sigmas=False, use_beta_sigmas=False, use_flow_sigmas=False,
+                       flow_shift=1.0, use_dynamic_shifting=False, time_shift_type="exponential", shift_terminal=None)
+
+
+class UniPCMultistepScheduler(SigmaScheduler):
+    """UniPC with diffusers' keywords and defaults; the sample is x_t (DDPM units, init_noise_sigma = 1).
+
+    solver_order p (2 for guided sampling, 3 unconditional); lower_order_final: the last steps use order
+    min(p, steps left); disable_corrector: step indices whose result is not corrected; use_karras_sigmas: N
+    Karras sigmas (Karras et al. 2022, arXiv:2206.00364, eq. 5) between sigma(0) and sigma(T-1), with rounded
+    timesteps; final_sigmas_type: end at sigma 0 or sigma(0). Timestep spacing: `linspace` and `leading` space
+    N + 1 points and drop the last (0), `trailing` as DDIM. With rescale_betas_zero_snr the last alpha_bar is
+    2^-24 (diffusers' clamp, so sigma stays finite).
+
+    Differences from diffusers, where its formulas break down:
+    - A step to sigma = 0 (h = inf) returns the x0 estimate, the first-order update's limit (higher orders
+      diverge there: D_k grows like h). diffusers evaluates the formulas at h = inf: inf or NaN with
+      solver_type="bh1", predict_x0=False or lower_order_final=False (a singular solve for p = 3).
+    - A step to the same sigma (h = 0: Karras sigmas with final_sigmas_type="sigma_min" end on sigma_min twice)
+      returns the sample, the update's limit; diffusers divides by h and gets NaN above first order.
+    - When rounding repeats the first timestep (Karras sigmas on the cosine or zero-SNR schedules), the trajectory
+      starts at index 0 (the shared SigmaScheduler rule); diffusers starts at the second place, skips the
+      first sigma and fails on the last call.
+    """
+
+    init_noise_sigma = 1.0  # the sample is x_t, not x_sigma
+
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
+                 beta_schedule: str = "linear", trained_betas=None, solver_order: int = 2,
+                 prediction_type: str = "epsilon", thresholding: bool = False,
+                 dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0, predict_x0: bool = True,
+                 solver_type: str = "bh2", lower_order_final: bool = True, disable_corrector=(), solver_p=None,
+                 use_karras_sigmas: bool = False, use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False,
+                 use_flow_sigmas: bool = False, flow_shift: float = 1.0, timestep_spacing: str = "linspace",
+                 steps_offset: int = 0, final_sigmas_type: str = "zero", rescale_betas_zero_snr: bool = False,
+                 use_dynamic_shifting: bool = False, time_shift_type: str = "exponential", sigma_min=None,
+                 sigma_max=None, shift_terminal=None):
+        config = {key: value for key, value in locals().items() if key not in ("self", "__class__")}
+        for key, default in ONLY_AT_DEFAULT.items():
+            if config[key] != default:
+                raise ValueError(f"{key}={config[key]!r} is not supported by ldm_lite's UniPC (only {default!r})")
+        if solver_type in LEGACY_SOLVER_TYPES:
+            config["solver_type"] = solver_type = "bh2"  # as diffusers: a DPM-Solver config loads as bh2
+        _check_choice("solver_type", solver_type, SOLVER_TYPES)
+        _check_choice("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS_TYPES)
+        if not isinstance(solver_order, int) or solver_order < 1:
+            raise ValueError(f"solver_order must be an integer >= 1, got {solver_order!r}")
+        config["disable_corrector"] = list(disable_corrector)
+        self._init_schedule(config)
+
+    # ---- timesteps -------------------------------------------------------------------------
+    def set_timesteps(self, num_inference_steps: int, device=None):
+        """Timesteps (N,) int64 and sigmas (N + 1,) float32 (the last: 0 or sigma(0)); resets the multistep state."""
+        config, T, N = self.config, self.num_train_timesteps, num_inference_steps
+        spacing, offset = config["timestep_spacing"], config["steps_offset"]
+        if spacing == "trailing":
+            timesteps = make_timesteps(N, T, spacing, offset).numpy()
+        else:  # N + 1 rounded points from T - 1 down to 0 (plus offset), the last one dropped
+            if not isinstance(N, int) or not 1 <= N < T:
+                raise ValueError(f"num_inference_steps must be an integer in [1, {T - 1}] ({spacing} spacing "
+                                 f"places N + 1 points), got {N!r}")
+            timesteps = make_timesteps(N + 1, T, spacing, offset).numpy()[:-1]
+        if config["use_karras_sigmas"]:
+            low = config["sigma_min"] if config["sigma_min"] is not None else self.train_sigmas[0].item()
+            high = config["sigma_max"] if config["sigma_max"] is not None else self.train_sigmas[-1].item()
+            sigmas = karras_sigmas(low, high, N)
+            timesteps = np.round(sigma_to_timestep(sigmas, self.train_sigmas.numpy()))
+            last = sigmas[-1] if config["final_sigmas_type"] == "sigma_min" else 0.0
+        else:
+            sigmas = timestep_to_sigma(timesteps, self.train_sigmas.numpy())
+            last = final_sigma(self.train_sigmas, config["final_sigmas_type"])
+        self.num_inference_steps = len(timesteps)
+        self._set_table(timesteps, np.append(sigmas, last), device, timestep_dtype=torch.int64)
+        # alpha_t, sigma_t and lambda_t of every entry (N + 1,) float32, as diffusers derives them from sigma
+        self._alpha = 1 / (self.sigmas ** 2 + 1) ** 0.5
+        self._sigma = self.sigmas * self._alpha
+        self._lambda = torch.log(self._alpha) - torch.log(self._sigma)  # +inf at a final sigma of 0
+
+    def _reset_state(self):
+        self.model_outputs = []  # converted outputs of the last solver_order steps, newest last
+        self.last_sample = None  # the sample the last predictor started from (the corrector redoes that step)
+        self.lower_order_nums = 0
+        self._this_order = None
+
+    def scale_model_input(self, sample, timestep=None):
+        """Identity: UniPC's sample is already the network input x_t."""
+        return sample
+
+    def add_noise(self, original_samples, noise, timesteps):
+        """x_t = alpha x0 + sigma noise (B, ...) at the noise level of each listed timestep (B,) (diffusers'
+        convention: with Karras sigmas the level of the step, not of the training timestep)."""
+        sigma = self._sigmas_at(timesteps, original_samples)
+        alpha = 1 / (sigma ** 2 + 1) ** 0.5
+        return alpha * original_samples + (sigma * alpha) * noise
+
+    # ---- the step ------------------------------------------------------------------------------
+    def step(self, model_output, timestep, sample) -> SchedulerOutput:
+        """Correct the previous step with this model output, then predict the next sample (UniPC, Algorithm 3).
+
+        model_output: epsilon / v / x0 prediction (B, C, H, W) at x_t = `sample` (B, C, H, W), t = `timestep`.
+        Returns prev_sample (B, C, H, W); pred_original_sample is None (diffusers gives none).
+        """
+        if self.num_inference_steps is None:
+            raise ValueError("call set_timesteps() before step()")
+        index = self._current_index(timestep)
+        converted = self._convert_model_output(model_output, sample, index)
+        if index > 0 and self.last_sample is not None and index - 1 not in self.config["disable_corrector"]:
+            # UniC: redo step index-1 -> index with the new output; it costs no extra model call
+            sample = self._update(self.last_sample, index - 1, self._this_order, converted)
+        self.model_outputs = (self.model_outputs + [converted])[-self.config["solver_order"]:]
+        order = self.config["solver_order"]
+        if self.config["lower_order_final"]:
+            order = min(order, len(self.timesteps) - index)
+        self._this_order = min(order, self.lower_order_nums + 1)  # warm-up: as many past outputs as there are
+        self.last_sample = sample
+        if self.sigmas[index + 1] == 0:
+            prev_sample = self._x0_estimate(converted, sample, index)
+        elif self.sigmas[index + 1] == self.sigmas[index]:  # Karras sigmas ending on sigma_min twice: h = 0
+            prev_sample = sample
+        else:
+            prev_sample = self._update(sample, index, self._this_order)  # UniP
+        self.lower_order_nums = min(self.lower_order_nums + 1, self.config["solver_order"])
+        self._step_index = index + 1
+        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=None)
+
+    def _convert_model_output(self, model_output, sample, index: int):
+        """The network output at step `index` as x0 (predict_x0, then thresholded if asked) or as eps."""
+        alpha, sigma = self._alpha[index], self._sigma[index]
+        prediction = self.prediction_type
+        if self.config["predict_x0"]:
+            if prediction == "epsilon":
+                x0 = (sample - sigma * model_output) / alpha
+            elif prediction == "sample":
+                x0 = model_output
+            else:  # v_prediction
+                x0 = alpha * sample - sigma * model_output
+            if self.config["thresholding"]:
+                x0 = threshold_sample(x0, self.config["dynamic_thresholding_ratio"], self.config["sample_max_value"])
+            return x0
+        if prediction == "epsilon":
+            return model_output
+        if prediction == "sample":
+            return (sample - alpha * model_output) / sigma
+        return alpha * model_output + sigma * sample
+
+    def _x0_estimate(self, converted, sample, index: int):
+        """x0 from the converted output at step `index`: the update's limit for a step to sigma = 0."""
+        if self.config["predict_x0"]:
+            return converted
+        return (sample - self._sigma[index] * converted) / self._alpha[index]
+
+    def _update(self, sample, source: int, order: int, new_output=None):
+        """One UniPC update of `order` from entry `source` to `source + 1` (eq. 8-9, module docstring).
+
+        sample: x at `source`. The outputs m_0, m_1, ... are model_outputs[-1], [-2], ... (at source, source - 1,
+        ...). new_output None: the predictor UniP, with order - 1 past differences. new_output (B, C, H, W): the
+        corrector UniC, whose last difference is new_output - m_0 at r = 1. Scalars are float32, computed in
+        diffusers' operation order.
+        """
+        target = source + 1
+        lambdas, predict_x0 = self._lambda, self.config["predict_x0"]
+        h = lambdas[target] - lambdas[source]
+        m0 = self.model_outputs[-1]
+        ratios, differences = [], []
+        for k in range(1, order):
+            ratio = (lambdas[source - k] - lambdas[source]) / h  # r_k
+            ratios.append(ratio)
+            differences.append((self.model_outputs[-1 - k] - m0) / ratio)  # D_k
+        ratios.append(torch.ones(()))
+        hh = -h if predict_x0 else h
+        h_phi_1 = torch.expm1(hh)  # e^hh - 1
+        b_h = hh if self.config["solver_type"] == "bh1" else torch.expm1(hh)  # B(h)
+        rhos = self._rhos(torch.stack(ratios), hh, h_phi_1, b_h, order, corrector=new_output is not None)
+        if predict_x0:
+            scale, factor = self._alpha[target], self._sigma[target] / self._sigma[source]
+        else:
+            scale, factor = self._sigma[target], self._alpha[target] / self._alpha[source]
+        first_order = factor * sample - scale * h_phi_1 * m0
+        residual = None
+        if differences:
+            stacked = torch.stack(differences, dim=1)  # (B, order - 1, C, H, W)
+            residual = torch.einsum("k,bk...->b...", rhos[:len(differences)].to(sample.dtype), stacked)
+        if new_output is not None:
+            last = rhos[-1].to(sample.dtype) * (new_output - m0)  # rho_p D_p with r_p = 1
+            residual = last if residual is None else residual + last
+        return first_order if residual is None else first_order - scale * b_h * residual
+
+    @staticmethod
+    def _rhos(ratios, hh, h_phi_1, b_h, order: int, corrector: bool):
+        """rho (order,) float32: the solution of R rho = g (eq. 9); the predictor uses the first order - 1 rows
+        and columns (rho = 1/2 at order 2, as the paper's B(h) variant), the corrector all (rho = 1/2 at order 1)."""
+        if not corrector and order <= 2:
+            return torch.full((max(order - 1, 0),), 0.5)
+        if corrector and order == 1:
+            return torch.full((1,), 0.5)
+        rows, g = [], []
+        h_phi_k, factorial = h_phi_1 / hh - 1, 1  # (e^hh - 1) / hh - 1 = hh phi_2(hh); next: hh phi_3(hh), ...
+        for i in range(1, order + 1):
+            rows.append(torch.pow(ratios, i - 1))
+            g.append(h_phi_k * factorial / b_h)
+            factorial *= i + 1
+            h_phi_k = h_phi_k / hh - 1 / factorial
+        matrix, g = torch.stack(rows), torch.stack(g)
+        if corrector:
+            return torch.linalg.solve(matrix, g)
+        return torch.linalg.solve(matrix[:-1, :-1], g[:-1])
