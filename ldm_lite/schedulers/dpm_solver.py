@@ -57,7 +57,10 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
     Differences from diffusers 0.42: with variance_type learned / learned_range the first C channels of a 2C-channel
     output are used (diffusers takes the first 3 whatever C); before set_timesteps, add_noise pairs every training
     timestep with its own sigma (diffusers pairs t with sigma(T - 1 - t)); a timestep not in the list is an error
-    (diffusers falls back to the last step). step() returns pred_original_sample=None, as diffusers does.
+    (diffusers falls back to the last step); a zero-length step (Karras or exponential sigmas with
+    final_sigmas_type="sigma_min" end on sigma(0) twice) is taken at first order and returns x unchanged, where
+    diffusers' "heun" and 3rd-order terms divide 0 by 0 (NaN). step() returns pred_original_sample=None, as
+    diffusers does.
     Refused: algorithm_type "sde-dpmsolver" (deprecated in diffusers), flow sigmas / flow_prediction, Lu lambdas,
     beta sigmas and dynamic shifting (keywords accepted at their defaults only).
     """
@@ -150,6 +153,10 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         if self.config["algorithm_type"] == "sde-dpmsolver++":
             noise = variance_noise.to(model_output.device, torch.float32) if variance_noise is not None else \
                 randn_tensor(model_output.shape, generator, model_output.device, torch.float32)
+        if self.sigmas[index + 1] == self.sigmas[index]:
+            # a zero-length step (Karras / exponential sigmas end on sigma(0), as does final_sigmas_type="sigma_min"):
+            # h = 0 makes the higher-order terms 0 / 0 (NaN in diffusers); the first-order update returns x exactly
+            order = 1
         prev_sample = self._update(index, order, sample, noise)
         self._step_index += 1
         return SchedulerOutput(prev_sample=prev_sample.to(model_output.dtype), pred_original_sample=None)

@@ -14,7 +14,10 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
 
     One model call per step (N calls for N steps); noise is drawn on every step, the last one included (where
     sigma_up = 0), so a shared generator stays in step with diffusers. x_T = init_noise_sigma * randn.
-    Unlike diffusers 0.42 (NotImplementedError), prediction_type="sample" is accepted: x0 is the output.
+    Differences from diffusers 0.42: prediction_type="sample" is accepted (x0 is the output; diffusers raises
+    NotImplementedError). Where the noise level rises between two listed timesteps (rescale_betas_zero_snr: the
+    clamped sigma(999) = 4096 lies below sigma(996..998)), sigma_up is 0 and the step is the ODE step; diffusers
+    takes the square root of a negative number and returns NaN.
     """
 
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
@@ -43,8 +46,9 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
         sample = sample.to(torch.float32)  # step in float32 whatever the model's dtype (as diffusers)
         pred_original_sample = denoised(model_output, sample, sigma, self.prediction_type)
 
-        # split the next noise level into a deterministic part (sigma_down) and fresh noise (sigma_up)
-        sigma_up = (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2) ** 0.5
+        # split the next noise level into a deterministic part (sigma_down) and fresh noise (sigma_up); clamped
+        # where the level rises (only on the non-monotonic zero-SNR table, where diffusers returns NaN)
+        sigma_up = (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2).clamp(min=0) ** 0.5
         sigma_down = (sigma_next ** 2 - sigma_up ** 2) ** 0.5
 
         # Euler step of the ODE down to sigma_down, then the ancestral noise
