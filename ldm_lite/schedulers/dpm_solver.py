@@ -62,7 +62,8 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
     diffusers' "heun" and 3rd-order terms divide 0 by 0 (NaN). step() returns pred_original_sample=None, as
     diffusers does.
     Refused: algorithm_type "sde-dpmsolver" (deprecated in diffusers), flow sigmas / flow_prediction, Lu lambdas,
-    beta sigmas and dynamic shifting (keywords accepted at their defaults only).
+    beta sigmas and dynamic shifting (keywords accepted at their defaults only); flow_shift and time_shift_type
+    act only with those and are kept in the config unused.
     """
 
     init_noise_sigma = 1.0  # the sampler works on x_t (VP), started from unit Gaussian noise
@@ -205,9 +206,10 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
     def _update(self, index: int, order: int, sample, noise):
         """x_t = a x_s + sum_k c_k D_k (+ n z): the order-k multistep formula of the chosen algorithm.
 
-        D0 = m0 (latest output); D1, D2 are divided differences of the stored outputs in lambda, scaled by h
-        (DPM-Solver++ eq. 9-10 / Alg. 2; the 3rd-order form is DPM-Solver's multistep 3rd order, Lu et al. 2022a,
-        Appendix B). Coefficients are computed as 0-d float32 tensors in diffusers' operation order.
+        D0 = m0 (latest output); D1, D2 are divided differences of the stored outputs in lambda, scaled by h.
+        The midpoint 2nd order is DPM-Solver++(2M), Alg. 2; the "heun" (Taylor) 2nd-order and the 3rd-order forms
+        and the SDE variant follow the authors' reference implementation, as diffusers does. Coefficients are 0-d
+        float32 tensors computed in diffusers' operation order, so trajectories agree to the last bits.
         """
         alpha_t, sigma_t = _vp(self.sigmas[index + 1])
         alpha_s0, sigma_s0 = _vp(self.sigmas[index])
@@ -218,7 +220,7 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         algorithm = self.config["algorithm_type"]
         heun_form = order == 3 or self.config["solver_type"] == "heun"
         if algorithm == "dpmsolver++":
-            # data prediction, ODE (DPM-Solver++ eq. 8 with phi_1 = e^{-h} - 1)
+            # data prediction, ODE: first order x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) x0 (DDIM)
             phi = torch.exp(-h) - 1.0
             sample_coefficient = sigma_t / sigma_s0
             coefficients = [-(alpha_t * phi),
@@ -232,7 +234,7 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
                             alpha_t * (decay / (-2.0 * h) + 1.0) if heun_form else 0.5 * (alpha_t * decay),
                             alpha_t * ((1.0 - torch.exp(-2.0 * h) - 2.0 * h) / (2.0 * h) ** 2 - 0.5)]
         else:
-            # noise prediction, ODE (DPM-Solver eq. 3.7 with phi_1 = e^{h} - 1)
+            # noise prediction, ODE: first order x_t = (alpha_t / alpha_s) x_s - sigma_t (e^h - 1) eps (DPM-Solver-1)
             phi = torch.exp(h) - 1.0
             sample_coefficient = alpha_t / alpha_s0
             coefficients = [-(sigma_t * phi),

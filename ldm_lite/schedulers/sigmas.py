@@ -223,8 +223,8 @@ class SigmaScheduler(SchedulerBase):
     def index_for_timestep(self, timestep) -> int:
         """Position of `timestep` in `timesteps`; of a repeated one, its second place (diffusers' rule: starting
         mid-schedule then skips no sigma). A trajectory that starts at timesteps[0] starts at index 0, even where
-        rounding repeats the first timestep (DPM-Solver with Karras sigmas and zero SNR), where diffusers would
-        skip the first step and fail on the last."""
+        rounding repeats the first timestep (DPM-Solver's rounded Karras / exponential timesteps on the cosine or
+        zero-SNR schedule), where diffusers would skip the first step and fail on the last."""
         matches = (self.timesteps.cpu() == self._as_timestep(timestep)).nonzero().flatten().tolist()
         if not matches:
             raise ValueError(f"timestep {float(timestep)} is not in the current list of timesteps "
