@@ -1,7 +1,6 @@
 """Heun's second-order sampler: Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative
 Models" (arXiv:2206.00364), Algorithm 1 (deterministic), laid out one model call per `step` as diffusers does."""
 import numpy as np
-import torch
 
 from .base import SchedulerOutput
 from .sigmas import SigmaScheduler, denoised, respaced_sigmas
