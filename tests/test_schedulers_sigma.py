@@ -407,6 +407,26 @@ def test_dpm_zero_length_final_step():
         assert torch.isfinite(x).all() and torch.equal(x, previous)
 
 
+def test_sde_dpm_solver_rising_noise_level_takes_the_ode_step():
+    """Zero SNR at 333 trailing steps goes from sigma(999) = 4096 up to sigma(996) = 5088: ours takes the ODE step
+    there (the same as dpmsolver++'s first step) and stays finite (diffusers: NaN)."""
+    results = {}
+    for algorithm in ("sde-dpmsolver++", "dpmsolver++"):
+        sched = DPMSolverMultistepScheduler(algorithm_type=algorithm, rescale_betas_zero_snr=True,
+                                            prediction_type="v_prediction", timestep_spacing="trailing")
+        sched.set_timesteps(333)
+        assert sched.sigmas[1] > sched.sigmas[0]
+        x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+        generator = torch.Generator().manual_seed(1)
+        steps = []
+        for t in sched.timesteps:
+            x = sched.step(fake_model(x, t), t, x, generator=generator).prev_sample
+            steps.append(x)
+        assert torch.isfinite(x).all()
+        results[algorithm] = steps[0]
+    assert torch.equal(results["sde-dpmsolver++"], results["dpmsolver++"])
+
+
 def test_dpm_repeated_first_timestep_runs_every_step():
     """Zero SNR + Karras sigmas: the first timesteps repeat (995, 995, ...). Ours starts at index 0 and takes all N
     steps from sigma = 4096 down to 0 (diffusers starts at index 1, documented in SigmaScheduler.index_for_timestep)."""

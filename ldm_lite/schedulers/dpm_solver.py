@@ -59,8 +59,9 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
     timestep with its own sigma (diffusers pairs t with sigma(T - 1 - t)); a timestep not in the list is an error
     (diffusers falls back to the last step); a zero-length step (Karras or exponential sigmas with
     final_sigmas_type="sigma_min" end on sigma(0) twice) is taken at first order and returns x unchanged, where
-    diffusers' "heun" and 3rd-order terms divide 0 by 0 (NaN). step() returns pred_original_sample=None, as
-    diffusers does.
+    diffusers' "heun" and 3rd-order terms divide 0 by 0 (NaN); where the noise level rises (zero-SNR table, see
+    SigmaScheduler.init_noise_sigma) sde-dpmsolver++ takes the ODE step (diffusers: NaN). step() returns
+    pred_original_sample=None, as diffusers does.
     Refused: algorithm_type "sde-dpmsolver" (deprecated in diffusers), flow sigmas / flow_prediction, Lu lambdas,
     beta sigmas and dynamic shifting (keywords accepted at their defaults only); flow_shift and time_shift_type
     act only with those and are kept in the config unused.
@@ -218,6 +219,10 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         differences = self._differences(order, lambdas, h)
 
         algorithm = self.config["algorithm_type"]
+        if algorithm == "sde-dpmsolver++" and h < 0:
+            # the noise level rises (only on the clamped zero-SNR table, sigma(999) < sigma(996..998)): no reverse
+            # SDE step goes up, and sqrt(1 - e^{-2h}) would be NaN (as in diffusers); take the ODE step instead
+            algorithm, noise = "dpmsolver++", None
         heun_form = order == 3 or self.config["solver_type"] == "heun"
         if algorithm == "dpmsolver++":
             # data prediction, ODE: first order x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) x0 (DDIM)
