@@ -127,8 +127,8 @@ def test_error_shrinks_at_the_solvers_order(name, module, cls, keywords, band):
 
 
 def test_unipc_predictor_alone_is_dpm_solver_pp_2m():
-    """UniP-2 with B(h) = e^h - 1 and rho = 1/2, without the corrector, is DPM-Solver++(2M) (Zhao et al. sec. 3.3):
-    two independent implementations give the same trajectory."""
+    """UniP-2 with B(h) = e^h - 1 and rho = 1/2, without the corrector, is algebraically DPM-Solver++(2M) (data
+    prediction, midpoint form): two independent implementations must give the same trajectory."""
     dpm = _make("dpm_solver", "DPMSolverMultistepScheduler", dict(solver_order=2))
     unipc = _make(None, UniPCMultistepScheduler, dict(solver_order=2, disable_corrector=list(range(40))))
     (_, _, ours), (_, _, theirs) = _solve(unipc, 40, 3.0), _solve(dpm, 40, 3.0)

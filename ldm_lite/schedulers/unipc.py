@@ -5,12 +5,14 @@ Notation (DPM-Solver's, Lu et al. 2022, arXiv:2206.00927): x_t = alpha_t x0 + si
 sqrt(ab_t), sigma_t = sqrt(1 - ab_t), log-SNR lambda_t = log(alpha_t / sigma_t); a step from s to t has
 h = lambda_t - lambda_s. The model output is converted to m = x0 (data prediction, `predict_x0`, UniPC's default)
 or m = eps (noise prediction). With past outputs m_k at earlier steps s_k, r_k = (lambda_{s_k} - lambda_s) / h and
-D_k = (m_k - m_0) / r_k, one update of order p is (eq. 8-9, data-prediction form; Algorithms 2-3):
-    x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) m_0 - alpha_t B(h) sum_k rho_k D_k,
-with B(h) = h ("bh1") or e^h - 1 ("bh2") taken at -h, and rho solving R rho = g, R_ik = r_k^(i-1),
-g_i = i! phi_{i+1}(-h) h / B(h). The predictor UniP uses the p - 1 past outputs (rho = 1/2 for p = 2); the
-corrector UniC adds D_p = m(x_t) - m_0 (r_p = 1) once the model has been called at the predicted x_t, and the
-corrected x_t is what the next step starts from. The noise-prediction form swaps alpha and sigma and h for -h.
+D_k = (m_k - m_0) / r_k, one update of order p is (eq. 8-9 and the algorithms of the paper; data-prediction form,
+hh = -h):
+    x_t = (sigma_t / sigma_s) x_s - alpha_t (e^hh - 1) m_0 - alpha_t B sum_k rho_k D_k,
+with B = hh ("bh1") or e^hh - 1 ("bh2") and rho solving R rho = g, R_ik = r_k^(i-1), g_i = i! hh phi_{i+1}(hh) / B
+(phi_1(z) = (e^z - 1) / z, phi_{k+1}(z) = (phi_k(z) - 1 / k!) / z). The predictor UniP uses the p - 1 past outputs
+(rho = 1/2 for p = 2); the corrector UniC adds D_p = m(x_t) - m_0 (r_p = 1) once the model has been called at the
+predicted x_t, and the corrected x_t is what the next step starts from. The noise-prediction form has hh = h and
+alpha, sigma swapped: x_t = (alpha_t / alpha_s) x_s - sigma_t (e^hh - 1) m_0 - sigma_t B sum_k rho_k D_k.
 """
 import numpy as np
 import torch
@@ -32,8 +34,9 @@ class UniPCMultistepScheduler(SigmaScheduler):
 
     solver_order p (2 for guided sampling, 3 unconditional); lower_order_final: the last steps use order
     min(p, steps left); disable_corrector: step indices whose result is not corrected; use_karras_sigmas: N
-    Karras sigmas (Karras et al. 2022, arXiv:2206.00364, eq. 5) between sigma(0) and sigma(T-1), with rounded
-    timesteps; final_sigmas_type: end at sigma 0 or sigma(0). Timestep spacing: `linspace` and `leading` space
+    Karras sigmas (Karras et al. 2022, arXiv:2206.00364, eq. 5) between sigma(0) and sigma(T-1) (or sigma_min,
+    sigma_max when given), with rounded timesteps; final_sigmas_type: end at sigma 0 or sigma(0) (with Karras
+    sigmas: at the last Karras sigma). Timestep spacing: `linspace` and `leading` space
     N + 1 points and drop the last (0), `trailing` as DDIM. With rescale_betas_zero_snr the last alpha_bar is
     2^-24 (diffusers' clamp, so sigma stays finite).
 
