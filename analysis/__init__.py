@@ -1,0 +1,1 @@
+"""`python -m analysis COMMAND`: the measurement commands; see `ldm_lite.cli.analysis`."""

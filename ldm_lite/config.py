@@ -12,16 +12,23 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-PRECISIONS = ("fp32", "bf16")
+from ldm_lite.schedulers.base import PREDICTION_TYPES
+from ldm_lite.schedules import BETA_SCHEDULES, default_steps_offset
+
+PRECISIONS = ("fp32", "bf16", "fp16")
 DATA_LABELS = ("dataset", "brightness")
 UNET_PRESETS = ("ddpm_cifar10", "small", "tiny")
 
 # Short command-line aliases for the options changed most often.
 ALIASES = {"data": "data.source", "steps": "train.steps", "out": "run.out", "batch-size": "train.batch_size",
            "seed": "train.seed", "latent-vae": "latent.vae", "max-minutes": "train.max_minutes",
-           "resume": "run.resume"}
+           "resume": "run.resume", "fresh": "run.fresh"}
+
+
+def option(default, help: str, **extra):
+    """A settings-dataclass field with its command-line help (and metavar, choices, flag, required, repeat);
+    `ldm_lite.cli.options` builds the flags from it, so defaults and help live once."""
+    return field(default=default, metadata={"help": help, **extra})
 
 
 def _check(condition: bool, name: str, message: str, value) -> None:
@@ -65,7 +72,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    """Forward process and objective, with diffusers' names. min_snr: Hang et al. 2023 loss weights."""
+    """Forward process and objective, with diffusers' names. min_snr: Hang et al. 2023 loss weights, with
+    min_snr_gamma None meaning the paper's 5 once min_snr is on."""
     num_train_timesteps: int = 1000
     beta_schedule: str = "linear"
     beta_start: float = 1e-4
@@ -73,7 +81,7 @@ class DiffusionConfig:
     rescale_betas_zero_snr: bool = False
     prediction_type: str = "epsilon"
     min_snr: bool = False
-    min_snr_gamma: float = 5.0
+    min_snr_gamma: float | None = None
 
     def __post_init__(self):
         _check(self.num_train_timesteps >= 2, "diffusion.num_train_timesteps", "must be >= 2", self.num_train_timesteps)
@@ -83,24 +91,57 @@ class DiffusionConfig:
                "must satisfy 0 < beta_start < beta_end < 1", (self.beta_start, self.beta_end))
         _check(self.prediction_type in PREDICTION_TYPES, "diffusion.prediction_type",
                f"must be one of {PREDICTION_TYPES}", self.prediction_type)
-        _check(self.min_snr_gamma > 0, "diffusion.min_snr_gamma", "must be > 0", self.min_snr_gamma)
+        _check_switched("diffusion", "min_snr", self.min_snr, "min_snr_gamma", self.min_snr_gamma, lambda v: v > 0,
+                        "must be > 0")
+
+    @property
+    def snr_gamma(self) -> float | None:
+        """The min-SNR gamma in force: None when min_snr is off, else the set value or the paper's 5."""
+        return (5.0 if self.min_snr_gamma is None else self.min_snr_gamma) if self.min_snr else None
+
+
+# The papers' values of the training-noise strengths, used when a switch is on and its strength is not set:
+# offset noise 0.1 (Guttenberg 2023), pyramid discount 0.8, input perturbation gamma 0.1 (Ning et al. 2023).
+NOISE_DEFAULTS = {"offset_noise_strength": 0.1, "pyramid_discount": 0.8, "input_perturbation_gamma": 0.1}
+NOISE_SWITCHES = {"offset_noise_strength": "offset_noise", "pyramid_discount": "pyramid_noise",
+                  "input_perturbation_gamma": "input_perturbation"}
 
 
 @dataclass(frozen=True)
 class NoiseConfig:
-    """Training-noise bias fixes (formulas in `ldm_lite.noise`); each is off unless switched on."""
+    """Training-noise bias fixes (formulas in `ldm_lite.noise`); each is off unless switched on. A strength left
+    at None takes the paper's value (NOISE_DEFAULTS) once its switch is on; set while the switch is off, it is
+    an error rather than a silent no-op."""
     offset_noise: bool = False
-    offset_noise_strength: float = 0.1
+    offset_noise_strength: float | None = None
     pyramid_noise: bool = False
-    pyramid_discount: float = 0.8
+    pyramid_discount: float | None = None
     input_perturbation: bool = False
-    input_perturbation_gamma: float = 0.1
+    input_perturbation_gamma: float | None = None
 
     def __post_init__(self):
-        _check(self.offset_noise_strength > 0, "noise.offset_noise_strength", "must be > 0", self.offset_noise_strength)
-        _check(0 < self.pyramid_discount < 1, "noise.pyramid_discount", "must be in (0, 1)", self.pyramid_discount)
-        _check(self.input_perturbation_gamma > 0, "noise.input_perturbation_gamma", "must be > 0",
-               self.input_perturbation_gamma)
+        _check_switched("noise", "offset_noise", self.offset_noise, "offset_noise_strength",
+                        self.offset_noise_strength, lambda v: v > 0, "must be > 0")
+        _check_switched("noise", "pyramid_noise", self.pyramid_noise, "pyramid_discount", self.pyramid_discount,
+                        lambda v: 0 < v < 1, "must be in (0, 1)")
+        _check_switched("noise", "input_perturbation", self.input_perturbation, "input_perturbation_gamma",
+                        self.input_perturbation_gamma, lambda v: v > 0, "must be > 0")
+
+    def strength(self, key: str) -> float:
+        """The value in force for `key` (a NOISE_DEFAULTS key): 0 when its switch is off, else set or default."""
+        if not getattr(self, NOISE_SWITCHES[key]):
+            return 0.0
+        value = getattr(self, key)
+        return NOISE_DEFAULTS[key] if value is None else value
+
+
+def _check_switched(section: str, switch: str, on: bool, key: str, value, valid, message: str) -> None:
+    if value is None:
+        return
+    if not on:
+        raise ValueError(f"{section}.{key} = {value!r} is set but {section}.{switch} is off; switch it on "
+                         f"(--{section}.{switch}=true) or drop the strength")
+    _check(valid(value), f"{section}.{key}", message, value)
 
 
 @dataclass(frozen=True)
@@ -117,13 +158,13 @@ class TrainConfig:
     grad_clip: float = 1.0         # max global gradient norm; 0 disables clipping
     ema_decay: float = 0.9999      # 0 disables the EMA model
     ema_warmup: bool = True        # decay_t = min(ema_decay, (1 + t) / (10 + t))
-    precision: str = "fp32"        # "bf16": autocast of the model (CPU with AMX, or GPU)
+    precision: str = "fp32"        # "bf16": autocast of the model (CPU, GPU); "fp16": autocast + gradient scaler
     channels_last: bool = True
     compile: bool = False          # torch.compile the model
     seed: int = 0
     max_minutes: float = 0.0       # stop (with a checkpoint) after this wall time; 0 = no limit
     num_threads: int = 0           # CPU threads for this process during training; 0 = torch's default
-    keep_freed_memory: bool = True # python -m train: glibc keeps freed memory (ldm_lite/allocator.py)
+    keep_freed_memory: bool = False  # python -m train: glibc keeps freed memory (ldm_lite/allocator.py)
 
     def __post_init__(self):
         for name in ("steps", "batch_size"):
@@ -152,6 +193,7 @@ class RunConfig:
     samples_per_class: int = 8     # one grid row per class, plus one unconditional row
     progress: bool = True
     resume: bool = True            # continue from <out>/checkpoint.pt when present
+    fresh: bool = False            # delete <out>/checkpoint.pt and the log first, and start over
 
     def __post_init__(self):
         _check(bool(self.out), "run.out", "must be a folder path", self.out)
@@ -183,13 +225,31 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     latent: LatentConfig = field(default_factory=LatentConfig)
 
+    def scheduler_config(self) -> dict:
+        """The diffusers-style scheduler config for sampling a model trained with this config; the one place
+        that derives it (read by `ldm_lite.schedulers.from_config`).
+
+        The [diffusion] section is the forward process. x0 is clipped to [-1, 1] for pixel models only (latents
+        are not bounded). Timestep spacing: a zero-terminal-SNR schedule gets `trailing`, so sampling starts at
+        SNR 0 (Lin et al. 2023, arXiv:2305.08891, sec. 3.3); every other schedule gets `leading` with
+        steps_offset 1, as Stable Diffusion samples (t0 = 981 ... 1 for 50 of 1000 steps). DDIM by default.
+        """
+        d = self.diffusion
+        zero_snr = d.rescale_betas_zero_snr
+        spacing = "trailing" if zero_snr else "leading"
+        return {"_class_name": "DDIMScheduler", "num_train_timesteps": d.num_train_timesteps,
+                "beta_schedule": d.beta_schedule, "beta_start": d.beta_start, "beta_end": d.beta_end,
+                "rescale_betas_zero_snr": zero_snr, "prediction_type": d.prediction_type,
+                "clip_sample": not self.latent.vae, "timestep_spacing": spacing,
+                "steps_offset": default_steps_offset(spacing)}
+
 
 SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}
 
 
 # ----------------------------------------------------------------------------- values
 
-def _field_type(section_cls, key: str):
+def field_type(section_cls, key: str):
     """The value type of `section.key` (int, float, bool, str) and whether None is allowed."""
     hint = typing.get_type_hints(section_cls)[key]
     args = typing.get_args(hint) if isinstance(hint, types.UnionType) else ()
@@ -236,7 +296,7 @@ def _apply(tree: dict, values: dict) -> dict:
         known = {f.name for f in dataclasses.fields(SECTIONS[section])}
         if key not in known:
             raise ValueError(f"unknown config key {dotted!r}; keys of [{section}]: {sorted(known)}")
-        kind, nullable = _field_type(SECTIONS[section], key)
+        kind, nullable = field_type(SECTIONS[section], key)
         tree.setdefault(section, {})[key] = _coerce(dotted, value, kind, nullable)
     return tree
 

@@ -80,33 +80,61 @@ def crop(image: torch.Tensor, resolution: int, center: bool = True,
     return image[..., top:top + resolution, left:left + resolution]
 
 
+def read_images(paths, resolution: int, center_crop: bool = True, generator: torch.Generator | None = None,
+                progress: bool = False, skipped: list | None = None) -> tuple[torch.Tensor, list]:
+    """(uint8 (N, 3, R, R), indices of the paths read) for image files; the one reading policy of the toolkit.
+
+    Unreadable files are skipped: when `skipped` is a list they are appended to it (the caller reports them),
+    otherwise one warning counts them. ValueError when none is readable. See `load_image` for the resizing.
+    """
+    from tqdm.auto import tqdm
+    paths = list(paths)
+    images, kept, failed = [], [], []
+    for i, path in enumerate(tqdm(paths, desc="loading images", disable=not progress, unit="img", leave=False)):
+        try:
+            images.append(load_image(path, resolution, center_crop, generator))
+            kept.append(i)
+        except (OSError, ValueError, SyntaxError) as error:  # PIL raises these for truncated/corrupt files
+            failed.append((Path(path), error))
+    if skipped is not None:
+        skipped.extend(failed)
+    elif failed:
+        _warn_skipped(failed, Path(paths[0]).parent)
+    if not images:
+        if skipped is not None:
+            return torch.empty(0, 3, resolution, resolution, dtype=torch.uint8), []
+        raise ValueError(f"no readable images among {len(paths)} file(s) (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+    return torch.stack(images), kept
+
+
+def _warn_skipped(failed: list, where) -> None:
+    path, error = failed[0]
+    warnings.warn(f"skipped {len(failed)} unreadable image file(s) under {str(where)!r} (first: {path.name}: "
+                  f"{error})", stacklevel=3)
+
+
 def iter_image_folder(root, resolution: int, batch_size: int, center_crop: bool = True,
                       generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches (uint8 (B, 3, R, R), int64 labels (B,)) over every image under `root`, in sorted order.
 
-    The last batch may be smaller. Unreadable files are skipped; one warning at the end counts them.
+    The last batch may be smaller. Unreadable files are skipped; one warning at the end counts them
+    (`read_images`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     paths = list_images(root)
     labels, _ = folder_labels(root, paths)
-    images, batch_labels, skipped = [], [], []
-    for path, label in zip(paths, labels):
-        try:
-            images.append(load_image(path, resolution, center_crop, generator))
-        except (OSError, ValueError, SyntaxError) as error:  # PIL raises these for truncated/corrupt files
-            skipped.append((path, error))
-            continue
-        batch_labels.append(label)
-        if len(images) == batch_size:
-            yield torch.stack(images), torch.stack(batch_labels)
-            images, batch_labels = [], []
-    if images:
-        yield torch.stack(images), torch.stack(batch_labels)
-    if skipped:
-        path, error = skipped[0]
-        warnings.warn(f"skipped {len(skipped)} unreadable image file(s) under {str(root)!r} "
-                      f"(first: {path.name}: {error})", stacklevel=2)
+    failed, images, kept_labels = [], torch.empty(0, 3, resolution, resolution, dtype=torch.uint8), labels[:0]
+    for start in range(0, len(paths), batch_size):
+        batch, kept = read_images(paths[start:start + batch_size], resolution, center_crop, generator, skipped=failed)
+        images, kept_labels = torch.cat([images, batch]), torch.cat([kept_labels, labels[start:start + batch_size][kept]])
+        while len(images) >= batch_size:  # refill to full batches across skipped files
+            yield images[:batch_size], kept_labels[:batch_size]
+            images, kept_labels = images[batch_size:], kept_labels[batch_size:]
+    if len(images):
+        yield images, kept_labels
+    if failed:
+        _warn_skipped(failed, root)
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -204,25 +232,15 @@ def load_image_folder(root, resolution: int, center_crop: bool = True, max_image
     images spread evenly over the sorted list (so every class keeps its share). Without `center_crop`,
     each image is cropped once at a random offset drawn from `seed`. Unreadable files are skipped with
     one warning that counts them."""
-    from tqdm import tqdm
     paths = list_images(root)
     labels, class_names = folder_labels(root, paths)
     if 0 < max_images < len(paths):
         keep = torch.linspace(0, len(paths) - 1, max_images).round().long()
         paths, labels = [paths[i] for i in keep.tolist()], labels[keep]
-    images, kept, skipped = [], [], 0
-    generator = torch.Generator().manual_seed(seed)
-    for i, path in enumerate(tqdm(paths, desc=f"loading {Path(root).name}", disable=not progress, unit="img")):
-        try:
-            images.append(load_image(path, resolution, center_crop, generator))
-            kept.append(i)
-        except (OSError, ValueError, SyntaxError):
-            skipped += 1
-    if skipped:
-        warnings.warn(f"skipped {skipped} unreadable image file(s) under {str(root)!r}", stacklevel=2)
-    if not images:
-        raise ValueError(f"no readable images under {str(root)!r} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
-    return InMemoryImages(torch.stack(images), labels[kept], class_names)
+    if not paths:
+        raise ValueError(f"no images under {str(root)!r} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+    images, kept = read_images(paths, resolution, center_crop, torch.Generator().manual_seed(seed), progress)
+    return InMemoryImages(images, labels[kept], class_names)
 
 
 def load_cifar10(root, resolution: int = 32, train: bool = True, download: bool = False) -> InMemoryImages:

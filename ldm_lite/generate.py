@@ -1,35 +1,35 @@
 """Generate images from a trained model: the logic behind `python -m sample`.
 
-    checkpoint (run folder, training checkpoint, diffusers folder)
+    checkpoint (run folder, training checkpoint, diffusers folder)      -> `ldm_lite.runs.load_model`
       -> UNet (+ VAE for a latent model) and the noise schedule it was trained with
-      -> scheduler (DDPM / DDIM) -> `ldm_lite.sampling.sample` with the inference-time corrections
-         (signal leak, epsilon scaling, classifier-free guidance) -> PNGs, a grid and manifest.json
+      -> any scheduler by name (`ldm_lite.schedulers.from_config`) -> `ldm_lite.sampling.sample` with the
+         inference-time corrections (signal leak, epsilon scaling, classifier-free guidance)
+      -> PNGs written batch by batch, a grid and manifest.json
 
-Every setting, the seed, the sampled timesteps and the signal kept at the first one (sqrt(alpha_bar[t0]),
-Everaert et al. 2024, arXiv:2309.15842) go into the manifest, so a folder of samples documents itself.
-Images are a function of (checkpoint, settings, seed, batch size): the same call gives the same PNG bytes.
+Every setting, the seed, the sampled timesteps, the number of model calls and the signal kept at the first
+timestep (sqrt(alpha_bar[t0]), Everaert et al. 2024, arXiv:2309.15842) go into the manifest, so a folder of
+samples documents itself. Image i is a function of (checkpoint, settings, seed, i) only: the same call gives the
+same PNG bytes whatever the batch size, and a killed run continues where it stopped.
 """
 import json
 import math
-import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from ldm_lite.config import config_from_dict, load_config
-from ldm_lite.data import CIFAR10_CLASSES, SYNTHETIC_CLASSES, save_image_grid, to_uint8
+from ldm_lite.config import option
+from ldm_lite.data import load_image, save_image_grid, to_float, to_uint8
+from ldm_lite.guidance import ClassifierFreeGuidance
+from ldm_lite.latents import decode_latents
 from ldm_lite.leak import LeakStats
-from ldm_lite.models.unet import load_unet
-from ldm_lite.models.weights_io import torch_load_weights
-from ldm_lite.models.vae_loading import load_vae
+from ldm_lite.runs import LoadedModel, load_model
 from ldm_lite.sampling import eps_scale_schedule, sample
-from ldm_lite.schedulers import SCHEDULERS
+from ldm_lite.schedulers import from_config, scheduler_class
 from ldm_lite.schedules import TIMESTEP_SPACINGS, signal_at_first_step
 
-# what an ldm_lite run folder holds (written by training.py)
-CHECKPOINT_NAME, RUN_CONFIG_FILE, CLASSES_FILE = "checkpoint.pt", "config.toml", "classes.json"
+PARTIAL_FILE = "manifest.partial.json"  # settings of an unfinished run, for resuming it
 
 
 # ----------------------------------------------------------------------------- settings
@@ -37,50 +37,57 @@ CHECKPOINT_NAME, RUN_CONFIG_FILE, CLASSES_FILE = "checkpoint.pt", "config.toml",
 
 @dataclass(frozen=True)
 class SampleSettings:
-    """Everything `generate` needs; the `sample` command's flags map one to one onto these fields.
-
-    leak: path of a LeakStats file (`python -m analysis leak-stats`). leak_dc: ((channel, mean), ...) set
-    on the leak with `LeakStats.with_channel_mean` (the constant, in the model's input units, that the leak
-    holds in that channel); without `leak` the leak is exactly that constant in those channels and zero
-    elsewhere. eps_scale, eps_scale_slope: lambda_i = slope * i + eps_scale over the step index i (Ning et
-    al. 2023, arXiv:2308.15321). class_label: an int, or a class name when the run records class names.
-    spacing: overrides the schedule's timestep_spacing. scheduler_config: a scheduler_config.json to use
-    instead of the checkpoint's schedule.
-    """
-    checkpoint: str
-    out: str
-    scheduler: str = "ddim"
-    steps: int = 50
-    eta: float = 0.0
-    n: int = 64
-    seed: int = 0
-    batch_size: int = 64
-    leak: str | None = None
-    leak_dc: tuple = ()
-    eps_scale: float = 1.0
-    eps_scale_slope: float = 0.0
-    class_label: int | str | None = None
-    guidance: float | None = None
-    spacing: str | None = None
-    scheduler_config: str | None = None
-    device: str = "cpu"
-    bf16: bool = False
-    use_ema: bool = True
+    """Everything `generate` needs; `python -m sample` builds its flags from these fields and their help."""
+    checkpoint: str = option(None, "ldm_lite run folder (or its checkpoint.pt), or a diffusers pipeline folder "
+                              "(model_index.json, unet/, scheduler/, optional vae/) or UNet folder", flag="ckpt",
+                              required=True)
+    out: str = option(None, "output folder (created; a finished run's files in it are overwritten, an "
+                       "unfinished run with the same settings is continued)", required=True)
+    scheduler: str = option("ddim", "sampler: a diffusers class name or an alias (ddpm ddim euler euler_a heun "
+                             "dpmpp_2m dpmpp_3m dpmpp_2m_sde unipc pndm)")
+    karras: bool = option(False, "Karras et al. sigmas (use_karras_sigmas) where the sampler has them")
+    steps: int = option(50, "number of sampling steps (Heun makes 2 N - 1 model calls)")
+    eta: float | None = option(None, "DDIM stochasticity: 0 deterministic, 1 DDPM-like (DDIM only)")
+    use_clipped_model_output: bool = option(False, "DDIM: re-derive eps from the clipped x0, as ADM / ADM-ES do")
+    n: int = option(64, "number of images")
+    seed: int = option(0, "image i draws its x_T, leak and step noise from seed (seed * 1000003 + i) mod 2^32")
+    batch_size: int = option(64, "images per model call (does not change the images)")
+    leak: str | None = option(None, "signal-leak statistics (.safetensors from `python -m analysis leak-stats`): "
+                               "x_T = add_noise(leak, noise, t0)", metavar="STATS")
+    leak_dc: tuple = option((), "set channel CH of the leak to have spatial mean VALUE, in the model's input "
+                             "units (images in [-1, 1], or scaled latents); repeatable. With --leak the statistics "
+                             "are conditioned on it; without, the leak is VALUE in channel CH and 0 elsewhere",
+                             metavar="CH=VALUE", repeat=True)
+    eps_scale: float = option(1.0, "epsilon scaling lambda = b (Ning et al.; 1.017 for CIFAR-10); 1 is off")
+    eps_scale_slope: float = option(0.0, "k in Ning et al.'s lambda_t = k t + b, t = N-1 the noisiest step")
+    eps_scale_centred: bool = option(False, "--eps-scale is the mean lambda: b' = b - k (N - 1) / 2")
+    class_label: str | None = option(None, "class label (index, or name if the run records class names); "
+                                      "without it, samples are unconditional (the null label)", flag="class",
+                                      metavar="LABEL")
+    guidance: float | None = option(None, "classifier-free guidance weight w: eps_null + w (eps_cond - eps_null)")
+    spacing: str | None = option(None, "override the schedule's timestep_spacing", choices=TIMESTEP_SPACINGS)
+    scheduler_config: str | None = option(None, "scheduler_config.json to use instead of the checkpoint's "
+                                           "schedule (needed for weights that carry none)", metavar="JSON")
+    device: str = option("cpu", "torch device, e.g. cpu or cuda")
+    bf16: bool = option(False, "run the model under bfloat16 autocast (the scheduler step stays float32)")
+    use_ema: bool = option(True, "use the EMA weights (--no-use-ema: the raw weights)")
 
     def __post_init__(self):
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {tuple(SCHEDULERS)}, got {self.scheduler!r}")
-        if self.spacing is not None and self.spacing not in TIMESTEP_SPACINGS:
-            raise ValueError(f"spacing must be one of {TIMESTEP_SPACINGS}, got {self.spacing!r}")
+        scheduler_class(self.scheduler)  # ValueError listing the supported names
         for name in ("steps", "n", "batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        if self.scheduler != "ddim" and self.eta != 0.0:
-            raise ValueError(f"eta applies to the ddim scheduler only, got eta={self.eta} with {self.scheduler!r}")
-        if not 0.0 <= self.eta <= 1.0:
+        if self.eta is not None and not 0.0 <= self.eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {self.eta}")
         if self.guidance is not None and self.class_label is None:
             raise ValueError("guidance needs a class label to guide towards (--class)")
+
+    def step_options(self) -> dict:
+        """Per-run keywords of scheduler.step that were asked for (checked against the scheduler by `sample`)."""
+        options = {} if self.eta is None else {"eta": self.eta}
+        if self.use_clipped_model_output:
+            options["use_clipped_model_output"] = True
+        return options
 
 
 def parse_leak_dc(values) -> tuple:
@@ -101,168 +108,7 @@ def parse_leak_dc(values) -> tuple:
     return tuple(parsed.items())
 
 
-# ----------------------------------------------------------------------------- loading
-
-
-@dataclass
-class LoadedModel:
-    """A denoiser ready to sample: UNet, the schedule it was trained with, and the VAE of a latent model.
-
-    scheduler_config: diffusers-style keywords (beta_schedule, num_train_timesteps, prediction_type, ...).
-    class_names: names of the class labels when the checkpoint records them (index = label).
-    """
-    unet: torch.nn.Module
-    scheduler_config: dict
-    vae: torch.nn.Module | None = None
-    class_names: tuple | None = None
-    source: dict = field(default_factory=dict)
-
-    @property
-    def sample_shape(self) -> tuple:
-        """(C, H, W) of what the UNet denoises: images, or latents for a latent model."""
-        config = self.unet.config
-        return (config.in_channels, config.sample_size, config.sample_size)
-
-
-def load_model(path, use_ema: bool = True, scheduler_config=None) -> LoadedModel:
-    """Load a checkpoint for sampling.
-
-    path: an ldm_lite run folder (checkpoint.pt + config.toml), a training checkpoint .pt inside one, or a
-    diffusers folder: a pipeline (model_index.json, unet/, scheduler/, optionally vae/) or a UNet2DModel
-    folder whose schedule is found in scheduler_config.json beside it or in ../scheduler/.
-    scheduler_config: a scheduler_config.json (file or folder) overriding the checkpoint's schedule; needed
-    for weights that carry none (an exported .safetensors).
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (expected an ldm_lite run folder, a "
-                                "training checkpoint .pt or a diffusers folder)")
-    run_config = _run_config(path)
-    if (path / "model_index.json").is_file():
-        loaded = _load_diffusers_pipeline(path)
-    elif run_config is not None:
-        loaded = _load_run(path, *run_config, use_ema)
-    else:
-        loaded = LoadedModel(load_unet(path, use_ema=use_ema), None, source={"kind": "weights", "path": str(path)})
-    if scheduler_config is not None:
-        loaded.scheduler_config = _read_json_config(Path(scheduler_config), "scheduler_config.json")
-    elif loaded.scheduler_config is None:
-        loaded.scheduler_config = _find_scheduler_config(path)
-    loaded.unet.eval()
-    if loaded.vae is not None and loaded.vae.latent_channels != loaded.unet.config.in_channels:
-        raise ValueError(f"the VAE has {loaded.vae.latent_channels} latent channels but the UNet takes "
-                         f"{loaded.unet.config.in_channels}")
-    return loaded
-
-
-def _folder(path: Path) -> Path:
-    """`path` if it is a folder, else the folder holding the file."""
-    return path if path.is_dir() else path.parent
-
-
-def _read_json_config(path: Path, name: str) -> dict:
-    file = path / name if path.is_dir() else path
-    if not file.is_file():
-        raise FileNotFoundError(f"no {name} at {str(path)!r}")
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{file} is not valid JSON: {error}") from None
-
-
-def _load_diffusers_pipeline(folder: Path) -> LoadedModel:
-    """A diffusers pipeline folder: model_index.json names the components stored in subfolders."""
-    index = _read_json_config(folder, "model_index.json")
-    if "vqvae" in index:
-        raise ValueError(f"{folder}: VQ-VAE pipelines (LDMPipeline) are not supported; only AutoencoderKL (vae/)")
-    if "unet" not in index or "scheduler" not in index:
-        raise ValueError(f"{folder}/model_index.json must list 'unet' and 'scheduler' (found: {sorted(index)})")
-    vae = load_vae(folder / "vae", dtype=torch.float32) if "vae" in index else None
-    scheduler_config = _read_json_config(folder / "scheduler", "scheduler_config.json")
-    return LoadedModel(load_unet(folder), scheduler_config, vae,
-                       source={"kind": "diffusers pipeline", "path": str(folder)})
-
-
-def _find_scheduler_config(path: Path) -> dict:
-    """The schedule of bare weights: scheduler_config.json beside them, in scheduler/, or in ../scheduler/."""
-    folder = _folder(path)
-    for candidate in (folder / "scheduler_config.json", folder / "scheduler" / "scheduler_config.json",
-                      folder.parent / "scheduler" / "scheduler_config.json"):
-        if candidate.is_file():
-            return _read_json_config(candidate, candidate.name)
-    raise ValueError(f"{path} holds no noise schedule (no run config.toml, no scheduler_config.json beside it or "
-                     "in ../scheduler/); pass one with --scheduler-config")
-
-
-def _run_config(path: Path) -> tuple | None:
-    """(Config, where it came from) of an ldm_lite run: its config.toml, else the copy inside the checkpoint.
-
-    None when `path` is neither a run folder (checkpoint.pt) nor a training checkpoint file.
-    """
-    checkpoint = path / CHECKPOINT_NAME if path.is_dir() else path
-    if not checkpoint.is_file() or checkpoint.suffix not in (".pt", ".ckpt"):
-        return None
-    toml = checkpoint.parent / RUN_CONFIG_FILE
-    if toml.is_file():
-        return load_config(toml), str(toml)
-    saved = torch_load_weights(checkpoint)
-    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
-        return None  # not ours: let load_unet name the problem
-    return config_from_dict(saved["config"]), f"{checkpoint} (embedded config)"
-
-
-def _load_run(path: Path, config, config_source: str, use_ema: bool) -> LoadedModel:
-    """An ldm_lite run: the schedule, the VAE and the class names come from its resolved training config."""
-    vae = load_vae(config.latent.vae, dtype=torch.float32) if config.latent.vae else None
-    return LoadedModel(load_unet(path, use_ema=use_ema), scheduler_config_from_training(config), vae,
-                       class_names=_class_names(_folder(path), config.data),
-                       source={"kind": "ldm_lite run", "path": str(path), "config": config_source})
-
-
-def scheduler_config_from_training(config) -> dict:
-    """Scheduler keywords for a model trained with `config` (an `ldm_lite.config.Config`).
-
-    The [diffusion] section is the forward process. x0 is clipped to [-1, 1] for pixel models only (latents
-    are not bounded); a zero-terminal-SNR schedule gets trailing spacing, so sampling starts at SNR 0
-    (Lin et al. 2023, arXiv:2305.08891, sec. 3.3), others diffusers' default, leading.
-    """
-    diffusion = config.diffusion
-    return dict(num_train_timesteps=diffusion.num_train_timesteps, beta_schedule=diffusion.beta_schedule,
-                beta_start=diffusion.beta_start, beta_end=diffusion.beta_end,
-                rescale_betas_zero_snr=diffusion.rescale_betas_zero_snr,
-                prediction_type=diffusion.prediction_type, clip_sample=not config.latent.vae,
-                timestep_spacing="trailing" if diffusion.rescale_betas_zero_snr else "leading")
-
-
-def _class_names(run_dir: Path, data) -> tuple | None:
-    """Label names of a run: its classes.json, or for runs older than that file, what the data config implies."""
-    recorded = run_dir / CLASSES_FILE
-    if recorded.is_file():
-        return tuple(json.loads(recorded.read_text()))
-    if data.source == "synthetic" or data.labels == "brightness":
-        return SYNTHETIC_CLASSES
-    if data.source.startswith("cifar10:"):
-        return CIFAR10_CLASSES
-    return None
-
-
-def build_scheduler(name: str, scheduler_config: dict, spacing: str | None = None):
-    """DDPMScheduler or DDIMScheduler from a diffusers-style config (either class's keys are accepted).
-
-    Keys only the other scheduler takes (a DDPM config's variance_type for DDIM, ...) are dropped silently,
-    keys neither takes with one warning; `spacing` overrides timestep_spacing.
-    """
-    if name not in SCHEDULERS:
-        raise ValueError(f"scheduler must be one of {tuple(SCHEDULERS)}, got {name!r}")
-    known_to_any = {key for cls in SCHEDULERS.values() for key in cls._config_keys()}
-    unknown = sorted(k for k in scheduler_config if k not in known_to_any and not k.startswith("_"))
-    if unknown:
-        warnings.warn(f"scheduler config keys ignored: {', '.join(unknown)}", stacklevel=2)
-    cls = SCHEDULERS[name]
-    config = {k: v for k, v in scheduler_config.items() if k in cls._config_keys()}
-    if spacing is not None:
-        config["timestep_spacing"] = spacing
-    return cls(**config)
+# ----------------------------------------------------------------------------- leak and labels
 
 
 def load_leak(path=None, channel_means=(), shape=None, space: str = "pixel") -> LeakStats | None:
@@ -314,34 +160,71 @@ def resolve_class_label(label, num_classes: int | None, class_names=None) -> int
 # ----------------------------------------------------------------------------- generating
 
 
+def build_scheduler(settings: SampleSettings, scheduler_config: dict):
+    """The sampler `settings` ask for, on the model's schedule (`ldm_lite.schedulers.from_config`)."""
+    overrides = {} if settings.spacing is None else {"timestep_spacing": settings.spacing}
+    if settings.karras:
+        cls = scheduler_class(settings.scheduler)
+        if "use_karras_sigmas" not in cls._config_keys():
+            raise ValueError(f"--karras: {cls.__name__} has no Karras sigmas")
+        overrides["use_karras_sigmas"] = True
+    scheduler = from_config(scheduler_config, settings.scheduler, **overrides)
+    scheduler.set_timesteps(settings.steps)
+    return scheduler
+
+
 def generate(settings: SampleSettings, progress: bool = True) -> dict:
     """Sample `settings.n` images, write them under `settings.out` and return the manifest (also written).
 
-    Files: 00000.png ... (one per image, uint8 RGB), grid.png, manifest.json.
+    Files: 00000.png ... (one per image, uint8 RGB, written after each batch), grid.png, manifest.json. While
+    the run is unfinished, manifest.partial.json holds its settings; the same call then continues after the
+    last image written.
     """
     device = parse_device(settings.device)
     loaded = load_model(settings.checkpoint, settings.use_ema, settings.scheduler_config)
-    scheduler = build_scheduler(settings.scheduler, loaded.scheduler_config, settings.spacing)
-    scheduler.set_timesteps(settings.steps)
+    scheduler = build_scheduler(settings, loaded.scheduler_config)
     space = "latent" if loaded.vae is not None else "pixel"
     leak = load_leak(settings.leak, settings.leak_dc, loaded.sample_shape, space)
     label = resolve_class_label(settings.class_label, loaded.unet.config.num_classes, loaded.class_names)
-    lambdas = eps_scales(settings.eps_scale, settings.eps_scale_slope, settings.steps)
-    loaded.unet.to(device)
-    samples = sample(loaded.unet, scheduler, settings.n, leak=leak, eps_scale=lambdas, guidance=settings.guidance,
-                     class_labels=label, generator=torch.Generator().manual_seed(settings.seed),
-                     batch_size=settings.batch_size, eta=settings.eta, progress=progress, device=device,
-                     autocast_dtype=torch.bfloat16 if settings.bf16 else None)
-    images = decode(loaded.vae, samples, settings.batch_size, device) if loaded.vae is not None else samples
-    files = write_images(images, Path(settings.out))
+    lambdas = eps_scale_schedule(settings.eps_scale, len(scheduler.timesteps), settings.eps_scale_slope,
+                                 settings.eps_scale_centred)
+    model = loaded.unet.to(device)
+    if loaded.vae is not None:
+        loaded.vae.to(device)
+    if settings.guidance is not None:
+        model = ClassifierFreeGuidance(model, settings.guidance)
+    out = Path(settings.out)
+    done = _resume_point(out, settings)
+    files = [image_name(i) for i in range(settings.n)]
+
+    def write_batch(batch, start):
+        images = decode_latents(loaded.vae, batch, settings.batch_size) if loaded.vae is not None else batch
+        write_images(images, out, done + start)
+
+    if done < settings.n:
+        sample(model, scheduler, settings.n - done, first_index=done, leak=leak, eps_scale=lambdas,
+               step_options=settings.step_options(), class_labels=label, seed=settings.seed,
+               batch_size=settings.batch_size, num_inference_steps=settings.steps, on_batch=write_batch,
+               progress=progress, device=device, autocast_dtype=torch.bfloat16 if settings.bf16 else None)
+    write_grid(out, files)
     manifest = build_manifest(settings, loaded, scheduler, leak, label, lambdas, files)
-    (Path(settings.out) / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (out / PARTIAL_FILE).unlink(missing_ok=True)
     return manifest
 
 
-def eps_scales(eps_scale: float, slope: float, steps: int) -> list:
-    """lambda_i = slope * i + eps_scale for i = 0 .. steps-1 (--eps-scale, --eps-scale-slope); all must be > 0."""
-    return eps_scale_schedule(eps_scale, steps, slope)
+def _resume_point(out: Path, settings: SampleSettings) -> int:
+    """How many images of an unfinished run with the same settings are already written (0 for a new run)."""
+    out.mkdir(parents=True, exist_ok=True)
+    partial, record = out / PARTIAL_FILE, json.dumps(asdict(settings), sort_keys=True)
+    if partial.is_file() and partial.read_text() == record:
+        done = 0
+        while done < settings.n and (out / image_name(done)).is_file():
+            done += 1
+        return done
+    (out / "manifest.json").unlink(missing_ok=True)
+    partial.write_text(record)
+    return 0
 
 
 def parse_device(name: str) -> torch.device:
@@ -355,27 +238,32 @@ def parse_device(name: str) -> torch.device:
     return device
 
 
-@torch.no_grad()
-def decode(vae, latents: torch.Tensor, batch_size: int, device) -> torch.Tensor:
-    """Scaled latents (N, C_lat, h, w) -> images (N, 3, f h, f w) roughly in [-1, 1], batch by batch."""
-    vae.to(device)
-    return torch.cat([vae.from_latents(chunk.to(device)).float().cpu() for chunk in latents.split(batch_size)])
+def image_name(index: int) -> str:
+    """The file name of sample `index` in a sample folder: 00000.png, 00001.png, ..."""
+    return f"{index:05d}.png"
 
 
-def write_images(images: torch.Tensor, out: Path) -> list:
-    """Write images (N, 3, H, W) in [-1, 1] as out/00000.png ... and out/grid.png; returns the file names."""
+def write_images(images: torch.Tensor, out: Path, first_index: int = 0) -> list:
+    """Write images (N, C, H, W) in [-1, 1] as out/image_name(first_index) ...; returns the file names."""
     out.mkdir(parents=True, exist_ok=True)
-    pixels = to_uint8(images.cpu()).permute(0, 2, 3, 1).numpy()  # (N, H, W, 3) uint8
-    names = [f"{i:05d}.png" for i in range(len(pixels))]
+    pixels = to_uint8(images.cpu()).permute(0, 2, 3, 1).numpy()  # (N, H, W, C) uint8
+    names = [image_name(first_index + i) for i in range(len(pixels))]
     for name, image in zip(names, pixels):
         Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(out / name)
-    save_image_grid(images.cpu(), out / "grid.png", nrow=math.ceil(math.sqrt(len(images))))
     return names
+
+
+def write_grid(out: Path, files: list, limit: int = 256) -> None:
+    """out/grid.png from the first `limit` written images (read back, so a resumed run gets its grid too)."""
+    with Image.open(out / files[0]) as first:
+        size = min(first.size)
+    images = to_float(torch.stack([load_image(out / name, size) for name in files[:limit]]))
+    save_image_grid(images, out / "grid.png", nrow=math.ceil(math.sqrt(len(images))))
 
 
 def build_manifest(settings: SampleSettings, loaded: LoadedModel, scheduler, leak, label, lambdas, files) -> dict:
     """The JSON record of a sampling run: settings, model, scheduler, timesteps, leak, eps scales, files."""
-    timesteps = [int(t) for t in scheduler.timesteps]
+    timesteps = [float(t) if float(t) != int(t) else int(t) for t in scheduler.timesteps]
     leak_record = None
     if leak is not None:
         leak_record = {"path": settings.leak, "kind": leak.kind, "shape": list(leak.shape), "space": leak.space,
@@ -390,9 +278,11 @@ def build_manifest(settings: SampleSettings, loaded: LoadedModel, scheduler, lea
         "vae": None if loaded.vae is None else {"variant": loaded.vae.variant, "identity": loaded.vae.identity()},
         "class_label": label,
         "scheduler": {"class": type(scheduler).__name__, "config": scheduler.config},
+        "model_calls_per_image": len(timesteps) * (2 if settings.guidance is not None else 1),
+        "nfe": len(timesteps),
         "timesteps": timesteps,
         "first_timestep": timesteps[0],
-        "sqrt_alpha_bar_first_timestep": signal_at_first_step(scheduler.alphas_cumprod, scheduler.timesteps),
+        "sqrt_alpha_bar_first_timestep": signal_at_first_step(scheduler.alphas_cumprod, scheduler.timesteps[:1].round()),
         "eps_scales": lambdas,
         "leak": leak_record,
         "images": files,

@@ -90,14 +90,14 @@ class HSpaceProbe:
 
 
 def capture_h(unet, scheduler, n: int, *, num_inference_steps: int | None = None, record_timesteps=None,
-              generator: torch.Generator | None = None, batch_size: int = 64, **sample_kwargs) -> dict:
+              seed: int = 0, batch_size: int = 64, **sample_kwargs) -> dict:
     """Sample n images and record h along the way: {"timesteps" (S,), "h" (S, n, C_mid, h, w), "samples"}.
 
     record_timesteps limits the memory (S x n x D floats); other keywords go to `sample`. Under classifier-free
     guidance the recorded batch is doubled (conditional then unconditional halves).
     """
     probe = HSpaceProbe(unet, record=True, record_timesteps=record_timesteps)
-    samples = sample(probe, scheduler, n, num_inference_steps=num_inference_steps, generator=generator,
+    samples = sample(probe, scheduler, n, num_inference_steps=num_inference_steps, seed=seed,
                      batch_size=batch_size, **sample_kwargs)
     return {**probe.captured(), "samples": samples}
 
@@ -203,11 +203,11 @@ def pca_edit(directions, component: int, scale: float, timesteps=None) -> HEdit:
 
 def sample_with_edit(unet, scheduler, x_T: torch.Tensor, edit: HEdit | None, *, seed: int = 0,
                      batch_size: int = 64, **sample_kwargs) -> torch.Tensor:
-    """Samples (N, C, H, W) from x_T (N, C, H, W) with `edit` applied to h; the generator is seeded with `seed`
+    """Samples (N, C, H, W) from x_T (N, C, H, W) with `edit` applied to h; the step noise is seeded with `seed`
     every call, so two calls differ only by their edits."""
     probe = HSpaceProbe(unet, edit=edit)
     return sample(probe, scheduler, len(x_T), shape=tuple(x_T.shape[1:]), x_T=x_T,
-                  generator=torch.Generator().manual_seed(seed), batch_size=batch_size, **sample_kwargs)
+                  seed=seed, batch_size=batch_size, **sample_kwargs)
 
 
 def edit_grid(unet, scheduler, directions, components, scales, x_T: torch.Tensor, *, timesteps=None, seed: int = 0,

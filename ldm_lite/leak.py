@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ldm_lite.data import iter_image_folder, list_images, to_float
+from ldm_lite.latents import encode_latents
 from ldm_lite.spectral import dct2, dct_basis, idct2, lowest_frequencies
 
 KINDS = ("pixel", "dct", "dct+pixel")
@@ -240,7 +241,7 @@ class LeakStats:
         def batches():
             folder = iter_image_folder(path, resolution, batch_size, center_crop=center_crop)
             for images, _ in tqdm(folder, total=num_batches, desc="signal-leak statistics", disable=not progress):
-                yield to_float(images) if vae is None else _encode(vae, to_float(images))
+                yield to_float(images) if vae is None else encode_latents(vae, images, len(images))
 
         metadata = dict(space="pixel", resolution=resolution)
         if vae is not None:
@@ -389,12 +390,3 @@ def _check_components(kind: str, n_components: int, shape) -> list[tuple[int, in
         raise ValueError(f"n_components must be an int in [1, {height * width}] for kind {kind!r} on "
                          f"{height}x{width} data, got {n_components!r}")
     return lowest_frequencies(n_components, height, width)
-
-
-def _encode(vae, images: torch.Tensor) -> torch.Tensor:
-    """Latents of images (B, 3, H, W) in [-1, 1] on the VAE's device and dtype, without gradients."""
-    parameter = next(vae.parameters(), None)
-    if parameter is not None:
-        images = images.to(parameter.device, parameter.dtype)
-    with torch.no_grad():
-        return vae.to_latents(images)

@@ -22,9 +22,9 @@ import torch
 from tqdm.auto import tqdm
 
 from . import spectral
-from .sampling import sample
+from .sampling import label_tensor, model_device, sample
 from .schedulers.base import predict_x0_and_eps
-from .schedules import TIMESTEP_SPACINGS, make_timesteps, named_alphas_cumprod
+from .schedules import TIMESTEP_SPACINGS, default_steps_offset, make_timesteps, named_alphas_cumprod
 
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # Rec. 601 luma Y' of gamma-encoded RGB; they sum to 1, so Y' stays in [-1, 1]
 
@@ -169,7 +169,7 @@ def band_analysis(x0: torch.Tensor, *, schedules: dict | None = None, bands="oct
       "noise_power" {noise: (B,)}; "snr" {schedule: (T, C+1, B)} (white noise);
       "destruction" {(schedule, noise): (C+1, B)}: first t with SNR_b < 1 (T if never);
       "leak" {(schedule, spacing, noise): {"t0", "snr" (C+1, B)}}: SNR at the first sampled timestep
-        (steps_offset 1 for leading spacing, as Stable Diffusion);
+        (steps_offset by `schedules.default_steps_offset`);
       "correlation": `spectral.measure_band_correlation` on `measure_schedule` (default the first schedule)
         at `measure_timesteps` (default 12 values spread over [0, T)), with "schedule" added.
     """
@@ -207,9 +207,8 @@ def _band_radii(labels: torch.Tensor) -> list:
 
 
 def _first_timestep(num_inference_steps: int, num_train_timesteps: int, spacing: str) -> int:
-    """t0 of a spacing; leading uses steps_offset 1, as Stable Diffusion does."""
-    offset = 1 if spacing == "leading" else 0
-    return int(make_timesteps(num_inference_steps, num_train_timesteps, spacing, offset)[0])
+    """t0 of a spacing, with `default_steps_offset`."""
+    return int(make_timesteps(num_inference_steps, num_train_timesteps, spacing, default_steps_offset(spacing))[0])
 
 
 def _channel_names(channels: int) -> list:
@@ -256,19 +255,6 @@ def _per_image_norm(x: torch.Tensor) -> torch.Tensor:
     return x.double().flatten(1).norm(dim=1)
 
 
-def _device(model) -> torch.device:
-    parameters = getattr(model, "parameters", None)
-    parameter = next(parameters(), None) if callable(parameters) else None
-    return parameter.device if parameter is not None else torch.device("cpu")
-
-
-def _labels(class_labels, n: int):
-    """None, an int for all images, or (N,) long."""
-    if class_labels is None or isinstance(class_labels, torch.Tensor):
-        return class_labels
-    return torch.full((n,), int(class_labels), dtype=torch.long)
-
-
 def _set_steps(scheduler, num_inference_steps):
     if num_inference_steps is not None:
         scheduler.set_timesteps(num_inference_steps)
@@ -283,14 +269,14 @@ def forward_eps_norm(model, scheduler, x0: torch.Tensor, *, num_inference_steps:
     (the training-time curve of Ning et al., Fig. 4). x0: (N, C, H, W) training images or latents.
     autocast_dtype: run the model under autocast, as `sample` does with the same argument.
     Returns {"timesteps" (S,), "eps_norm" (S,), "eps_norm_std" (S,)} (std over images)."""
-    timesteps, device = _set_steps(scheduler, num_inference_steps), _device(model)
-    class_labels, norms = _labels(class_labels, len(x0)), []
+    timesteps, device = _set_steps(scheduler, num_inference_steps), model_device(model)
+    class_labels, norms = label_tensor(class_labels, len(x0), device), []
     for t in tqdm(timesteps.tolist(), desc="eps-norm (forward)", disable=not progress, leave=False):
         alpha_bar, step_norms = float(scheduler.alphas_cumprod[t]), []
         for start in range(0, len(x0), batch_size):
             batch = x0[start:start + batch_size].to(device, torch.float32)
             noise = torch.randn(batch.shape, generator=generator, dtype=batch.dtype).to(device)
-            x_t = math.sqrt(alpha_bar) * batch + math.sqrt(1.0 - alpha_bar) * noise
+            x_t = scheduler.add_noise(batch, noise, torch.tensor([t], device=device))
             labels = class_labels[start:start + batch_size] if class_labels is not None else None
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 output = model(x_t, torch.full((len(batch),), t, dtype=torch.long, device=device), labels)
@@ -302,20 +288,20 @@ def forward_eps_norm(model, scheduler, x0: torch.Tensor, *, num_inference_steps:
 
 
 def sampling_trace(model, scheduler, x0: torch.Tensor, *, num_inference_steps: int | None = None, eps_scale=None,
-                   generator: torch.Generator | None = None, batch_size: int = 64, class_labels=None,
-                   progress: bool = True, **sample_kwargs) -> dict:
+                   seed: int = 0, batch_size: int = 64, class_labels=None, progress: bool = True,
+                   **sample_kwargs) -> dict:
     """Sample from real data noised to the first step, x_T = sqrt(ab_t0) x0 + sqrt(1 - ab_t0) eps, and record
     along the chain (through `sample`'s callback):
       "eps_norm" (S,), "eps_norm_std" (S,): mean / std over images of the predicted-noise L2 norm at x_hat_t;
       "residual_std" (S,): std over samples of x_hat_t - sqrt(ab_t) x0, per element, averaged over elements
         (Ning et al. sec. 4.2); "timesteps" (S,); "samples" (N, C, H, W) the final x_hat_0.
-    Extra keywords (eta, autocast_dtype, ...) go to `ldm_lite.sampling.sample`.
+    `seed` draws x_T's noise and seeds `sample`; extra keywords (step_options, autocast_dtype, ...) go to
+    `ldm_lite.sampling.sample`.
     """
-    timesteps, device = _set_steps(scheduler, num_inference_steps), _device(model)
+    timesteps, device = _set_steps(scheduler, num_inference_steps), model_device(model)
     x0 = x0.to(device, torch.float32)
-    alpha_bar = float(scheduler.alphas_cumprod[int(timesteps[0])])
-    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(device)
-    x_T = math.sqrt(alpha_bar) * x0 + math.sqrt(1.0 - alpha_bar) * noise
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed), dtype=x0.dtype).to(device)
+    x_T = scheduler.add_noise(x0, noise, timesteps[:1].to(device))
     steps = len(timesteps)
     norms = torch.zeros(steps, len(x0), dtype=torch.float64)
     residual_sum = torch.zeros(steps, *x0.shape[1:], dtype=torch.float64)
@@ -330,7 +316,7 @@ def sampling_trace(model, scheduler, x0: torch.Tensor, *, num_inference_steps: i
         residual_sum[i] += residual.sum(dim=0)
         residual_sq[i] += residual.pow(2).sum(dim=0)
 
-    samples = sample(model, scheduler, len(x0), shape=tuple(x0.shape[1:]), eps_scale=eps_scale, generator=generator,
+    samples = sample(model, scheduler, len(x0), shape=tuple(x0.shape[1:]), eps_scale=eps_scale, seed=seed,
                      batch_size=batch_size, class_labels=class_labels, x_T=x_T, callback=record, progress=progress,
                      device=device, **sample_kwargs)
     n = len(x0)
@@ -361,8 +347,8 @@ def exposure_bias(model, scheduler, x0: torch.Tensor, *, num_inference_steps: in
                                generator=torch.Generator().manual_seed(seed + 1), batch_size=batch_size,
                                class_labels=class_labels, progress=progress,
                                autocast_dtype=sample_kwargs.get("autocast_dtype"))
-    trace = sampling_trace(model, scheduler, x0, eps_scale=eps_scale, generator=torch.Generator().manual_seed(seed),
-                           batch_size=batch_size, class_labels=class_labels, progress=progress, **sample_kwargs)
+    trace = sampling_trace(model, scheduler, x0, eps_scale=eps_scale, seed=seed, batch_size=batch_size,
+                           class_labels=class_labels, progress=progress, **sample_kwargs)
     alphas_cumprod = scheduler.alphas_cumprod[trace["timesteps"]].double()
     target = (1 - alphas_cumprod).sqrt()
     variance = x0.double().var(dim=0).flatten()  # (D,)
@@ -397,8 +383,8 @@ def scan_eps_scale(model, scheduler, x0: torch.Tensor, candidates, *, num_infere
     forward = forward_eps_norm(model, scheduler, x0, generator=torch.Generator().manual_seed(seed + 1),
                                batch_size=batch_size, class_labels=class_labels, progress=progress,
                                autocast_dtype=sample_kwargs.get("autocast_dtype"))
-    traces = [sampling_trace(model, scheduler, x0, eps_scale=b, generator=torch.Generator().manual_seed(seed),
-                             batch_size=batch_size, class_labels=class_labels, progress=progress, **sample_kwargs)
+    traces = [sampling_trace(model, scheduler, x0, eps_scale=b, seed=seed, batch_size=batch_size,
+                             class_labels=class_labels, progress=progress, **sample_kwargs)
               for b in candidates]
     gaps = [eps_norm_gap(trace["eps_norm"], forward["eps_norm"]) for trace in traces]
     best = candidates[min(range(len(gaps)), key=gaps.__getitem__)]

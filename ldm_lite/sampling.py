@@ -1,31 +1,59 @@
-"""Sampling loop with the inference-time bias corrections: signal-leak initial noise and epsilon scaling.
+"""The sampling loop, with the inference-time bias corrections: signal-leak initial noise and epsilon scaling.
 
 - Signal leak (Everaert et al. 2024, "Exploiting the Signal-Leak Bias in Diffusion Models", arXiv:2309.15842):
-  start from x_T = sqrt(ab[t0]) leak + sqrt(1 - ab[t0]) noise, t0 = scheduler.timesteps[0], with the leak drawn
-  from statistics of real images (`ldm_lite.leak.LeakStats`) instead of being absent.
+  start from x_T = add_noise(leak, noise, t0) instead of pure noise, with the leak drawn from statistics of real
+  images (`ldm_lite.leak.LeakStats`); t0 = scheduler.timesteps[0].
 - Epsilon scaling (Ning et al. 2023, "Elucidating the Exposure Bias in Diffusion Models", arXiv:2308.15321):
-  the x0 estimate uses eps / lambda_i, lambda_i = k i + b over the step index i (constant b when k = 0).
-- Classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598): eps = eps_null + w (eps_cond - eps_null).
+  the x0 estimate uses eps / lambda_t; see `eps_scale_schedule` for their lambda_t = k t + b.
+- Classifier-free guidance is a model wrapper (`ldm_lite.guidance.ClassifierFreeGuidance`), not a loop option.
+
+Randomness: sample i draws everything (its x_T noise, then its leak, then each step's noise) from its own
+generator seeded with `sample_seed(seed, i)` = (seed * 1_000_003 + i) mod 2^32, diffusers' list-of-generators convention. So an image depends on
+(seed, i) only, not on the batch size, the number of processes or the rank.
 """
+import inspect
 import math
 import warnings
 
 import torch
 from tqdm.auto import tqdm
 
+from .schedulers.base import randn_tensor
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample `index` in a run seeded with `seed`: (seed * 1_000_003 + index) mod 2^32.
+
+    Distinct for every index below 1,000,003 within a seed. 32 bits because torch's CPU generator (mt19937)
+    keeps only the low 32 bits of a seed: wider seeds would collide silently.
+    """
+    return (int(seed) * 1_000_003 + int(index)) % 2 ** 32
+
+
+def sample_generators(seed: int, start: int, count: int, device="cpu") -> list:
+    """One torch.Generator per sample start .. start + count - 1, seeded by `sample_seed`."""
+    return [torch.Generator(device).manual_seed(sample_seed(seed, i)) for i in range(start, start + count)]
+
 
 def initial_noise(scheduler, shape, leak=None, generator=None, device=None, dtype=torch.float32):
     """x_T of shape (B, C, H, W) for the scheduler's first sampled timestep t0 = scheduler.timesteps[0].
 
-    Without `leak`: standard normal noise. With `leak` (a `LeakStats`, or a tensor (B, C, H, W) / (C, H, W) of
-    leak images): sqrt(ab[t0]) * leak + sqrt(1 - ab[t0]) * noise (Everaert et al. eq. 2). The result is a plain
-    tensor, usable as `latents=` in other pipelines.
+    Without `leak`: init_noise_sigma * noise, diffusers' convention (1 for DDPM/DDIM; sqrt(sigma_max^2 + 1) or
+    sigma_max for the sigma-parametrised samplers). With `leak` (a `LeakStats`, or leak images (B, C, H, W) or
+    (C, H, W)): scheduler.add_noise(leak, noise, t0), with no extra factor, i.e. sqrt(ab[t0]) leak +
+    sqrt(1 - ab[t0]) noise for DDPM/DDIM (Everaert et al. eq. 2) and leak + sigma noise for Euler-type
+    samplers: the same leak in each sampler's own units.
+    generator: None, one torch.Generator, or a list of B (one per sample; each draws its noise, then its leak).
     """
-    noise = torch.randn(shape, generator=generator, dtype=dtype).to(device or "cpu")
+    device = torch.device(device or "cpu")
+    if isinstance(generator, (list, tuple)) and leak is not None:
+        return torch.cat([initial_noise(scheduler, (1, *shape[1:]), _leak_row(leak, i), g, device, dtype)
+                          for i, g in enumerate(generator)])
+    noise = randn_tensor(tuple(shape), generator, device, dtype)
     if leak is None:
-        return noise
-    alpha_bar = float(scheduler.alphas_cumprod[int(scheduler.timesteps[0])])
-    if alpha_bar == 0.0:
+        return noise * scheduler.init_noise_sigma
+    t0 = scheduler.timesteps[:1]
+    if float(scheduler.alphas_cumprod[int(t0)]) == 0.0:
         warnings.warn("the schedule has zero SNR at the first sampled timestep: a signal leak has no effect",
                       stacklevel=2)
     if isinstance(leak, torch.Tensor):
@@ -35,98 +63,136 @@ def initial_noise(scheduler, shape, leak=None, generator=None, device=None, dtyp
         leak_images = leak.sample(shape[0], generator=generator, dtype=dtype)
     if tuple(leak_images.shape) != tuple(shape):
         raise ValueError(f"leak has shape {tuple(leak_images.shape)}, expected {tuple(shape)}")
-    return math.sqrt(alpha_bar) * leak_images.to(noise.device, dtype) + math.sqrt(1.0 - alpha_bar) * noise
+    return scheduler.add_noise(leak_images.to(device, dtype), noise, t0.to(device))
 
 
-def eps_scale_schedule(eps_scale, num_steps: int, slope: float = 0.0) -> list:
-    """lambda_i = slope * i + eps_scale for the step index i = 0 .. N-1 (i = 0 is the first, noisiest step).
+def _leak_row(leak, i):
+    """Sample i's share of a leak: row i of a (B, C, H, W) tensor; a (C, H, W) tensor or LeakStats as they are."""
+    return leak[i:i + 1] if isinstance(leak, torch.Tensor) and leak.dim() == 4 else leak
 
-    eps_scale: None (1.0), a float b, or a sequence of N values (then `slope` must be 0). Ning et al. report
-    b = 1.017 for CIFAR-10 at 100 steps. Every lambda must be > 0.
+
+def eps_scale_schedule(eps_scale, num_steps: int, slope: float = 0.0, centred: bool = False) -> list:
+    """Epsilon-scaling factors lambda in sampling order (entry 0 is the first, noisiest step).
+
+    Ning et al. 2023 (arXiv:2308.15321, sec. 5; their gaussian_diffusion.py) use lambda_t = k t + b over the
+    respaced step index t = 0 .. N-1, where t = N-1 is the noisiest step; so sampling step i (i = 0 first) gets
+    lambda = k (N - 1 - i) + b, and a (k, b) pair copied from the paper gives the paper's schedule.
+    centred=True: b is the mean lambda instead, b' = b - k (N - 1) / 2 (their centred form, b' = 1.011 - k (N-1)/2
+    for b = 1.011). eps_scale: None (1.0), a float b, or a sequence of N values in sampling order (then slope
+    must be 0). They report b = 1.017 for CIFAR-10 at 100, 50 and 20 steps. Every lambda must be > 0.
     """
     if eps_scale is None or isinstance(eps_scale, (int, float)):
         intercept = 1.0 if eps_scale is None else float(eps_scale)
-        values = [slope * i + intercept for i in range(num_steps)]
+        if centred:
+            intercept -= slope * (num_steps - 1) / 2
+        values = [slope * (num_steps - 1 - i) + intercept for i in range(num_steps)]
     else:
         values = [float(v) for v in eps_scale]
         if len(values) != num_steps or slope:
             raise ValueError(f"eps_scale must be a float (with an optional slope) or {num_steps} values, "
                              f"got {len(values)} values and slope {slope}")
     if min(values) <= 0:
-        raise ValueError(f"epsilon scale must stay > 0, but lambda_i = {slope} * i + b reaches {min(values):.4g} "
+        raise ValueError(f"epsilon scale must stay > 0, but lambda_t = {slope} * t + b reaches {min(values):.4g} "
                          f"within {num_steps} steps")
     return values
 
 
-def _denoise(model, x, t, class_labels, guidance, null_label):
-    """Model output (B, C', H, W) at x_t, with classifier-free guidance when `guidance` is set."""
-    timesteps = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
-    if guidance is None or class_labels is None:
-        return model(x, timesteps, class_labels)
-    nulls = torch.full_like(class_labels, null_label)
-    both = model(torch.cat([x, x]), torch.cat([timesteps, timesteps]), torch.cat([class_labels, nulls]))
-    conditional, unconditional = both.chunk(2)
-    return unconditional + guidance * (conditional - unconditional)
+def step_keywords(scheduler, options: dict | None, eps_scales: list) -> dict:
+    """Check once, before the loop, that `scheduler.step` takes the run's options; returns the fixed keywords.
+
+    options: per-run step keywords such as eta or use_clipped_model_output. Epsilon scaling (any lambda != 1)
+    needs a scheduler whose step takes `eps_scale`. A ValueError names what the scheduler does not take.
+    """
+    accepted = inspect.signature(scheduler.step).parameters
+    name = type(scheduler).__name__
+    options = dict(options or {})
+    refused = sorted(key for key in options if key not in accepted)
+    if refused:
+        raise ValueError(f"{name} takes no {', '.join(refused)} (its step takes: "
+                         f"{', '.join(p for p in accepted if p not in ('model_output', 'timestep', 'sample'))})")
+    if any(value != 1.0 for value in eps_scales) and "eps_scale" not in accepted:
+        raise ValueError(f"epsilon scaling is not available with {name}; use DDIMScheduler or DDPMScheduler")
+    return options
 
 
 @torch.no_grad()
-def sample(model, scheduler, n: int, *, shape=None, num_inference_steps: int | None = None, leak=None,
-           eps_scale=None, eps_scale_slope: float = 0.0, guidance: float | None = None, class_labels=None,
-           generator=None, batch_size: int = 64, eta: float = 0.0, x_T=None, callback=None, progress: bool = True,
-           device=None, dtype=torch.float32, autocast_dtype=None):
-    """Draw n samples (n, C, H, W) by running `scheduler` from x_T to x_0.
+def sample(model, scheduler, n: int, *, shape=None, num_inference_steps: int | None = None, x_T=None, leak=None,
+           class_labels=None, seed: int = 0, first_index: int = 0, batch_size: int = 64, eps_scale=None,
+           step_options: dict | None = None,
+           callback=None, on_batch=None, progress: bool = True, device=None, dtype=torch.float32,
+           autocast_dtype=None):
+    """Draw n samples (n, C, H, W) by running `scheduler` from x_T to x_0, batch after batch.
 
-    model: callable (x (B, C, H, W), timesteps (B,) long, class_labels (B,) long or None) -> (B, C or 2C, H, W);
-      an `ldm_lite` UNet works directly. shape: (C, H, W), default from `model.config`.
-    num_inference_steps: calls `scheduler.set_timesteps` when given, else uses the scheduler's current list.
-    leak: `LeakStats` or leak tensor for the signal-leak initial noise (see `initial_noise`).
-    eps_scale, eps_scale_slope: epsilon scaling lambda_i = slope * i + b, see `eps_scale_schedule`.
-    guidance: classifier-free guidance weight w.
-    class_labels: (n,) long or an int for all; the null label (model.config.num_classes) means unconditional.
-    generator: seeds x_T and every step's noise, batch after batch: same seed, same images.
-    x_T: (n, C, H, W) to start from instead of drawing it. eta: DDIM only.
-    callback(info): called after every step with a dict: step_index, timestep, batch_start, x_t, model_output,
-      pred_original_sample, prev_sample (tensors of the current batch); used by the analysis tools.
+    model: callable (x (B, C, H, W), timesteps (B,), class_labels (B,) long or None) -> (B, C or 2C, H, W); an
+      `ldm_lite` UNet, or a wrapper such as `ClassifierFreeGuidance`. Timesteps reach it as the scheduler gives
+      them (fractional for Karras sigmas). shape: (C, H, W), default from `model.config`.
+    num_inference_steps: set on the scheduler before every batch (which also resets a multistep scheduler's
+      state); None keeps the scheduler's current list (single-step schedulers only).
+    x_T: (n, C, H, W) to start from; else drawn by `initial_noise` with `leak` (LeakStats or tensor).
+    class_labels: (n,) long or one int for all. seed: sample i draws from `sample_seed(seed, first_index + i)`;
+      first_index > 0 continues a run or draws one process's share (same images as one long run).
+    eps_scale: lambda per step, a float or the list of `eps_scale_schedule`. step_options: per-run keywords of
+      `scheduler.step` (eta, use_clipped_model_output); both are checked once, before the loop.
+    callback(info): after every step, a dict with step_index, timestep, batch_start, x_t, model_output,
+      pred_original_sample, prev_sample (the current batch); the analysis tools use it.
+    on_batch(images (B, C, H, W), batch_start): receives each finished batch; then nothing is kept and the call
+      returns None (long runs stream to disk).
     autocast_dtype: e.g. torch.bfloat16 to run the model under autocast; the scheduler step stays in `dtype`.
-      One autocast context spans the whole call, so its low-precision copies of the weights are made once:
-      the weights must not change during the call (e.g. from a callback).
+      One autocast context spans the whole call, so its low-precision copies of the weights are made once: the
+      weights must not change during the call.
     """
+    stateful = num_inference_steps is None and getattr(scheduler, "order", 1) > 1
+    if stateful:
+        raise ValueError(f"{type(scheduler).__name__} keeps state between steps: pass num_inference_steps")
     if num_inference_steps is not None:
         scheduler.set_timesteps(num_inference_steps)
     config = getattr(model, "config", None)
     shape = tuple(shape or (config.in_channels, config.sample_size, config.sample_size))
-    device = torch.device(device) if device is not None else _model_device(model)
-    labels = _labels(class_labels, n, device)
-    lambdas = eps_scale_schedule(eps_scale, len(scheduler.timesteps), eps_scale_slope)
-    step_kwargs = {"eta": eta} if _takes_eta(scheduler) else {}
-    null_label = getattr(config, "num_classes", None)
+    device = torch.device(device) if device is not None else model_device(model)
+    labels = label_tensor(class_labels, n, device)
+    eps_scales = eps_scale_schedule(eps_scale, len(scheduler.timesteps))
+    options = step_keywords(scheduler, step_options, eps_scales)
+    scaled = "eps_scale" in inspect.signature(scheduler.step).parameters
+    random_steps = "generator" in inspect.signature(scheduler.step).parameters
     outputs = []
-    steps_total = math.ceil(n / batch_size) * len(scheduler.timesteps)
-    bar = tqdm(total=steps_total, desc="sampling", disable=not progress, leave=False)
+    bar = tqdm(total=math.ceil(n / batch_size) * len(scheduler.timesteps), desc="sampling", disable=not progress,
+               leave=False)
     # One autocast context around the whole loop keeps its low-precision copies of the weights from step to
     # step (leaving the outermost context drops them); the scheduler step runs with autocast off, in `dtype`.
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         for start in range(0, n, batch_size):
             count = min(batch_size, n - start)
-            x = (x_T[start:start + count].to(device, dtype) if x_T is not None else
-                 initial_noise(scheduler, (count, *shape), leak, generator, device, dtype))
+            if num_inference_steps is not None and start > 0:
+                scheduler.set_timesteps(num_inference_steps)  # a fresh state per batch
+            generators = sample_generators(seed, first_index + start, count)
+            with torch.autocast(device.type, enabled=False):
+                x = (x_T[start:start + count].to(device, dtype) if x_T is not None else
+                     initial_noise(scheduler, (count, *shape), leak, generators, device, dtype))
             batch_labels = labels[start:start + count] if labels is not None else None
+            keywords = dict(options, generator=generators) if random_steps else dict(options)
             for i, t in enumerate(scheduler.timesteps):
-                output = _denoise(model, x, t, batch_labels, guidance, null_label)
+                model_input = scheduler.scale_model_input(x, t)
+                output = model(model_input, t.to(device).expand(count), batch_labels)
                 with torch.autocast(device.type, enabled=False):
                     output = output.to(dtype)
-                    step = scheduler.step(output, t, x, generator=generator, eps_scale=lambdas[i], **step_kwargs)
+                    if scaled:
+                        keywords["eps_scale"] = eps_scales[i]
+                    step = scheduler.step(output, t, x, **keywords)
                     if callback is not None:
-                        callback(dict(step_index=i, timestep=int(t), batch_start=start, x_t=x, model_output=output,
+                        callback(dict(step_index=i, timestep=t.item(), batch_start=start, x_t=x, model_output=output,
                                       pred_original_sample=step.pred_original_sample, prev_sample=step.prev_sample))
                 x = step.prev_sample
                 bar.update(1)
-            outputs.append(x)
+            if on_batch is not None:
+                on_batch(x, start)
+            else:
+                outputs.append(x)
     bar.close()
-    return torch.cat(outputs)
+    return torch.cat(outputs) if on_batch is None else None
 
 
-def _labels(class_labels, n, device):
+def label_tensor(class_labels, n: int, device) -> torch.Tensor | None:
+    """Class labels (n,) long on `device` from None, one int for all, or a sequence / tensor of n labels."""
     if class_labels is None:
         return None
     if isinstance(class_labels, int):
@@ -137,12 +203,8 @@ def _labels(class_labels, n, device):
     return labels
 
 
-def _takes_eta(scheduler) -> bool:
-    import inspect
-    return "eta" in inspect.signature(scheduler.step).parameters
-
-
-def _model_device(model):
+def model_device(model) -> torch.device:
+    """The device of the model's first parameter (the CPU for a parameterless callable)."""
     try:
         return next(model.parameters()).device
     except (AttributeError, StopIteration):

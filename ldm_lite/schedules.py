@@ -98,6 +98,13 @@ def make_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000, ti
     return steps.long()
 
 
+def default_steps_offset(timestep_spacing: str) -> int:
+    """The steps_offset ldm_lite samples with: 1 for `leading`, as Stable Diffusion (t0 = 981 ... 1 for 50 of
+    1000 steps), else 0. The one statement of this rule; sampling a trained run, the band analysis and the
+    schedule table all use it."""
+    return 1 if timestep_spacing == "leading" else 0
+
+
 def signal_at_first_step(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> float:
     """sqrt(alpha_bar) at the first sampled timestep: how much of the image x_T still holds (the signal leak)."""
     return float(alphas_cumprod[int(timesteps[0])].double().sqrt())
@@ -130,12 +137,12 @@ def schedule_table(num_inference_steps: int = 50, num_train_timesteps: int = 100
     """Rows describing the signal leak of the named schedules at each spacing.
 
     Each row: schedule name, spacing, first timestep t0, sqrt(alpha_bar[t0]) and the terminal SNR
-    at t = T - 1 (steps_offset 1 for `leading`, as Stable Diffusion). Used by `python -m analysis schedules`.
+    at t = T - 1 (steps_offset by `default_steps_offset`). Used by `python -m analysis schedules`.
     """
     rows = []
     for name, alphas_cumprod in named_alphas_cumprod(None, num_train_timesteps).items():
         for spacing in TIMESTEP_SPACINGS:
-            offset = 1 if spacing == "leading" else 0
+            offset = default_steps_offset(spacing)
             timesteps = make_timesteps(num_inference_steps, num_train_timesteps, spacing, offset)
             rows.append(dict(schedule=name, spacing=spacing, steps_offset=offset, first_timestep=int(timesteps[0]),
                              signal_at_first_step=signal_at_first_step(alphas_cumprod, timesteps),

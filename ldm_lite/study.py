@@ -27,40 +27,44 @@ import torch
 from tqdm.auto import tqdm
 
 from ldm_lite import metrics, plots
-from ldm_lite.config import config_from_dict, config_to_dict
+from ldm_lite.config import config_from_dict, config_to_dict, option
 from ldm_lite.data import brightness_terciles, load_dataset, save_image_grid, to_float
 from ldm_lite.leak import LeakStats
 from ldm_lite.models import load_unet
+from ldm_lite.runs import CHECKPOINT_NAME, load_checkpoint
 from ldm_lite.sampling import initial_noise, sample
-from ldm_lite.schedulers import DDIMScheduler
+from ldm_lite.schedulers import from_config
 from ldm_lite.schedules import named_alphas_cumprod
-from ldm_lite.training import CHECKPOINT_NAME, load_checkpoint, make_scheduler, train
+from ldm_lite.training import train
 
 CLASS_NAMES = ("dark", "mid", "bright")
 
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """Settings of the bias study. `minutes` is the whole budget; training steps stop early to keep it."""
-    out: str = "runs/demo"
-    data: str = "synthetic"          # "synthetic", "cifar10:ROOT" or an image folder (labels: brightness terciles)
-    resolution: int = 16
-    train_steps: int = 1500
-    batch_size: int = 64
-    lr: float = 1e-3
-    minutes: float = 8.5              # leaves room for the install within make demo's 10 minutes
-    samples_per_class: int = 48
-    unconditional_samples: int = 192
-    sample_steps: int = 50
-    offset_noise: float = 0.1
-    zero_snr_model: bool = True      # part 4, trained only when the budget still allows it
-    synthetic_size: int = 4096
-    max_images: int = 0              # image folders: keep the first N (0 = all)
-    seed: int = 0
-    progress: bool = True
+    """Settings of the bias study (`python -m analysis demo` builds its flags from these fields).
+    `minutes` is the whole budget; training steps stop early to keep it."""
+    out: str = option("runs/demo", "output folder (report.html, results.json, model_*/ runs)")
+    data: str = option("synthetic", "'synthetic' (embedded), 'cifar10:ROOT' or an image folder; labels are "
+                       "brightness terciles")
+    resolution: int = option(16, "image size")
+    steps: int = option(1500, "optimiser steps per model (fewer when the budget runs out)")
+    batch_size: int = option(64, "training batch size")
+    lr: float = option(1e-3, "learning rate")
+    minutes: float = option(8.5, "time budget of the whole study (leaves room for the install in make demo)")
+    samples_per_class: int = option(48, "class-conditional samples per brightness class")
+    unconditional_samples: int = option(192, "unconditional samples per signal-leak setting")
+    sample_steps: int = option(50, "DDIM steps")
+    offset_noise: float = option(0.1, "offset-noise strength of the offset model")
+    zero_snr_model: bool = option(True, "train the zero-SNR model (part 4) when the budget allows it")
+    synthetic_size: int = option(4096, "number of embedded synthetic images")
+    max_images: int = option(0, "image folders: keep N images (0 = all)")
+    seed: int = option(0, "seed of the data, the training and the sampling")
+    progress: bool = option(True, "progress bars")
+    fresh: bool = option(False, "delete the study's model checkpoints and train from scratch")
 
     def __post_init__(self):
-        for name in ("resolution", "train_steps", "batch_size", "samples_per_class", "unconditional_samples",
+        for name in ("resolution", "steps", "batch_size", "samples_per_class", "unconditional_samples",
                      "sample_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -150,11 +154,12 @@ def train_config(config: StudyConfig, name: str, minutes: float, threads: int = 
         "model": {"preset": "tiny", "class_conditional": True, "null_label_prob": 0.1},
         "diffusion": {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
                       "rescale_betas_zero_snr": zero_snr, "prediction_type": "v_prediction" if zero_snr else "epsilon"},
-        "noise": {"offset_noise": name == "offset", "offset_noise_strength": config.offset_noise},
-        "train": {"steps": config.train_steps, "batch_size": config.batch_size, "lr": config.lr, "warmup_steps": 100,
+        "noise": {"offset_noise": True, "offset_noise_strength": config.offset_noise} if name == "offset" else {},
+        "train": {"steps": config.steps, "batch_size": config.batch_size, "lr": config.lr, "warmup_steps": 100,
                   "ema_decay": 0.999, "seed": config.seed, "max_minutes": max(minutes, 0.1), "num_threads": threads},
         "run": {"out": str(Path(config.out) / f"model_{name}"), "log_every": 25, "checkpoint_every": 250,
-                "sample_every": 0, "progress": config.progress and threads == 0, "resume": True},
+                "sample_every": 0, "progress": config.progress and threads == 0, "resume": True,
+                "fresh": config.fresh},
     })
 
 
@@ -196,9 +201,9 @@ def _logged_step(run_dir: Path) -> int:
         return 0
 
 
-def study_scheduler(trained: dict, spacing: str = "leading") -> DDIMScheduler:
-    return make_scheduler(trained["config"], DDIMScheduler, timestep_spacing=spacing, clip_sample=True,
-                          steps_offset=1 if spacing == "leading" else 0)
+def study_scheduler(trained: dict):
+    """DDIM on the model's schedule, with the spacing every command uses for it (`Config.scheduler_config`)."""
+    return from_config(trained["config"])
 
 
 # ----------------------------------------------------------------------------- 2. offset noise
@@ -209,11 +214,10 @@ def study_offset_noise(models: dict, data, labels, config: StudyConfig, out: Pat
     class_labels = torch.arange(len(CLASS_NAMES)).repeat_interleave(n)
     data_brightness = data.mean(dim=(1, 2, 3))
     for name, trained in models.items():
-        spacing = "trailing" if name == "zero_snr" else "leading"
-        scheduler = study_scheduler(trained, spacing)
+        scheduler = study_scheduler(trained)
+        spacing = scheduler.config["timestep_spacing"]
         images = sample(trained["model"], scheduler, len(class_labels), num_inference_steps=config.sample_steps,
-                        class_labels=class_labels, generator=torch.Generator().manual_seed(config.seed),
-                        progress=config.progress)
+                        class_labels=class_labels, seed=config.seed, progress=config.progress)
         shown = torch.cat([images[class_labels == c][:16] for c in range(len(CLASS_NAMES))])  # one row per class
         save_image_grid(shown.clamp(-1, 1), out / f"grid_{name}_classes.png", nrow=min(n, 16),
                         scale=_grid_scale(config))
@@ -244,8 +248,7 @@ def study_signal_leak(models: dict, data, config: StudyConfig, out: Path, result
         if name not in models:
             continue
         trained = models[name]
-        spacing = "trailing" if name == "zero_snr" else "leading"
-        scheduler = study_scheduler(trained, spacing)
+        scheduler = study_scheduler(trained)
         scheduler.set_timesteps(config.sample_steps)
         generator = torch.Generator().manual_seed(config.seed)
         shape = (n, data.shape[1], config.resolution, config.resolution)
@@ -255,7 +258,7 @@ def study_signal_leak(models: dict, data, config: StudyConfig, out: Path, result
         else:
             x_T = initial_noise(scheduler, shape, leak=leak, generator=generator)
         images = sample(trained["model"], scheduler, n, x_T=x_T, class_labels=trained["model"].config.num_classes,
-                        generator=generator, progress=config.progress).clamp(-1, 1)
+                        seed=config.seed, progress=config.progress).clamp(-1, 1)
         key = f"{name}, {start}"
         save_image_grid(images[:64], out / f"grid_{name}_{_slug(start)}.png", nrow=16, scale=_grid_scale(config))
         results["grids"][f"{key} (unconditional)"] = f"grid_{name}_{_slug(start)}.png"
@@ -284,16 +287,90 @@ def study_summary(leak_reports: dict, out: Path, results: dict) -> None:
     results["figures"]["summary"] = "summary.png"
 
 
+# ----------------------------------------------------------------------------- findings
+# Each sentence of the report that states a result is chosen here by the measured numbers.
+
+def band_findings(destruction: list, band_leak: list, num_train_timesteps: int = 1000) -> list:
+    """Sentences on which DCT band is destroyed last, per schedule, and how much SNR the DC band keeps at t0.
+
+    destruction: rows with schedule, noise, band, destruction_timestep (num_train_timesteps when never destroyed);
+    band_leak: rows with schedule, spacing, band, t0, snr_at_t0.
+    """
+    sentences = []
+    for schedule, noise in dict.fromkeys((row["schedule"], row.get("noise", "white")) for row in destruction):
+        rows = sorted((r for r in destruction if r["schedule"] == schedule and r.get("noise", "white") == noise),
+                      key=lambda r: r["band"])
+        if noise != "white":
+            schedule = f"{schedule} with {noise} noise"
+        dc, last = rows[0], max(rows, key=lambda r: (r["destruction_timestep"], -r["band"]))
+        never = [r["band"] for r in rows if r["destruction_timestep"] >= num_train_timesteps]
+        if dc["band"] in never:
+            text = f"under {schedule} the DC band is never destroyed (its SNR stays above 1 up to t = " \
+                   f"{num_train_timesteps - 1})"
+        elif last is dc:
+            text = f"under {schedule} the DC band is the last to fall below SNR 1, at t = {dc['destruction_timestep']}"
+        else:
+            text = (f"under {schedule} band {last['band']} is the last to fall below SNR 1 (t = "
+                    f"{last['destruction_timestep']}), not the DC band (t = {dc['destruction_timestep']})")
+        if never and dc["band"] not in never:
+            text += f"; bands {never} are never destroyed"
+        sentences.append(text[0].upper() + text[1:] + ".")
+    for row in (r for r in band_leak if r["band"] == 0):
+        kept = "keeps" if row["snr_at_t0"] > 0 else "has lost all"
+        sentences.append(f"At the first sampled step of {row['schedule']} ({row['spacing']} spacing, t0 = "
+                         f"{row['t0']}) the DC band {kept} signal: SNR {row['snr_at_t0']:.3g}.")
+    return sentences
+
+
+def offset_findings(rows: list) -> list:
+    """Per model: the share of the gap between mid-grey (0) and the data's class mean that its dark and bright
+    samples close (1 = they reach the data's class mean)."""
+    sentences = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        extremes = [r for r in rows if r["model"] == model and r["asked"] in ("dark", "bright")]
+        shares = [r["samples_mean"] / r["data_mean"] for r in extremes if abs(r["data_mean"]) > 1e-6]
+        if shares:
+            closed = sum(shares) / len(shares)
+            sentences.append(f"{model}: asked for dark or bright, its samples get {closed:.0%} of the way from "
+                             f"mid-grey to the data's class mean.")
+    return sentences
+
+
+def leak_findings(rows: list) -> list:
+    """Per setting: whether the brightness spread of unconditional samples is squeezed (std ratio < 0.9),
+    matches (0.9-1.1) or is wider than the data's, and which initial noise brings the standard model closest."""
+    sentences = []
+    for r in rows:
+        ratio = r["std_ratio"]
+        verdict = "squeezed toward mid-grey" if ratio < 0.9 else "wider than the data" if ratio > 1.1 else \
+            "about as wide as the data's"
+        sentences.append(f"{r['model']} from {r['initial_noise']}: brightness spread {verdict} (std ratio "
+                         f"{ratio:.2f}, W1 {r['wasserstein']:.3f}).")
+    standard = [r for r in rows if r["model"] == "standard"]
+    if len(standard) > 1:
+        best = min(standard, key=lambda r: r["wasserstein"])
+        sentences.append(f"For the standard model, {best['initial_noise']} gives the brightness distribution "
+                         f"closest to the data (lowest W1).")
+    return sentences
+
+
+def _paragraph(sentences: list) -> str:
+    return "<p>" + " ".join(html.escape(s) for s in sentences) + "</p>" if sentences else ""
+
+
 # ----------------------------------------------------------------------------- report
 
 def format_results(results: dict) -> str:
-    """The study's two result tables as plain text."""
+    """The study's result tables, and the findings computed from them, as plain text."""
+    tables = results["tables"]
     parts = ["Offset noise: class-conditional samples, mean brightness (data in [-1, 1])",
-             metrics.format_table(results["tables"]["offset_noise"],
+             metrics.format_table(tables["offset_noise"],
                                   ["model", "asked", "data_mean", "samples_mean", "gap", "steps", "n"]),
+             *offset_findings(tables["offset_noise"]),
              "", "Signal leak: unconditional samples vs data, per-image luminance",
-             metrics.format_table(results["tables"]["signal_leak"],
-                                  ["model", "initial_noise", "t0", "std_ratio", "wasserstein", "ks", "n"])]
+             metrics.format_table(tables["signal_leak"],
+                                  ["model", "initial_noise", "t0", "std_ratio", "wasserstein", "ks", "n"]),
+             *leak_findings(tables["signal_leak"])]
     if results.get("skipped"):
         parts += ["", results["skipped"]]
     return "\n".join(parts)
@@ -311,20 +388,21 @@ def write_report(results: dict, path: Path) -> None:
          f"<p>Total run time: {results['total_seconds'] / 60:.1f} minutes.</p>"),
         ("1. How the forward process destroys each DCT band",
          "<p>SNR per octave band of the data, SNR_b(t) = alpha_bar_t P_b / (1 - alpha_bar_t); a band is destroyed "
-         "once its SNR falls below 1. The DC band goes last, and with the leaky schedules it is never destroyed: "
-         "that is the signal leak. Measured correlation of x0 and x_t per band vs the theory sqrt(S / (1 + S)); "
+         "once its SNR falls below 1. Measured correlation of x0 and x_t per band vs the theory sqrt(S / (1 + S)); "
          f"largest deviation {results['band_correlation_max_error']:.3f}.</p>" +
+         _paragraph(band_findings(results["tables"]["destruction"], results["tables"]["band_leak"])) +
          "".join(_img(p) for p in results["figures"]["bands"].values()) +
          "<h3>Destruction timestep per band (all channels)</h3>" + _html_table(results["tables"]["destruction"]) +
          "<h3>SNR left at the first sampled step</h3>" + _html_table(results["tables"]["band_leak"])),
         ("2. Offset noise: asked for dark or bright",
          "<p>Class-conditional samples per brightness class, mean brightness vs the data's class mean "
          "(gap = samples - data; near-zero gaps for dark and bright mean the model reaches the extremes).</p>" +
-         _html_table(results["tables"]["offset_noise"]) +
+         _html_table(results["tables"]["offset_noise"]) + _paragraph(offset_findings(results["tables"]["offset_noise"])) +
          "".join(_img(p, k) for k, p in results["grids"].items() if "rows" in k)),
         ("3. Signal leak: unconditional brightness",
          "<p>Per-image luminance of unconditional samples vs the data: std ratio below 1 means squeezed toward "
          "mid-grey; W1 and KS compare the distributions.</p>" + _html_table(results["tables"]["signal_leak"]) +
+         _paragraph(leak_findings(results["tables"]["signal_leak"])) +
          "".join(_img(p, k) for k, p in results["figures"].items() if k.startswith("brightness")) +
          "".join(_img(p, k) for k, p in results["grids"].items() if "unconditional" in k)),
     ]

@@ -19,9 +19,7 @@ import functools
 import json
 import math
 import os
-import pickle
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,18 +28,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ldm_lite.config import Config, config_from_dict, config_to_dict, to_toml
+from ldm_lite import runs
+from ldm_lite.config import Config, to_toml
 from ldm_lite.data import InMemoryImages, brightness_terciles, load_dataset, save_image_grid, to_float
-from ldm_lite.generate import CHECKPOINT_NAME, CLASSES_FILE, RUN_CONFIG_FILE, scheduler_config_from_training
+from ldm_lite.latents import encode_latents
 from ldm_lite.models import UNet, unet_preset
 from ldm_lite.noise import min_snr_weights, perturb_noise, training_noise
 from ldm_lite.sampling import sample
-from ldm_lite.schedulers import DDIMScheduler, DDPMScheduler
+from ldm_lite.schedulers import DDPMScheduler, from_config
 from ldm_lite.schedules import snr
 
-CHECKPOINT_FORMAT = "ldm_lite.train.v1"
-# Test hook: when set to a step number, the save of that step's checkpoint stops half-way and waits to be killed.
-BLOCK_SAVE_ENV = "LDM_LITE_TEST_BLOCK_SAVE_AT_STEP"
+LATENT_CACHE_FORMAT = "ldm_lite.latents.v1"
 
 
 class TrainingDiverged(RuntimeError):
@@ -104,8 +101,9 @@ def cached_latents(dataset: InMemoryImages, config: Config, run_dir: Path, world
     from ldm_lite.models.vae_loading import load_vae
     vae = load_vae(config.latent.vae, dtype=torch.float32).to(world.device).eval()
     path = Path(config.latent.cache) if config.latent.cache else run_dir / "latents.safetensors"
-    key = {"vae": vae.identity(), "scaling_factor": repr(vae.scaling_factor), "shift_factor": repr(vae.shift_factor),
-           "images": _tensor_digest(dataset.images), "mirrored": str(config.data.random_flip)}
+    key = {"format": LATENT_CACHE_FORMAT, "vae": vae.identity(), "scaling_factor": repr(vae.scaling_factor),
+           "shift_factor": repr(vae.shift_factor), "images": _tensor_digest(dataset.images),
+           "mirrored": str(config.data.random_flip)}
     if world.is_main and not _cache_matches(path, key, safe_open):
         tensors = {"latents": _encode(vae, dataset.images, config, world, "encoding latents"),
                    "labels": dataset.labels}
@@ -128,23 +126,28 @@ def _tensor_digest(tensor: torch.Tensor) -> str:
 
 
 def _cache_matches(path: Path, key: dict, safe_open) -> bool:
+    """Whether the latent cache at `path` holds `key`'s latents; False when it is missing or stale.
+
+    A file there that is not an ldm_lite latent cache (no format tag, or the keys of earlier caches) is never
+    replaced: latent.cache may point anywhere, so a typo must not overwrite someone's file.
+    """
     if not path.exists():
         return False
     try:
         with safe_open(str(path), framework="pt") as file:
             metadata = file.metadata() or {}
-    except Exception:  # unreadable cache: rebuild it
-        return False
-    return all(metadata.get(k) == v for k, v in key.items())
+    except Exception:
+        metadata = None
+    legacy = metadata is not None and {"vae", "images", "mirrored"} <= set(metadata) and "format" not in metadata
+    if metadata is None or not (metadata.get("format") == LATENT_CACHE_FORMAT or legacy):
+        raise ValueError(f"latent.cache {str(path)!r} exists and is not an ldm_lite latent cache; refusing to "
+                         "overwrite it (choose another latent.cache path or delete the file)")
+    return all(metadata.get(k) == v for k, v in key.items() if k != "format")
 
 
-@torch.no_grad()
 def _encode(vae, images: torch.Tensor, config: Config, world: World, desc: str) -> torch.Tensor:
     """uint8 images (N, 3, H, W) -> scaled latents (N, C_lat, H/f, W/f) float32 (posterior mode)."""
-    size = config.latent.encode_batch_size
-    chunks = [vae.to_latents(to_float(images[i:i + size]).to(world.device)).float().cpu()
-              for i in tqdm(range(0, len(images), size), desc=desc, disable=not config.run.progress)]
-    return torch.cat(chunks)
+    return encode_latents(vae, images, config.latent.encode_batch_size, config.run.progress and world.is_main, desc)
 
 
 def build_model(config: Config, dataset: InMemoryImages) -> UNet:
@@ -161,12 +164,9 @@ def build_model(config: Config, dataset: InMemoryImages) -> UNet:
     return UNet(unet_config)
 
 
-def make_scheduler(config: Config, kind=DDPMScheduler, **kwargs):
+def make_scheduler(config: Config, name: str = "ddpm", **overrides):
     """A scheduler with the run's schedule and prediction type (DDPM for training, DDIM for sample grids)."""
-    d = config.diffusion
-    return kind(num_train_timesteps=d.num_train_timesteps, beta_schedule=d.beta_schedule, beta_start=d.beta_start,
-                beta_end=d.beta_end, rescale_betas_zero_snr=d.rescale_betas_zero_snr,
-                prediction_type=d.prediction_type, **kwargs)
+    return from_config(config, name, **overrides)
 
 
 def loss_weights(config: Config, alphas_cumprod: torch.Tensor) -> torch.Tensor | None:
@@ -174,7 +174,7 @@ def loss_weights(config: Config, alphas_cumprod: torch.Tensor) -> torch.Tensor |
     d = config.diffusion
     if not d.min_snr:
         return None
-    return min_snr_weights(snr(alphas_cumprod.double()), d.min_snr_gamma, d.prediction_type).float()
+    return min_snr_weights(snr(alphas_cumprod.double()), d.snr_gamma, d.prediction_type).float()
 
 
 # ----------------------------------------------------------------------------- one step
@@ -215,10 +215,10 @@ def draw_batch(dataset: InMemoryImages, config: Config, step: int, world: World,
     shape = (B,) + tuple(dataset.images.shape[1:])
     flip = torch.rand(B, generator=g) < 0.5 if config.data.random_flip else None
     timesteps = torch.randint(config.diffusion.num_train_timesteps, (B,), generator=g)
-    noise = training_noise(shape, g, offset_strength=noise_cfg.offset_noise_strength if noise_cfg.offset_noise else 0,
-                           pyramid_discount=noise_cfg.pyramid_discount if noise_cfg.pyramid_noise else 0)
-    input_noise = (perturb_noise(noise, noise_cfg.input_perturbation_gamma, g) if noise_cfg.input_perturbation
-                   else noise)
+    noise = training_noise(shape, g, offset_strength=noise_cfg.strength("offset_noise_strength"),
+                           pyramid_discount=noise_cfg.strength("pyramid_discount"))
+    input_noise = (perturb_noise(noise, noise_cfg.strength("input_perturbation_gamma"), g)
+                   if noise_cfg.input_perturbation else noise)
     drop = torch.rand(B, generator=g) < config.model.null_label_prob
     mine = slice(world.rank * b, (world.rank + 1) * b)
     indices = batch_indices(step, B, len(dataset), train.seed)[mine]
@@ -233,7 +233,8 @@ def draw_batch(dataset: InMemoryImages, config: Config, step: int, world: World,
                  input_noise[mine].to(device))
 
 
-def diffusion_loss(model, scheduler, batch: Batch, weights: torch.Tensor | None, autocast: bool) -> torch.Tensor:
+def diffusion_loss(model, scheduler, batch: Batch, weights: torch.Tensor | None,
+                   autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Mean over the batch of the (min-SNR weighted) per-sample MSE between prediction and target; 0-dim."""
     x_t = scheduler.add_noise(batch.x0, batch.input_noise, batch.timesteps)
     if scheduler.prediction_type == "epsilon":
@@ -242,7 +243,7 @@ def diffusion_loss(model, scheduler, batch: Batch, weights: torch.Tensor | None,
         target = scheduler.get_velocity(batch.x0, batch.noise, batch.timesteps)
     else:
         target = batch.x0
-    with torch.autocast(batch.x0.device.type, dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(batch.x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         prediction = model(x_t, batch.timesteps, batch.labels)
     per_sample = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
     if weights is not None:
@@ -271,66 +272,6 @@ def update_ema(ema_params: list, params: list, decay: float) -> None:
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def atomic_save(payload: dict, path: Path, step: int | None = None) -> None:
-    """torch.save to `path` so that a crash at any moment leaves either the old or the new file:
-    write `path`.tmp, fsync, rename over `path`, fsync the folder."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as file:
-        target = _BlockingWriter(file, path.parent) if _blocks_at(step) else file
-        torch.save(payload, target)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-
-
-def _blocks_at(step) -> bool:
-    value = os.environ.get(BLOCK_SAVE_ENV)
-    return value is not None and step is not None and int(value) == step
-
-
-class _BlockingWriter:
-    """Test hook (see BLOCK_SAVE_ENV): passes writes through until 4 KiB are written, then flushes, creates
-    `save_blocked` in the run folder and sleeps, so a test can SIGKILL the process in the middle of a save."""
-
-    def __init__(self, file, run_dir: Path):
-        self.file, self.run_dir, self.written = file, run_dir, 0
-
-    def write(self, data) -> int:
-        self.file.write(data)
-        self.written += len(data)
-        if self.written >= 4096:
-            self.file.flush()
-            (self.run_dir / "save_blocked").touch()
-            time.sleep(3600)
-        return len(data)
-
-    def flush(self):
-        self.file.flush()
-
-
-def load_checkpoint(path: Path) -> dict:
-    """A training checkpoint, checked: ValueError for corrupt files and for files of another format."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as error:
-        raise ValueError(f"checkpoint {str(path)!r} is corrupt or not a PyTorch file ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0] if str(error) else ''}); delete it or choose another run.out"
-                         ) from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise ValueError(f"{str(path)!r} is not an ldm_lite training checkpoint (format {found!r}, "
-                         f"expected {CHECKPOINT_FORMAT!r})")
-    missing = {"unet_config", "model", "ema", "optimizer", "step", "config"} - set(checkpoint)
-    if missing:
-        raise ValueError(f"checkpoint {str(path)!r} lacks {sorted(missing)}")
-    return checkpoint
-
-
 @dataclass
 class TrainState:
     """Everything a step changes: the model, its EMA copy (or None), the optimizer and the step count."""
@@ -340,24 +281,11 @@ class TrainState:
     step: int = 0
 
     def payload(self, config: Config) -> dict:
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        return {"format": CHECKPOINT_FORMAT, "unet_config": dataclasses.asdict(self.model.config),
-                "model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None,
-                "optimizer": self.optimizer.state_dict(), "step": self.step, "rng": rng,
-                "config": config_to_dict(config)}
+        return runs.checkpoint_payload(config, self.model, self.ema, self.optimizer, self.step)
 
     def restore(self, checkpoint: dict, config: Config, path: Path) -> None:
-        """Load a checkpoint of the same model and diffusion setup (ValueError otherwise)."""
-        if checkpoint["unet_config"] != dataclasses.asdict(self.model.config):
-            raise ValueError(f"checkpoint {str(path)!r} holds a different UNet "
-                             f"({checkpoint['unet_config']}) than this config builds; use another run.out")
-        saved = config_from_dict(checkpoint["config"])
-        for section in ("diffusion", "noise"):
-            if getattr(saved, section) != getattr(config, section):
-                raise ValueError(f"checkpoint {str(path)!r} was trained with a different [{section}] config: "
-                                 f"{getattr(saved, section)}; use the same settings or another run.out")
+        """Load a checkpoint trained with the same settings (ValueError naming the differing keys otherwise)."""
+        runs.check_resume(checkpoint, config, path)
         self.model.load_state_dict(checkpoint["model"])
         if self.ema is not None:
             self.ema.load_state_dict(checkpoint["ema"] if checkpoint["ema"] is not None else checkpoint["model"])
@@ -375,23 +303,44 @@ def new_state(config: Config, model: UNet) -> TrainState:
     return TrainState(model, ema, optimizer)
 
 
-def open_run(config: Config, state: TrainState, world: World) -> Path:
-    """Create run.out, resume from its checkpoint when asked, and write config.toml (rank 0)."""
+def open_run(config: Config, world: World) -> dict | None:
+    """Create run.out and return the checkpoint to resume from, or None for a new run.
+
+    With run.fresh an existing checkpoint and log are deleted first. A checkpoint trained with other settings
+    is refused (`runs.check_resume`) before any data is loaded.
+    """
     run_dir = Path(config.run.out)
-    path = run_dir / CHECKPOINT_NAME
+    path = run_dir / runs.CHECKPOINT_NAME
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         leftover = path.with_name(path.name + ".tmp")
         if leftover.exists():  # a save interrupted by a crash; checkpoint.pt is the last good one
             leftover.unlink()
-    if path.exists():
-        if not config.run.resume:
-            raise ValueError(f"{str(run_dir)!r} already holds a checkpoint; pass --run.resume=true to continue it "
-                             "or choose another --out")
-        state.restore(load_checkpoint(path), config, path)
+        if config.run.fresh:
+            for name in (runs.CHECKPOINT_NAME, runs.METRICS_FILE):
+                (run_dir / name).unlink(missing_ok=True)
+    if world.size > 1:
+        dist.barrier()
+    if not path.exists():
+        return None
+    if not config.run.resume:
+        raise ValueError(f"{str(run_dir)!r} already holds a checkpoint; pass --run.resume=true to continue it, "
+                         "--fresh to start over, or choose another --out")
+    checkpoint = runs.load_checkpoint(path)
+    runs.check_resume(checkpoint, config, path)
+    return checkpoint
+
+
+def start_run(config: Config, state: TrainState, checkpoint: dict | None, world: World) -> Path:
+    """Restore the checkpoint into `state` and write config.toml and the trimmed log (rank 0)."""
+    run_dir = Path(config.run.out)
+    if checkpoint is not None:
+        state.restore(checkpoint, config, run_dir / runs.CHECKPOINT_NAME)
     if world.is_main:
-        (run_dir / RUN_CONFIG_FILE).write_text(to_toml(config))
-        _truncate_metrics(run_dir / "metrics.jsonl", state.step)
+        # fresh is a one-off request: a config.toml reused later must not delete this run
+        kept = dataclasses.replace(config, run=dataclasses.replace(config.run, fresh=False))
+        (run_dir / runs.RUN_CONFIG_FILE).write_text(to_toml(kept))
+        _truncate_metrics(run_dir / runs.METRICS_FILE, state.step)
     return run_dir
 
 
@@ -416,11 +365,11 @@ def write_sample_grid(config: Config, model: UNet, vae, num_classes: int, path: 
     conditional = model.config.num_classes is not None
     rows = list(range(min(num_classes, 10))) + [model.config.num_classes] if conditional else [None] * 4
     labels = torch.tensor([r for r in rows for _ in range(per_row)]) if conditional else None
-    scheduler = DDIMScheduler(**scheduler_config_from_training(config))
+    scheduler = from_config(config)
     was_training = model.training
     model.eval()
     images = sample(model, scheduler, per_row * len(rows), num_inference_steps=config.run.sample_steps,
-                    class_labels=labels, generator=torch.Generator().manual_seed(config.train.seed), progress=False)
+                    class_labels=labels, seed=config.train.seed, progress=False)
     model.train(was_training)
     if vae is not None:
         images = vae.from_latents(images.to(next(vae.parameters()).device)).clamp(-1, 1)
@@ -435,7 +384,7 @@ class Logger:
     NaN/inf, writes one metrics.jsonl line and updates the progress bar."""
 
     def __init__(self, run_dir: Path, world: World, bar, batch_size: int):
-        self.path, self.world, self.bar, self.batch_size = run_dir / "metrics.jsonl", world, bar, batch_size
+        self.path, self.world, self.bar, self.batch_size = run_dir / runs.METRICS_FILE, world, bar, batch_size
         self.losses, self.first_step, self.started = [], 0, time.perf_counter()
 
     def add(self, step: int, loss: torch.Tensor) -> None:
@@ -492,21 +441,27 @@ def _train(config: Config, world: World) -> Path:
     if config.train.batch_size % world.size:
         raise ValueError(f"train.batch_size {config.train.batch_size} must be divisible by the number of "
                          f"processes {world.size}")
+    checkpoint = open_run(config, world)
+    if checkpoint is not None and int(checkpoint["step"]) >= config.train.steps:
+        print(f"{config.run.out}: the run is finished (step {int(checkpoint['step'])} of train.steps = "
+              f"{config.train.steps}); raise --steps to train further")
+        return Path(config.run.out)
     dataset, vae = prepare_data(config, world, Path(config.run.out))
     torch.manual_seed(config.train.seed)  # identical initial weights in every process
     model = build_model(config, dataset).to(world.device)
     if config.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     state = new_state(config, model)
-    run_dir = open_run(config, state, world)
+    run_dir = start_run(config, state, checkpoint, world)
     if world.is_main and config.model.class_conditional:
         # label index -> name, for `python -m sample --class NAME` (folder names are not in the config)
-        (run_dir / CLASSES_FILE).write_text(json.dumps(list(dataset.class_names)))
+        (run_dir / runs.CLASSES_FILE).write_text(json.dumps(list(dataset.class_names)))
     forward = torch.nn.parallel.DistributedDataParallel(model) if world.size > 1 else model
     if config.train.compile:
         forward = torch.compile(forward)
+    scaler = torch.amp.GradScaler(world.device.type) if config.train.precision == "fp16" else None
     run = Run(config, world, run_dir, dataset, vae, make_scheduler(config), forward,
-              null_label=dataset.num_classes if config.model.class_conditional else None)
+              null_label=dataset.num_classes if config.model.class_conditional else None, scaler=scaler)
     _loop(run, state)
     return run_dir
 
@@ -514,7 +469,8 @@ def _train(config: Config, world: World) -> Path:
 @dataclass
 class Run:
     """What stays fixed during a run: config, processes, folder, data, VAE (latent runs), training scheduler,
-    the model as called for training (DDP / compiled wrapper) and the null label (None if unconditional)."""
+    the model as called for training (DDP / compiled wrapper), the null label (None if unconditional) and the
+    fp16 gradient scaler (None otherwise; its scale is not checkpointed and re-calibrates after a resume)."""
     config: Config
     world: World
     run_dir: Path
@@ -523,21 +479,36 @@ class Run:
     scheduler: DDPMScheduler
     forward: torch.nn.Module
     null_label: int | None
+    scaler: torch.amp.GradScaler | None = None
+
+
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def train_step(run: Run, state: TrainState, weights: torch.Tensor | None):
-    """One optimisation step at state.step: loss, backward, clip, AdamW, EMA. Returns (loss, grad norm or None)."""
+    """One optimisation step at state.step: loss, backward, clip, AdamW, EMA. Returns (loss, grad norm or None).
+
+    fp16 scales the loss (run.scaler) so small gradients do not underflow; steps with inf/nan gradients are
+    skipped by the scaler and the scale lowered, as torch.amp does.
+    """
     t, step = run.config.train, state.step
     torch.manual_seed(step_seed(t.seed * 131 + run.world.rank, step, stream=1))  # dropout masks
     batch = draw_batch(run.dataset, run.config, step, run.world, run.null_label)
     for group in state.optimizer.param_groups:
         group["lr"] = learning_rate(run.config, step)
-    loss = diffusion_loss(run.forward, run.scheduler, batch, weights, t.precision == "bf16")
+    loss = diffusion_loss(run.forward, run.scheduler, batch, weights, AUTOCAST_DTYPES[t.precision])
     state.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    scaler = run.scaler
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if scaler is not None:
+        scaler.unscale_(state.optimizer)
     params = list(state.model.parameters())
     grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip, foreach=True) if t.grad_clip > 0 else None
-    state.optimizer.step()
+    if scaler is not None:
+        scaler.step(state.optimizer)
+        scaler.update()
+    else:
+        state.optimizer.step()
     if state.ema is not None:
         update_ema(list(state.ema.parameters()), params, ema_decay(run.config, step))
     state.step = step + 1
@@ -569,7 +540,7 @@ def _loop(run: Run, state: TrainState) -> None:
             write_sample_grid(run.config, model, run.vae, run.dataset.num_classes,
                               run.run_dir / "samples" / f"step_{step:07d}.png")
         if save and world.is_main:
-            atomic_save(state.payload(run.config), run.run_dir / CHECKPOINT_NAME, step)
+            runs.atomic_save(state.payload(run.config), run.run_dir / runs.CHECKPOINT_NAME)
         if out_of_time:
             bar.write(f"stopping at step {step}: train.max_minutes={t.max_minutes} reached")
             break

@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from ldm_lite import DDIMScheduler
+from ldm_lite.data import synthetic_brightness, to_float
+from ldm_lite.schedules import alphas_cumprod_from_betas, make_betas
 from ldm_lite.models.unet import UNet, save_unet, unet_preset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,8 +91,8 @@ def test_user_errors_end_in_one_line(subprocess_runs, case):
 ])
 def test_bad_values_in_process(workspace, capsys, args, flag):
     """More bad values through the same error path (run_main), without paying an interpreter start each."""
-    from analysis.__main__ import main
     from ldm_lite.cli import run_main
+    from ldm_lite.cli.analysis import main
     paths = {"SAMPLES": str(workspace / "samples.npz"), "CKPT": str(workspace / "model.safetensors")}
     assert run_main(main, [paths.get(a, a) for a in args]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
@@ -114,19 +116,30 @@ def test_bands_command_writes_plots_and_tables(subprocess_runs, workspace):
         assert_png(out / f"bands_{name}.png")
     power = read_csv(out / "bands_power.csv")
     assert len(power) == 4 * 6  # (R, G, B, all) x 6 octave bands at 16 x 16
-    assert all(float(row["power"]) >= 0 for row in power)
+    # the DC band of channel "all", computed here: the orthonormal DC coefficient is sqrt(H W) times the
+    # image mean, its power the mean square over images, averaged over the channels
+    images = to_float(synthetic_brightness(64, 16, seed=0).images).double()
+    dc_power = float((16 * images.mean(dim=(2, 3))).pow(2).mean())
+    dc = next(row for row in power if row["channel"] == "all" and row["band"] == "0")
+    assert (int(dc["k_min"]), int(dc["k_max"])) == (0, 0)
+    assert float(dc["power"]) == pytest.approx(dc_power, rel=1e-9)
     leak = read_csv(out / "bands_leak.csv")
     zero_snr = [row for row in leak if row["schedule"] == "scaled_linear_zero_snr" and row["spacing"] == "trailing"]
     assert zero_snr and all(float(row["snr_at_t0"]) == 0.0 for row in zero_snr)
+    # the DC band is destroyed at the first t with ab_t P / (1 - ab_t) < 1 (linear schedule, white noise)
+    alphas_cumprod = alphas_cumprod_from_betas(make_betas("linear", 1000, 1e-4, 0.02).double())
+    expected = int(torch.nonzero(alphas_cumprod * dc_power / (1 - alphas_cumprod) < 1)[0])
     destruction = read_csv(out / "bands_destruction.csv")
-    assert all(0 <= int(row["destruction_timestep"]) <= 1000 for row in destruction)
+    row = next(r for r in destruction if r["channel"] == "all" and r["band"] == "0" and r["schedule"] == "linear"
+               and r["noise"] == "white")
+    assert int(row["destruction_timestep"]) == expected
     correlation = read_csv(out / "bands_correlation.csv")
     assert max(abs(float(row["measured"]) - float(row["theory"])) for row in correlation) < 0.5
     assert "destruction timestep" in stdout and "signal leak" in stdout
 
 
 def run_in_process(args, capsys) -> str:
-    from analysis.__main__ import main
+    from ldm_lite.cli.analysis import main
     assert main(args) in (None, 0)
     return capsys.readouterr().out
 
@@ -167,9 +180,10 @@ def test_exposure_command_with_scan(workspace, capsys):
                            "--num-images", "8", "--steps", "3", "--scan", "1,1.02", "--out", str(out)], capsys)
     rows = read_csv(out / "exposure.csv")
     assert [int(row["timestep"]) for row in rows] == [666, 333, 0]  # DDIM leading, T = 1000, 3 steps
-    for row in rows:
-        delta = (float(row["residual_std"]) - float(row["target_std"])) ** 2
-        assert float(row["delta"]) == pytest.approx(delta, rel=1e-9, abs=1e-15)
+    alphas_cumprod = alphas_cumprod_from_betas(make_betas("linear", 1000, 1e-4, 0.02)).double()  # the model's float32
+    for row in rows:  # the target spread of x_t around sqrt(ab) x0 is sqrt(1 - ab_t) (Ho et al. eq. 4)
+        assert float(row["target_std"]) == pytest.approx(float((1 - alphas_cumprod[int(row["timestep"])]).sqrt()),
+                                                         rel=1e-6)
     scan = read_csv(out / "eps_scale_scan.csv")
     assert [float(row["eps_scale"]) for row in scan] == [1.0, 1.02]
     for name in ("exposure.png", "eps_scale_scan.png"):

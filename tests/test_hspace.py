@@ -128,8 +128,7 @@ def tiny_unet():
 
 def test_capture_h_on_a_unet_along_sampling(tiny_unet):
     scheduler = DDIMScheduler()
-    captured = hspace.capture_h(tiny_unet, scheduler, 6, num_inference_steps=4, batch_size=4, progress=False,
-                                generator=torch.Generator().manual_seed(0))
+    captured = hspace.capture_h(tiny_unet, scheduler, 6, num_inference_steps=4, batch_size=4, progress=False, seed=0)
     assert captured["timesteps"].tolist() == scheduler.timesteps.tolist()
     assert captured["h"].shape == (4, 6, 64, 2, 2)  # (steps, samples, C_mid = 32 * 2, 8 / 4, 8 / 4)
     assert captured["samples"].shape == (6, 3, 8, 8)

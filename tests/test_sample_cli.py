@@ -18,16 +18,17 @@ import pytest
 import torch
 from PIL import Image
 
-from analysis.__main__ import main as analysis_main
 from ldm_lite.cli import run_main
+from ldm_lite.cli.analysis import main as analysis_main
+from ldm_lite.cli.sample import main as sample_main
 from ldm_lite.config import load_config
+from ldm_lite.runs import run_config
 from ldm_lite.data import synthetic_brightness, to_float
-from ldm_lite.generate import scheduler_config_from_training
 from ldm_lite.leak import LeakStats
 from ldm_lite.models import load_unet, save_unet
 from ldm_lite.schedules import alphas_cumprod_from_betas, make_betas, make_timesteps
 from ldm_lite.training import train
-from sample.__main__ import main as sample_main
+from ldm_lite.sampling import sample_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "train" / "configs" / "synthetic_tiny.toml"
@@ -93,7 +94,7 @@ def test_same_seed_same_images_in_and_across_processes(run_dir, tmp_path, capsys
     extra = ["--leak-dc", "0=0.5", "--eps-scale", "1.01", "--eps-scale-slope", "0.001"]
     code, out, err = run_cli(sample_main, sample_args(run_dir, tmp_path / "a", *extra), capsys)
     assert code == 0, err
-    assert "first timestep 875" in out
+    assert "first timestep 876" in out  # leading spacing with steps_offset 1, the rule of every command
     assert run_cli(sample_main, sample_args(run_dir, tmp_path / "b", *extra), capsys)[0] == 0
     subprocess.run([sys.executable, "-m", "sample", *map(str, sample_args(run_dir, tmp_path / "c", *extra))],
                    cwd=ROOT, check=True, capture_output=True, env=ONE_THREAD)
@@ -119,13 +120,15 @@ def test_manifest_records_every_setting(run_dir, tmp_path, capsys):
     assert settings["leak_dc"] == [[1, -0.25]] and settings["guidance"] == 2.0 and settings["class_label"] == "bright"
     assert manifest["class_label"] == 2  # "bright" is the third synthetic class
     # the schedule comes from the run's config.toml: scaled_linear, leading spacing, 1000 steps
-    expected_steps = make_timesteps(8, 1000, "leading", 0).tolist()
-    assert manifest["timesteps"] == expected_steps and manifest["first_timestep"] == expected_steps[0] == 875
+    expected_steps = make_timesteps(8, 1000, "leading", 1).tolist()
+    assert manifest["timesteps"] == expected_steps and manifest["first_timestep"] == expected_steps[0] == 876
     alphas_cumprod = alphas_cumprod_from_betas(make_betas("scaled_linear", 1000, 0.00085, 0.012).double())
-    assert manifest["sqrt_alpha_bar_first_timestep"] == pytest.approx(math.sqrt(alphas_cumprod[875]), rel=1e-6)
+    assert manifest["sqrt_alpha_bar_first_timestep"] == pytest.approx(math.sqrt(alphas_cumprod[876]), rel=1e-6)
+    assert manifest["nfe"] == 8 and manifest["model_calls_per_image"] == 16  # guidance: two calls per step
     assert manifest["scheduler"]["class"] == "DDIMScheduler"
     assert manifest["scheduler"]["config"]["beta_schedule"] == "scaled_linear"
-    assert manifest["eps_scales"] == pytest.approx([1.02 - 0.001 * i for i in range(8)], abs=1e-12)
+    # Ning et al.'s lambda_t = k t + b with t = N-1 at the first (noisiest) step
+    assert manifest["eps_scales"] == pytest.approx([1.02 - 0.001 * (7 - i) for i in range(8)], abs=1e-12)
     assert manifest["leak"]["fixed_components"] == [[1, 0, 0, pytest.approx(-0.25 * 16)]]  # DC = mean * sqrt(H W)
     assert manifest["checkpoint"]["kind"] == "ldm_lite run"
     assert manifest["unet_config"]["num_classes"] == 3 and manifest["vae"] is None
@@ -147,10 +150,10 @@ def test_ddpm_with_spacing_override(run_dir, tmp_path, capsys):
     assert manifest["sqrt_alpha_bar_first_timestep"] == pytest.approx(0.06826, abs=1e-5)  # REFERENCES.md
 
 
-@pytest.mark.parametrize("flag, calls", [([], 1), (["--no-keep-freed-memory"], 0)])
-def test_keeps_freed_memory_unless_told_not_to(flag, calls, run_dir, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("flag, calls", [([], 0), (["--keep-freed-memory"], 1)])
+def test_keeps_freed_memory_only_when_asked(flag, calls, run_dir, tmp_path, capsys, monkeypatch):
     made = []
-    monkeypatch.setattr(sys.modules["sample.__main__"], "keep_freed_memory", lambda: made.append(1) or True)
+    monkeypatch.setattr(sys.modules["ldm_lite.cli.sample"], "keep_freed_memory", lambda: made.append(1) or True)
     assert run_cli(sample_main, sample_args(run_dir, tmp_path, "--n", "1", *flag), capsys)[0] == 0
     assert len(made) == calls
 
@@ -158,7 +161,7 @@ def test_keeps_freed_memory_unless_told_not_to(flag, calls, run_dir, tmp_path, c
 def test_exported_weights_need_and_take_a_scheduler_config(run_dir, tmp_path, capsys):
     """Bare weights carry no schedule: --scheduler-config supplies it, and then the images equal the run's."""
     save_unet(load_unet(run_dir), tmp_path / "unet.safetensors")  # the EMA weights, as sampling from the run uses
-    schedule = scheduler_config_from_training(load_config(run_dir / "config.toml"))
+    schedule = run_config(run_dir)[0].scheduler_config()
     (tmp_path / "scheduler_config.json").write_text(json.dumps(schedule))
     code, _, err = run_cli(sample_main, sample_args(tmp_path / "unet.safetensors", tmp_path / "bare"), capsys)
     assert code == 0, err  # found beside the weights
@@ -214,10 +217,11 @@ def test_diffusers_pipeline_folder_samples_like_diffusers_ddim(tmp_path, capsys)
     assert code == 0, err
     reference = diffusers.DDIMPipeline(unet=unet, scheduler=scheduler)
     reference.set_progress_bar_config(disable=True)
+    generators = [torch.Generator().manual_seed(sample_seed(0, i)) for i in range(4)]  # one per image
     with torch.no_grad():
-        expected = reference(batch_size=4, generator=torch.Generator().manual_seed(0), num_inference_steps=10,
+        expected = reference(batch_size=4, generator=generators, num_inference_steps=10,
                              eta=0.0, output_type="np").images  # (4, 8, 8, 3) in [0, 1]
-    # same x_T (randn of the seed), same schedule and weights: equal up to one uint8 level of rounding
+    # same x_T (image i's own generator), same schedule and weights: equal up to one uint8 level of rounding
     assert np.abs(read_pngs(tmp_path / "out", 4) - np.round(expected * 255)).max() <= 1
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["checkpoint"]["kind"] == "diffusers pipeline" and manifest["first_timestep"] == 900
@@ -245,7 +249,9 @@ def test_latent_diffusers_pipeline_decodes_through_its_vae(tmp_path, capsys):
     # the reference: diffusers' DDIM on latents with the same constant-DC leak, then vae.decode(z / scaling_factor)
     scheduler.set_timesteps(5)
     ab = float(scheduler.alphas_cumprod[int(scheduler.timesteps[0])])
-    latents = math.sqrt(1 - ab) * torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    noise = torch.cat([torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(sample_seed(0, i)))
+                       for i in range(2)])
+    latents = math.sqrt(1 - ab) * noise
     latents[:, 3] += math.sqrt(ab) * 1.5
     with torch.no_grad():
         for t in scheduler.timesteps:
@@ -275,7 +281,7 @@ def test_latent_diffusers_pipeline_decodes_through_its_vae(tmp_path, capsys):
     ("leak-dc not finite", "--leak-dc expects CH=VALUE"),
     ("leak-dc channel out of range", "--leak-dc channel 3 is out of range"),
     ("class out of range", "--class must be an integer in"),
-    ("eta with ddpm", "eta applies to the ddim scheduler only"),
+    ("eta with ddpm", "DDPMScheduler takes no eta"),
 ])
 def test_user_errors_print_one_line_and_exit_2(case, message, run_dir, tmp_path, capsys):
     extra = {

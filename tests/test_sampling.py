@@ -1,15 +1,17 @@
 """ldm_lite.sampling: signal-leak initial noise at the first sampled timestep, epsilon scaling against hand-computed
-steps, and bit-for-bit equality with the plain sampler when lambda = 1."""
+steps and against a transcription of ADM-ES's schedule, bit-for-bit equality with the plain sampler when lambda = 1,
+per-sample randomness (the images do not depend on the batch size), run options checked before the loop, and
+classifier-free guidance as a model wrapper."""
 import math
 import warnings
 
 import pytest
 import torch
 
-from ldm_lite.generate import eps_scales
+from ldm_lite.guidance import ClassifierFreeGuidance
 from ldm_lite.leak import LeakStats
-from ldm_lite.sampling import initial_noise, sample
-from ldm_lite.schedulers import DDIMScheduler, DDPMScheduler
+from ldm_lite.sampling import eps_scale_schedule, initial_noise, sample, sample_generators
+from ldm_lite.schedulers import DDIMScheduler, DDPMScheduler, randn_tensor
 
 SHAPE = (3, 8, 8)
 SCALED_LINEAR = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
@@ -106,9 +108,10 @@ def test_zero_terminal_snr_warns_that_a_leak_has_no_effect():
 
 
 def plain_sampler(model, scheduler, n, seed, eta=None):
-    """The textbook loop: x_T = randn, then scheduler.step with the raw model output at every timestep."""
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, *SHAPE, generator=generator)
+    """The textbook loop: x_T = randn, then scheduler.step with the raw model output at every timestep; sample i
+    draws from its own generator (diffusers' list-of-generators convention)."""
+    generator = sample_generators(seed, 0, n)
+    x = torch.cat([torch.randn(1, *SHAPE, generator=g) for g in generator])
     with torch.no_grad():
         for t in scheduler.timesteps:
             output = model(x, torch.full((n,), int(t)))
@@ -123,10 +126,10 @@ def test_eps_scale_one_reproduces_the_plain_sampler_bit_for_bit(name, eta):
     scheduler = SCHEDULER_CLASSES[name](**SCALED_LINEAR)
     scheduler.set_timesteps(10)
     expected = plain_sampler(model, scheduler, 4, seed=0, eta=eta)
-    kwargs = {} if eta is None else {"eta": eta}
-    for eps_scale, slope in ((None, 0.0), (1.0, 0.0), ([1.0] * 10, 0.0)):
-        ours = sample(model, scheduler, 4, shape=SHAPE, eps_scale=eps_scale, eps_scale_slope=slope, progress=False,
-                      generator=torch.Generator().manual_seed(0), **kwargs)
+    options = {} if eta is None else {"eta": eta}
+    for eps_scale in (None, 1.0, [1.0] * 10):
+        ours = sample(model, scheduler, 4, shape=SHAPE, eps_scale=eps_scale, progress=False, seed=0,
+                      step_options=options)
         assert torch.equal(ours, expected), eps_scale
 
 
@@ -149,22 +152,22 @@ def hand_step(name, scheduler, x, output, t, prev_t, lam, noise):
 
 
 @pytest.mark.parametrize("name", ["ddpm", "ddim"])
-@pytest.mark.parametrize("eps_scale,slope", [(1.017, 0.0), (1.03, -0.002)], ids=["constant", "k*i+b"])
+@pytest.mark.parametrize("eps_scale,slope", [(1.017, 0.0), (1.03, -0.002)], ids=["constant", "k*t+b"])
 def test_eps_scaling_matches_hand_computed_steps(name, eps_scale, slope):
     model, steps, n, seed = TinyDenoiser(), 10, 4, 0
     scheduler = SCHEDULER_CLASSES[name](**SCALED_LINEAR)
     scheduler.set_timesteps(steps)
     records = []
-    sample(model, scheduler, n, shape=SHAPE, eps_scale=eps_scale, eps_scale_slope=slope, progress=False,
-           generator=torch.Generator().manual_seed(seed), callback=records.append)
-    lambdas = [slope * i + eps_scale for i in range(steps)]
-    generator = torch.Generator().manual_seed(seed)  # replay the draws: x_T, then one noise per DDPM step t > 0
-    torch.randn(n, *SHAPE, generator=generator)
+    sample(model, scheduler, n, shape=SHAPE, eps_scale=eps_scale_schedule(eps_scale, steps, slope), progress=False,
+           seed=seed, callback=records.append)
+    lambdas = [slope * (steps - 1 - i) + eps_scale for i in range(steps)]  # t = N-1 is the first step
+    generator = sample_generators(seed, 0, n)  # replay the draws: x_T, then one noise per DDPM step t > 0
+    randn_tensor((n, *SHAPE), generator)
     timesteps = scheduler.timesteps.tolist() + [-1]
     assert [r["step_index"] for r in records] == list(range(steps))
     for i, record in enumerate(records):
         t, prev_t = timesteps[i], timesteps[i + 1]
-        noise = torch.randn(n, *SHAPE, generator=generator) if name == "ddpm" and t > 0 else None
+        noise = randn_tensor((n, *SHAPE), generator) if name == "ddpm" and t > 0 else None
         expected = hand_step(name, scheduler, record["x_t"], record["model_output"], t, prev_t, lambdas[i], noise)
         # float32 vs float64 (measured max 4.5e-7; the x0 estimate amplifies rounding by 1 / sqrt(ab) <= 15 here)
         torch.testing.assert_close(record["prev_sample"].double(), expected, rtol=0, atol=2e-6)
@@ -172,12 +175,33 @@ def test_eps_scaling_matches_hand_computed_steps(name, eps_scale, slope):
         assert (unscaled - expected).abs().max() > 5e-5, f"step {i}: lambda {lambdas[i]} had no visible effect"
 
 
-def test_eps_scales_builds_k_i_plus_b_and_rejects_non_positive():
-    assert eps_scales(1.0, 0.0, 3) == [1.0, 1.0, 1.0]
-    assert eps_scales(1.03, -0.01, 3) == pytest.approx([1.03, 1.02, 1.01], abs=1e-12)
-    assert eps_scales(1.0, 0.5, 2) == [1.0, 1.5]
+def adm_es_lambdas(k: float, b: float, num_steps: int, centred: bool = False) -> list:
+    """A transcription of ADM-ES (Ning et al. 2023, their gaussian_diffusion.py): lambda_t = k * t + b over the
+    respaced index t = 0 .. N-1, centred form b = b - k * (N - 1) / 2; their loop runs t = N-1 (noisiest) down
+    to 0, so this is the list in sampling order."""
+    if centred:
+        b = b - k * (num_steps - 1) / 2
+    by_index = {t: k * t + b for t in range(num_steps)}
+    return [by_index[t] for t in reversed(range(num_steps))]
+
+
+@pytest.mark.parametrize("k, b, steps", [(0.0, 1.017, 20), (0.0004, 1.0, 20), (-0.001, 1.03, 7), (0.002, 1.005, 1)])
+@pytest.mark.parametrize("centred", [False, True])
+def test_eps_scale_schedule_follows_the_papers_convention(k, b, steps, centred):
+    expected = adm_es_lambdas(k, b, steps, centred)
+    assert eps_scale_schedule(b, steps, k, centred) == pytest.approx(expected, abs=1e-12)
+    if k > 0 and steps > 1:  # a positive slope scales the noisiest (first) step most
+        assert expected[0] > expected[-1]
+    if centred:
+        assert sum(expected) / steps == pytest.approx(b, abs=1e-12)
+
+
+def test_eps_scale_schedule_rejects_non_positive_and_mismatched_lists():
+    assert eps_scale_schedule(None, 3) == [1.0, 1.0, 1.0]
     with pytest.raises(ValueError, match="must stay > 0"):
-        eps_scales(1.0, -0.2, 10)
+        eps_scale_schedule(1.0, 10, -0.2)  # lambda_t = 1 - 0.2 t is negative at the first (t = 9) step
+    with pytest.raises(ValueError, match="3 values"):
+        eps_scale_schedule([1.0, 1.0], 3)
 
 
 # ----------------------------------------------------------------------------- autocast
@@ -206,8 +230,8 @@ def test_autocast_covers_the_model_only_and_spans_the_loop():
                      info["prev_sample"].dtype))
 
     scheduler = DDIMScheduler(**SCALED_LINEAR)
-    out = sample(Recording(), scheduler, 2, shape=SHAPE, num_inference_steps=3,
-                 generator=torch.Generator().manual_seed(0), progress=False, callback=callback,
+    out = sample(Recording(), scheduler, 2, shape=SHAPE, num_inference_steps=3, seed=0, progress=False,
+                 callback=callback,
                  autocast_dtype=torch.bfloat16)
     # the step is 2 deep: the loop's autocast and the autocast-off block inside it
     assert seen == [("model", True, 1), ("step", False, 2, torch.float32, torch.float32)] * 3
@@ -217,9 +241,78 @@ def test_autocast_covers_the_model_only_and_spans_the_loop():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return model.conv(x)
 
-    expected = sample(per_call, scheduler, 2, shape=SHAPE, num_inference_steps=3,
-                      generator=torch.Generator().manual_seed(0), progress=False)
+    expected = sample(per_call, scheduler, 2, shape=SHAPE, num_inference_steps=3, seed=0, progress=False)
     assert out.dtype == torch.float32 and torch.equal(out, expected)
-    float32 = sample(lambda x, t, y=None: model.conv(x), scheduler, 2, shape=SHAPE, num_inference_steps=3,
-                     generator=torch.Generator().manual_seed(0), progress=False)
+    float32 = sample(lambda x, t, y=None: model.conv(x), scheduler, 2, shape=SHAPE, num_inference_steps=3, seed=0,
+                     progress=False)
     assert not torch.equal(out, float32) and (out - float32).abs().max() < 0.1  # bf16 was used, and is close
+
+
+# ----------------------------------------------------------------------------- per-sample randomness
+
+
+@pytest.mark.parametrize("name, options", [("ddpm", {}), ("ddim", {"eta": 1.0})])
+def test_images_do_not_depend_on_the_batch_size_or_the_first_index(name, options):
+    """Sample i draws from its own generator: one batch of 6, batches of 4 + 2, and a run continued at index 4
+    draw the same noise; CPU kernels may round differently by batch size, so images agree within 1e-5."""
+    model, scheduler = TinyDenoiser(), SCHEDULER_CLASSES[name](**SCALED_LINEAR)
+    draws = []
+
+    def run(n, batch_size, first_index=0):
+        records = []
+        images = sample(model, scheduler, n, shape=SHAPE, num_inference_steps=5, seed=3, batch_size=batch_size,
+                        first_index=first_index, step_options=options, progress=False, callback=records.append)
+        draws.append(torch.cat([r["x_t"] for r in records if r["step_index"] == 0]))
+        return images
+
+    whole = run(6, 6)
+    split = run(6, 4)
+    continued = torch.cat([run(4, 4), run(2, 2, first_index=4)])
+    assert torch.equal(draws[0], draws[1]) and torch.equal(draws[0], torch.cat(draws[2:]))  # x_T exactly
+    torch.testing.assert_close(split, whole, rtol=0, atol=1e-5)
+    torch.testing.assert_close(continued, whole, rtol=0, atol=1e-5)
+    other = sample(model, scheduler, 6, shape=SHAPE, num_inference_steps=5, seed=4, step_options=options,
+                   progress=False)
+    assert (other - whole).abs().amax(dim=(1, 2, 3)).min() > 1e-2  # another seed: every image differs
+
+
+def test_run_options_are_checked_before_the_first_model_call():
+    calls = []
+
+    def model(x, t, y=None):
+        calls.append(1)
+        return torch.zeros_like(x)
+
+    with pytest.raises(ValueError, match="DDPMScheduler takes no eta"):
+        sample(model, DDPMScheduler(), 2, shape=SHAPE, num_inference_steps=3, step_options={"eta": 0.5})
+    with pytest.raises(ValueError, match="takes no use_clipped_model_output"):
+        sample(model, DDPMScheduler(), 2, shape=SHAPE, num_inference_steps=3,
+               step_options={"use_clipped_model_output": True})
+
+    class NoScaling(DDIMScheduler):  # a scheduler whose step has no eps_scale (as the sigma-based ones)
+        def step(self, model_output, timestep, sample, generator=None):
+            return super().step(model_output, timestep, sample, generator=generator)
+
+    with pytest.raises(ValueError, match="epsilon scaling is not available with NoScaling"):
+        sample(model, NoScaling(), 2, shape=SHAPE, num_inference_steps=3, eps_scale=1.01)
+    assert not calls
+    sample(model, NoScaling(), 2, shape=SHAPE, num_inference_steps=3, eps_scale=1.0, progress=False)  # 1 is off
+    assert len(calls) == 3
+
+
+def test_classifier_free_guidance_wrapper_is_the_guided_combination():
+    """eps = eps_null + w (eps_cond - eps_null) (Ho & Salimans 2022, eq. 6), with the null label num_classes."""
+
+    class Conditional(torch.nn.Module):
+        config = type("Config", (), {"num_classes": 3, "in_channels": 3, "sample_size": 8})()
+
+        def forward(self, x, timesteps, class_labels):
+            return x * (1 + class_labels.view(-1, 1, 1, 1).float()) + timesteps.view(-1, 1, 1, 1) / 1000
+
+    x, t, labels = torch.randn(2, *SHAPE), torch.tensor([500, 500]), torch.tensor([0, 2])
+    guided = ClassifierFreeGuidance(Conditional(), 3.0)(x, t, labels)
+    cond = x * (1 + labels.view(-1, 1, 1, 1)) + 0.5
+    null = x * 4 + 0.5
+    torch.testing.assert_close(guided, null + 3.0 * (cond - null))
+    with pytest.raises(ValueError, match="class-conditional"):
+        ClassifierFreeGuidance(TinyDenoiser(), 2.0)

@@ -24,7 +24,7 @@ from ldm_lite.training import (Batch, TrainingDiverged, batch_indices, diffusion
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "train" / "configs" / "synthetic_tiny.toml"
-CIFAR_JPEG = Path("/work/shared/data/cifar10-jpeg/train")
+CIFAR_JPEG = ROOT.parent / "shared" / "data" / "cifar10-jpeg" / "train"  # beside the repository
 BASE = {"data.resolution": "8", "data.synthetic_size": "64", "train.batch_size": "8", "train.steps": "6",
         "train.warmup_steps": "2", "run.log_every": "1", "run.checkpoint_every": "3", "run.sample_every": "0",
         "run.progress": "false", "train.num_threads": "1"}  # 1 thread: far faster than 2 on a shared machine
@@ -86,12 +86,12 @@ def test_loss_is_zero_for_a_model_predicting_the_reference_target(prediction_typ
         assert torch.allclose(x, x_t, atol=1e-6)  # x_t is built from the perturbed noise
         return target
 
-    assert diffusion_loss(oracle, scheduler, batch, None, autocast=False).item() < 1e-12
+    assert diffusion_loss(oracle, scheduler, batch, None).item() < 1e-12
     # input perturbation: the target is the clean noise, so predicting the perturbed noise costs ~gamma^2
     if prediction_type == "epsilon":
         def perturbed(x, t, labels):
             return batch.input_noise
-        assert diffusion_loss(perturbed, scheduler, batch, None, False).item() == pytest.approx(0.01, rel=0.2)
+        assert diffusion_loss(perturbed, scheduler, batch, None).item() == pytest.approx(0.01, rel=0.2)
 
 
 def test_min_snr_weights_enter_the_loss_per_sample():
@@ -100,7 +100,7 @@ def test_min_snr_weights_enter_the_loss_per_sample():
     model = lambda x, t, labels: torch.zeros_like(x)  # noqa: E731
     per_sample = batch.noise.pow(2).mean(dim=(1, 2, 3))
     expected = (per_sample * weights[batch.timesteps]).mean()
-    assert diffusion_loss(model, scheduler, batch, weights, False).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert diffusion_loss(model, scheduler, batch, weights).item() == pytest.approx(expected.item(), rel=1e-6)
     with_snr = load_config(TINY, {**BASE, "diffusion.min_snr": "true", "diffusion.rescale_betas_zero_snr": "true",
                                   "diffusion.prediction_type": "v_prediction"})
     w = training.loss_weights(with_snr, make_scheduler(with_snr).alphas_cumprod)
@@ -150,7 +150,7 @@ def test_resume_is_exact(reference, tmp_path):
     assert losses(run_dir) == pytest.approx(reference_losses, abs=1e-6)
     with pytest.raises(ValueError, match="already holds a checkpoint"):
         train(tiny_config(tmp_path / "run", run__resume="false", **overrides))
-    with pytest.raises(ValueError, match=r"different \[noise\] config"):
+    with pytest.raises(ValueError, match=r"other settings \(noise.offset_noise\).*--fresh"):
         train(tiny_config(tmp_path / "run", train__steps=8, model__dropout=0.1))
 
 
@@ -158,9 +158,10 @@ def test_kill_during_save_resumes_from_last_good_checkpoint(reference, tmp_path)
     _, reference_losses = reference
     run_dir = tmp_path / "run"
     args = cli_args(run_dir, model__dropout=0.1, noise__offset_noise="true")
-    env = {**os.environ, training.BLOCK_SAVE_ENV: "6"}
-    process = subprocess.Popen([sys.executable, "-m", "train", *args], cwd=ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    launcher = ROOT / "tests" / "save_blocking_launcher.py"  # blocks the save of step 6 half-way
+    process = subprocess.Popen([sys.executable, str(launcher), "6", *args], cwd=ROOT,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while not (run_dir / "save_blocked").exists():
         assert process.poll() is None, process.stderr.read().decode()
@@ -196,7 +197,7 @@ def test_corrupt_and_foreign_checkpoints_get_clear_errors(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "checkpoint.pt").write_bytes(b"\x00garbage" * 100)
-    with pytest.raises(ValueError, match="corrupt or not a PyTorch file"):
+    with pytest.raises(ValueError, match="not a readable PyTorch weight file"):
         train(tiny_config(run_dir))
     torch.save({"state_dict": {}}, run_dir / "checkpoint.pt")
     with pytest.raises(ValueError, match="not an ldm_lite training checkpoint"):
@@ -204,6 +205,10 @@ def test_corrupt_and_foreign_checkpoints_get_clear_errors(tmp_path):
     torch.save({"format": "ldm_lite.train.v1", "model": {}}, run_dir / "checkpoint.pt")
     with pytest.raises(ValueError, match="lacks"):
         train(tiny_config(run_dir))
+    # the right format tag but no weights: one line for sampling too, not a bare KeyError
+    torch.save({"format": "ldm_lite.train.v1", "unet_config": {}, "config": {}}, run_dir / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"lacks \['model'\]"):
+        load_unet(run_dir / "checkpoint.pt")
 
 
 def test_time_budget_stops_with_a_checkpoint(tmp_path):
@@ -214,7 +219,7 @@ def test_time_budget_stops_with_a_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("keep", [True, False])
 def test_train_command_keeps_freed_memory_as_configured(tmp_path, monkeypatch, keep):
-    command = importlib.import_module("train.__main__")  # `train` here is ldm_lite.training.train
+    command = importlib.import_module("ldm_lite.cli.train")  # `train` here is ldm_lite.training.train
     calls = []
     monkeypatch.setattr(command, "keep_freed_memory", lambda: calls.append(1) or True)
     assert command.main(cli_args(tmp_path / "run", train__steps=1, train__keep_freed_memory=str(keep).lower())) == 0
@@ -239,7 +244,7 @@ def test_trains_on_an_image_folder(tmp_path):
 @pytest.mark.parametrize("labels, expected", [("dataset", ("cats", "dogs")), ("brightness", ("dark", "mid", "bright"))])
 def test_run_records_its_class_names_for_sampling(tmp_path, labels, expected):
     from PIL import Image
-    from ldm_lite.generate import load_model
+    from ldm_lite.runs import load_model
     for i, name in enumerate(("cats", "dogs", "cats", "dogs", "cats", "dogs")):
         (tmp_path / "images" / name).mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (8, 8), (40 * i, 30 * i, 20 * i)).save(tmp_path / "images" / name / f"{i}.png")
@@ -293,3 +298,95 @@ def test_bf16_autocast_matches_float32_closely(reference, tmp_path):
                                 noise__offset_noise="true"))
     # same batches and initial weights; bf16 matmuls carry ~3 significant digits
     assert losses(run_dir) == pytest.approx(reference_losses[:2], rel=0.02)
+
+
+# ----------------------------------------------------------------------------- resume rules
+
+
+def test_resume_refuses_changed_training_settings_and_names_them(tmp_path):
+    run_dir = train(tiny_config(tmp_path / "run", train__steps=2))
+    changed = {"data__synthetic_size": 32, "train__lr": 5e-4, "train__batch_size": 4, "train__ema_decay": 0.99,
+               "train__precision": "bf16", "model__preset": "small", "latent__vae": "test",
+               "diffusion__beta_schedule": "linear"}
+    for key, value in changed.items():
+        name = key.replace("__", ".")
+        with pytest.raises(ValueError, match=rf"other settings \({name}\); to start fresh, choose another --out or "
+                                             r"pass --fresh"):
+            train(tiny_config(run_dir, train__steps=3, **{key: value}))
+    assert checkpoint_step(run_dir) == 2 and not (run_dir / "latents.safetensors").exists()  # refused before data
+    # when to stop, how often to log and how fast to run may change
+    train(tiny_config(run_dir, train__steps=3, train__max_minutes=5, run__log_every=2, train__channels_last="false"))
+    assert checkpoint_step(run_dir) == 3
+
+
+def test_fresh_starts_over_and_a_finished_run_says_so(tmp_path, capsys):
+    run_dir = train(tiny_config(tmp_path / "run", train__steps=2))
+    capsys.readouterr()
+    train(tiny_config(run_dir, train__steps=2))
+    assert "the run is finished (step 2 of train.steps = 2)" in capsys.readouterr().out
+    train(tiny_config(run_dir, train__steps=1, train__lr=5e-4, run__fresh="true"))
+    assert checkpoint_step(run_dir) == 1 and len(losses(run_dir)) == 1
+    assert "fresh = false" in (run_dir / "config.toml").read_text()  # a reused config.toml does not delete again
+
+
+def test_checkpoints_of_the_earlier_config_format_keep_loading(tmp_path):
+    """Earlier versions stored the noise strengths (and min_snr_gamma) at the papers' values with their switches
+    off; such runs still resume and sample."""
+    from ldm_lite.runs import load_model
+    run_dir = train(tiny_config(tmp_path / "run", train__steps=2))
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    checkpoint["config"]["noise"].update(offset_noise_strength=0.1, pyramid_discount=0.8, input_perturbation_gamma=0.1)
+    checkpoint["config"]["diffusion"]["min_snr_gamma"] = 5.0
+    torch.save(checkpoint, run_dir / "checkpoint.pt")
+    toml = (run_dir / "config.toml").read_text().replace("[noise]\n", "[noise]\noffset_noise_strength = 0.1\n")
+    (run_dir / "config.toml").write_text(toml)
+    assert load_model(run_dir).unet.config.num_classes == 3
+    (run_dir / "config.toml").unlink()
+    assert load_model(run_dir / "checkpoint.pt").scheduler_config["beta_schedule"] == "scaled_linear"
+    train(tiny_config(run_dir, train__steps=3))
+    assert checkpoint_step(run_dir) == 3
+
+
+def test_latent_cache_never_replaces_a_foreign_file(tmp_path):
+    precious = tmp_path / "notes.safetensors"
+    precious.write_bytes(b"someone's file")
+    with pytest.raises(ValueError, match="is not an ldm_lite latent cache; refusing to overwrite it"):
+        train(tiny_config(tmp_path / "run", latent__vae="test", latent__cache=precious, train__steps=1))
+    assert precious.read_bytes() == b"someone's file"
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(1)}, str(precious), metadata={"vae": "other"})  # a safetensors file, not a cache
+    with pytest.raises(ValueError, match="not an ldm_lite latent cache"):
+        train(tiny_config(tmp_path / "run2", latent__vae="test", latent__cache=precious, train__steps=1))
+
+
+def test_offset_noise_reaches_both_x_t_and_the_target():
+    """draw_batch with offset noise: the noise that builds x_t and the target both carry the per-channel
+    constant s * randn(B, C, 1, 1), drawn from the step's generator after the flips and timesteps."""
+    config = load_config(TINY, {**BASE, "noise.offset_noise": "true", "noise.offset_noise_strength": "0.5",
+                                "data.random_flip": "false", "model.null_label_prob": "0"})
+    data = training.load_dataset("synthetic", 8, synthetic_size=64)
+    batch = draw_batch(data, config, 7, training.World(0, 1), null_label=None)
+    g = torch.Generator().manual_seed(training.step_seed(config.train.seed, 7))
+    torch.randint(1000, (8,), generator=g)  # the timesteps
+    white = torch.randn(8, 3, 8, 8, generator=g)
+    offset = 0.5 * torch.randn(8, 3, 1, 1, generator=g)
+    torch.testing.assert_close(batch.noise, white + offset, rtol=0, atol=0)
+    assert torch.equal(batch.input_noise, batch.noise)  # no input perturbation: x_t is built from the same noise
+    scheduler = make_scheduler(config)
+    seen = {}
+
+    def model(x, t, labels):
+        seen["x_t"] = x
+        return torch.zeros_like(x)
+
+    loss = diffusion_loss(model, scheduler, batch, None)
+    ab = scheduler.alphas_cumprod[batch.timesteps].view(-1, 1, 1, 1)
+    torch.testing.assert_close(seen["x_t"], ab.sqrt() * batch.x0 + (1 - ab).sqrt() * (white + offset))
+    assert loss.item() == pytest.approx(float((white + offset).pow(2).mean()), rel=1e-6)  # target = offset noise
+
+
+def test_fp16_autocast_with_a_gradient_scaler_matches_float32_closely(reference, tmp_path):
+    _, reference_losses = reference
+    run_dir = train(tiny_config(tmp_path / "fp16", train__precision="fp16", train__steps=2, model__dropout=0.1,
+                                noise__offset_noise="true"))
+    assert losses(run_dir) == pytest.approx(reference_losses[:2], rel=0.01)

@@ -12,10 +12,9 @@ from pathlib import Path
 
 from safetensors.torch import load_file, safe_open, save_file
 
-from ldm_lite.models.weights_io import torch_load_weights
+from ldm_lite.models.weights_io import read_training_checkpoint, torch_load_weights
 
 EXPORT_FORMAT = "ldm_lite.unet.v1"
-TRAIN_FORMAT = "ldm_lite.train.v1"
 DIFFUSERS_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
@@ -140,11 +139,9 @@ def _strip_averaged_model(state_dict: dict) -> dict:
     return state_dict
 
 
-def read_training_checkpoint(file: Path, use_ema: bool, map_location="cpu"):
-    """(UNetConfig fields, state dict) from a `ldm_lite.train.v1` checkpoint; the EMA weights when asked and present."""
-    checkpoint = torch_load_weights(file, map_location)
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != TRAIN_FORMAT:
-        raise ValueError(f"{file}: not an ldm_lite training checkpoint (expected format {TRAIN_FORMAT!r})")
+def unet_from_checkpoint(file: Path, use_ema: bool, map_location="cpu"):
+    """(UNetConfig fields, state dict) from a training checkpoint; the EMA weights when asked and present."""
+    checkpoint = read_training_checkpoint(file, map_location=map_location)
     weights = checkpoint["ema"] if use_ema and checkpoint.get("ema") is not None else checkpoint["model"]
     return checkpoint["unet_config"], _strip_averaged_model(weights)
 
@@ -177,7 +174,7 @@ def read_unet_weights(path, use_ema: bool = True, map_location="cpu"):
     path = Path(path)
     if path.is_dir():
         if (path / "checkpoint.pt").is_file():  # an ldm_lite run dir (its config.json is a training config)
-            return read_training_checkpoint(path / "checkpoint.pt", use_ema, map_location)
+            return unet_from_checkpoint(path / "checkpoint.pt", use_ema, map_location)
         if (path / "config.json").is_file() or (path / "unet" / "config.json").is_file():
             return read_diffusers_folder(path, map_location)
         raise ValueError(f"{path}: a folder must hold checkpoint.pt (ldm_lite run) or config.json (diffusers)")
@@ -186,7 +183,7 @@ def read_unet_weights(path, use_ema: bool = True, map_location="cpu"):
     if path.suffix == ".safetensors":
         return read_exported(path)
     if path.suffix in (".pt", ".ckpt", ".bin", ".pth"):
-        return read_training_checkpoint(path, use_ema, map_location)
+        return unet_from_checkpoint(path, use_ema, map_location)
     raise ValueError(f"{path}: unknown weight file type; use .safetensors, .pt, .ckpt or a folder")
 
 

@@ -1,4 +1,8 @@
-"""Reading PyTorch pickle weight files safely; shared by the UNet and VAE loaders."""
+"""Reading PyTorch pickle weight files safely; shared by the UNet and VAE loaders and by `ldm_lite.runs`.
+
+`read_training_checkpoint` is the one reader of ldm_lite training checkpoints (format TRAIN_FORMAT): the UNet
+loader, the run loader and resuming a run all go through it.
+"""
 import pickle
 import re
 from pathlib import Path
@@ -26,3 +30,22 @@ def torch_load_weights(file: Path, map_location="cpu"):
                          f"weights instead (it can hold tensors only).") from None
     except Exception as error:
         raise ValueError(f"{file}: not a readable PyTorch weight file ({type(error).__name__}: {error})") from None
+
+
+TRAIN_FORMAT = "ldm_lite.train.v1"
+
+
+def read_training_checkpoint(file: Path, required=("unet_config", "model"), map_location="cpu") -> dict:
+    """A training checkpoint (dict) of format TRAIN_FORMAT holding the `required` entries.
+
+    ValueError, one line, for a corrupt or foreign file, another format, or a missing entry.
+    """
+    checkpoint = torch_load_weights(Path(file), map_location)
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != TRAIN_FORMAT:
+        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(f"{str(file)!r} is not an ldm_lite training checkpoint (format {found!r}, expected "
+                         f"{TRAIN_FORMAT!r})")
+    missing = sorted(set(required) - set(checkpoint))
+    if missing:
+        raise ValueError(f"checkpoint {str(file)!r} lacks {missing}: it is incomplete or was not written by ldm_lite")
+    return checkpoint

@@ -1,9 +1,66 @@
-"""Samplers sharing one base: DDPM (ancestral) and DDIM (deterministic or stochastic with eta)."""
-from .base import PREDICTION_TYPES, Scheduler, SchedulerOutput, predict_x0_and_eps
+"""Samplers with diffusers' class names and keywords, one file each, and the single factory that builds them.
+
+`from_config(config_or_path, name=None, **overrides)` is the one way the library and the command lines build a
+scheduler: from a diffusers `scheduler_config.json` (file, folder or dict, dispatched on `_class_name`) or from
+a run's training config (anything with a `scheduler_config()` method, e.g. `ldm_lite.config.Config`).
+"""
+import warnings
+from pathlib import Path
+
+from .base import (PREDICTION_TYPES, Scheduler, SchedulerOutput, _read_scheduler_config, predict_x0_and_eps,
+                   randn_tensor)
 from .ddim import DDIMScheduler
 from .ddpm import VARIANCE_TYPES, DDPMScheduler
 
-SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
+SCHEDULER_CLASSES = {cls.__name__: cls for cls in (DDPMScheduler, DDIMScheduler)}
 
-__all__ = ["Scheduler", "SchedulerOutput", "DDPMScheduler", "DDIMScheduler", "SCHEDULERS", "PREDICTION_TYPES",
-           "VARIANCE_TYPES", "predict_x0_and_eps"]
+# Short names for the command line: (class name, keywords that define the variant).
+ALIASES = {
+    "ddpm": ("DDPMScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+}
+
+
+def scheduler_class(name: str):
+    """The class for a diffusers class name or a short alias (see ALIASES); ValueError listing the choices."""
+    class_name = ALIASES[name][0] if name in ALIASES else name
+    if class_name not in SCHEDULER_CLASSES:
+        raise ValueError(f"unknown scheduler {name!r}; supported: {', '.join(SCHEDULER_CLASSES)} "
+                         f"(aliases: {', '.join(ALIASES)})")
+    return SCHEDULER_CLASSES[class_name]
+
+
+def from_config(config_or_path, name: str | None = None, **overrides) -> Scheduler:
+    """Build a scheduler from a diffusers config or a training config.
+
+    config_or_path: a dict, a scheduler_config.json path, a folder holding one (or a model folder with a
+      scheduler/ subfolder), or an object with a `scheduler_config()` method (a run's `ldm_lite.config.Config`).
+    name: a class name or alias that replaces the config's `_class_name` (e.g. sample a DDPM-trained model with
+      "dpmpp_2m"); an alias also sets its variant keywords. overrides: keywords that win over the config.
+    Keys the chosen class does not take are dropped: silently when another scheduler class takes them (a DDPM
+    config's variance_type for DDIM), with one warning otherwise.
+    """
+    config = _read_config(config_or_path)
+    class_name = name or config.get("_class_name")
+    if class_name is None:
+        raise ValueError(f"scheduler config has no _class_name; pass name= (one of {', '.join(SCHEDULER_CLASSES)})")
+    cls = scheduler_class(class_name)
+    variant = ALIASES[class_name][1] if class_name in ALIASES else {}
+    config = {**config, **variant, **overrides}
+    known_to_any = {key for other in SCHEDULER_CLASSES.values() for key in other._config_keys()}
+    unknown = sorted(k for k in config if k not in known_to_any and not k.startswith("_"))
+    if unknown:
+        warnings.warn(f"scheduler config keys ignored: {', '.join(unknown)}", stacklevel=2)
+    keys = set(cls._config_keys())
+    return cls(**{k: v for k, v in config.items() if k in keys})
+
+
+def _read_config(source) -> dict:
+    if hasattr(source, "scheduler_config"):
+        return source.scheduler_config()
+    return dict(source) if isinstance(source, dict) else _read_scheduler_config(Path(source))
+
+
+__all__ = ["Scheduler", "SchedulerOutput", "DDPMScheduler", "DDIMScheduler", "SCHEDULER_CLASSES", "ALIASES",
+           "PREDICTION_TYPES", "VARIANCE_TYPES", "from_config", "scheduler_class", "predict_x0_and_eps",
+           "randn_tensor"]

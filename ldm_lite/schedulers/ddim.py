@@ -12,6 +12,9 @@ class DDIMScheduler(Scheduler):
     non-integer `trailing` spacings step to the right place.
     """
 
+    order = 1  # model calls per step
+    init_noise_sigma = 1.0  # x_T = init_noise_sigma * randn (diffusers' convention)
+
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas=None, clip_sample: bool = True,
                  set_alpha_to_one: bool = True, steps_offset: int = 0, prediction_type: str = "epsilon",
@@ -43,18 +46,22 @@ class DDIMScheduler(Scheduler):
             cache[eta] = (float(sigma), float(direction))
         return cache[eta]
 
-    def step(self, model_output, timestep, sample, *, eta: float = 0.0, generator=None, variance_noise=None,
-             eps_scale: float = 1.0) -> SchedulerOutput:
+    def step(self, model_output, timestep, sample, *, eta: float = 0.0, use_clipped_model_output: bool = False,
+             generator=None, variance_noise=None, eps_scale: float = 1.0) -> SchedulerOutput:
         """One DDIM update x_t -> x_{t_prev} (Song et al. eq. 12).
 
         model_output: (B, C, H, W) epsilon / v / x0 prediction per `prediction_type` ((B, 2C, H, W) from a
         learned-variance model: the variance half is unused by DDIM); sample: x_t (B, C, H, W).
         x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z,  sigma = eta sqrt(eq. 16 variance).
+        use_clipped_model_output: after clipping or thresholding x0, re-derive eps = (x_t - sqrt(ab) x0) /
+        sqrt(1 - ab) from the clipped x0, as ADM and ADM-ES do (diffusers' keyword and default).
         """
         coefficients = self._coefficients[self._lookup(timestep)]
         if model_output.shape[1] == 2 * sample.shape[1]:
             model_output = model_output[:, :sample.shape[1]]
         x0, eps = self._x0_and_eps(model_output, sample, coefficients, eps_scale)
+        if use_clipped_model_output:
+            eps = (sample - coefficients["sqrt_ab"] * x0) / coefficients["sqrt_one_minus_ab"]
         sigma, direction = self._eta_coefficients(coefficients, eta)
         # separate multiply and add (no fused alpha=): bit-identical to the reference's rounding
         prev_sample = x0 * coefficients["sqrt_ab_prev"]

@@ -16,6 +16,9 @@ class DDPMScheduler(Scheduler):
     With respacing, beta' = 1 - ab_t / ab_prev replaces beta_t.
     """
 
+    order = 1  # model calls per step
+    init_noise_sigma = 1.0  # x_T = init_noise_sigma * randn (diffusers' convention)
+
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas=None, variance_type: str = "fixed_small",
                  clip_sample: bool = True, prediction_type: str = "epsilon", thresholding: bool = False,

@@ -11,8 +11,7 @@ from ldm_lite import hspace
 from ldm_lite.metrics import format_table
 from ldm_lite.plots import plot_edit_grid, plot_pca_explained, write_csv
 
-from analysis.bands import positive
-from analysis.exposure import add_model_arguments, load_model_and_scheduler, parse_floats
+from ldm_lite.cli.analysis.common import add_model_arguments, load_model_and_scheduler, parse_floats, positive
 
 
 def add_arguments(parser):
@@ -62,7 +61,7 @@ def run(args):
         raise ValueError("hspace supports pixel-space models only (this checkpoint has a VAE)")
     edit_timesteps = [int(scheduler.timesteps[i]) for i in parse_steps(args.edit_steps, args.steps)]
     captured = hspace.capture_h(loaded.unet, scheduler, args.num_samples, batch_size=args.batch_size,
-                                generator=torch.Generator().manual_seed(args.seed))
+                                seed=args.seed)
     joint = hspace.pca_all_timesteps(captured, args.components)
     per_timestep = hspace.pca_per_timestep(captured, args.components)
     x_T = torch.randn(args.grid_samples, *captured["samples"].shape[1:],

@@ -3,48 +3,16 @@ of a trained model (Ning et al. 2023, arXiv:2308.15321): the predicted-noise nor
 forward-noised training data, and delta_t, against t (exposure.png, exposure.csv). With --scan B1,B2,...
 also the epsilon-scaling value whose sampling eps-norm best matches the forward one (eps_scale_scan.png/.csv).
 A latent model's data are encoded with its VAE first.
-
-Also home of the --ckpt loader shared with the hspace command.
 """
 from pathlib import Path
 
 import torch
 
 from ldm_lite import metrics
-from ldm_lite.generate import build_scheduler, load_model
 from ldm_lite.plots import plot_eps_scale_scan, plot_exposure, write_csv
 
-from analysis.bands import add_data_arguments, encode_latents, load_data, positive
-
-
-def add_model_arguments(parser, steps: int = 50):
-    parser.add_argument("--ckpt", required=True, metavar="RUN_OR_FOLDER",
-                        help="ldm_lite run folder or checkpoint, or a diffusers pipeline / UNet folder")
-    parser.add_argument("--scheduler-config", metavar="JSON", help="scheduler_config.json to use instead of the "
-                        "checkpoint's schedule")
-    parser.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim", help="sampler (default ddim, eta 0)")
-    parser.add_argument("--steps", type=int, default=steps, help=f"sampling steps (default {steps})")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per model call (default 64)")
-
-
-def load_model_and_scheduler(args):
-    """(LoadedModel, scheduler with --steps set) from the --ckpt flags."""
-    positive(args.steps, "--steps")
-    positive(args.batch_size, "--batch-size")
-    loaded = load_model(args.ckpt, scheduler_config=args.scheduler_config)
-    scheduler = build_scheduler(args.sampler, loaded.scheduler_config)
-    scheduler.set_timesteps(args.steps)
-    return loaded, scheduler
-
-
-def parse_floats(text: str, name: str) -> list:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values:
-        raise ValueError(f"{name} must be a comma-separated list of numbers, got {text!r}")
-    return values
+from ldm_lite.cli.analysis.common import (add_data_arguments, add_model_arguments, load_model_and_scheduler,
+                                          model_inputs, parse_floats)
 
 
 def add_arguments(parser):
@@ -70,7 +38,7 @@ def run(args):
             for i, t in enumerate(result["timesteps"])]
     out = Path(args.out)
     files = [plot_exposure(result, out / "exposure.png"), write_csv(rows, out / "exposure.csv")]
-    print(f"exposure bias, {len(x0)} images of {args.data}, {args.sampler} {args.steps} steps, eps scale "
+    print(f"exposure bias, {len(x0)} images of {args.data}, {args.scheduler} {args.steps} steps, eps scale "
           f"{args.eps_scale:g}; eps-norm gap (RMS relative) "
           f"{metrics.eps_norm_gap(result['eps_norm_sampling'], result['eps_norm_forward']):.4f}:")
     shown = sorted(set(torch.linspace(0, len(rows) - 1, min(len(rows), 8)).round().long().tolist()))
@@ -85,14 +53,3 @@ def run(args):
     print(f"wrote {', '.join(f.name for f in files)} to {out}")
 
 
-def model_inputs(loaded, args) -> torch.Tensor:
-    """Training data (N, C, H, W) in the model's input space: images, or VAE latents for a latent model."""
-    config = loaded.unet.config
-    factor = loaded.vae.downscale if loaded.vae is not None else 1
-    resolution = args.resolution if args.resolution is not None else config.sample_size * factor
-    x0 = load_data(args.data, resolution, args.num_images, args.seed)
-    if loaded.vae is not None:
-        x0 = encode_latents(loaded.vae, x0, args.batch_size)
-    if x0.shape[1] != config.in_channels:
-        raise ValueError(f"the model takes {config.in_channels} channels but the data have {x0.shape[1]}")
-    return x0

@@ -4,10 +4,10 @@ from ldm_lite.schedules import format_schedule_table, schedule_table
 
 def add_arguments(parser):
     parser.add_argument("--steps", type=int, default=50, help="number of inference steps (default 50)")
-    parser.add_argument("--train-steps", type=int, default=1000, help="num_train_timesteps T (default 1000)")
+    parser.add_argument("--num-train-timesteps", type=int, default=1000, help="T (default 1000)")
 
 
 def run(args):
-    print(f"Signal kept at the first sampled step, T={args.train_steps}, N={args.steps} "
+    print(f"Signal kept at the first sampled step, T={args.num_train_timesteps}, N={args.steps} "
           "(steps_offset 1 for leading, as Stable Diffusion):")
-    print(format_schedule_table(schedule_table(args.steps, args.train_steps)))
+    print(format_schedule_table(schedule_table(args.steps, args.num_train_timesteps)))

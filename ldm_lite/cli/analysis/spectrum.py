@@ -6,8 +6,7 @@ from pathlib import Path
 from ldm_lite.metrics import format_table, spectrum_report
 from ldm_lite.plots import plot_spectrum, write_csv
 
-from analysis.bands import add_data_arguments
-from analysis.brightness import add_samples_argument, load_pair
+from ldm_lite.cli.analysis.common import add_data_arguments, add_samples_argument, load_pair
 
 
 def add_arguments(parser):
