@@ -126,8 +126,8 @@ def sample(model, scheduler, n: int, *, shape=None, num_inference_steps: int | N
     model: callable (x (B, C, H, W), timesteps (B,), class_labels (B,) long or None) -> (B, C or 2C, H, W); an
       `ldm_lite` UNet, or a wrapper such as `ClassifierFreeGuidance`. Timesteps reach it as the scheduler gives
       them (fractional for Karras sigmas). shape: (C, H, W), default from `model.config`.
-    num_inference_steps: set on the scheduler before every batch (which also resets a multistep scheduler's
-      state); None keeps the scheduler's current list (single-step schedulers only).
+    num_inference_steps: set on the scheduler before every batch, which also resets a multistep scheduler's
+      state; None takes the scheduler's current step count (its full list if set_timesteps was never called).
     x_T: (n, C, H, W) to start from; else drawn by `initial_noise` with `leak` (LeakStats or tensor).
     class_labels: (n,) long or one int for all. seed: sample i draws from `sample_seed(seed, first_index + i)`;
       first_index > 0 continues a run or draws one process's share (same images as one long run).
@@ -141,9 +141,9 @@ def sample(model, scheduler, n: int, *, shape=None, num_inference_steps: int | N
       One autocast context spans the whole call, so its low-precision copies of the weights are made once: the
       weights must not change during the call.
     """
-    stateful = num_inference_steps is None and getattr(scheduler, "order", 1) > 1
-    if stateful:
-        raise ValueError(f"{type(scheduler).__name__} keeps state between steps: pass num_inference_steps")
+    if not hasattr(scheduler, "add_noise"):
+        raise ValueError(f"{type(scheduler).__name__} inverts (x0 -> x_T); sampling needs a sampler")
+    num_inference_steps = num_inference_steps or getattr(scheduler, "num_inference_steps", None)
     if num_inference_steps is not None:
         scheduler.set_timesteps(num_inference_steps)
     config = getattr(model, "config", None)

@@ -380,3 +380,73 @@ def test_raising_the_leak_channel_mean_raises_brightness(run_dir, data_stats, tm
     for i in range(2):  # strictly increasing, each step by > 0.05 and > 4 standard errors of the difference
         gap = means[i + 1] - means[i]
         assert gap > max(0.05, 4 * math.hypot(errors[i], errors[i + 1])), (means, errors)
+
+
+# ----------------------------------------------------------------------------- every scheduler, resuming
+
+
+@pytest.mark.parametrize("alias, cls, nfe", [
+    ("ddpm", "DDPMScheduler", 4), ("euler", "EulerDiscreteScheduler", 4),
+    ("euler_a", "EulerAncestralDiscreteScheduler", 4), ("heun", "HeunDiscreteScheduler", 7),
+    ("dpmpp_2m", "DPMSolverMultistepScheduler", 4), ("dpmpp_3m", "DPMSolverMultistepScheduler", 4),
+    ("dpmpp_2m_sde", "DPMSolverMultistepScheduler", 4), ("unipc", "UniPCMultistepScheduler", 4),
+    ("pndm", "PNDMScheduler", 5)])
+def test_every_scheduler_alias_samples_and_is_recorded(alias, cls, nfe, run_dir, tmp_path, capsys):
+    code, out, err = run_cli(sample_main, ["--ckpt", run_dir, "--out", tmp_path, "--steps", 4, "--n", 2,
+                                           "--scheduler", alias], capsys)
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["scheduler"]["class"] == cls and manifest["nfe"] == nfe  # Heun: 2N - 1; PLMS: N + 1
+    assert manifest["scheduler"]["config"]["beta_schedule"] == "scaled_linear"  # the run's schedule
+    images = np.stack([np.asarray(Image.open(tmp_path / f"{i:05d}.png")) for i in range(2)])
+    assert images.std() > 1  # not blank
+
+
+def test_karras_flag_only_where_the_sampler_has_karras_sigmas(run_dir, tmp_path, capsys):
+    code, _, err = run_cli(sample_main, sample_args(run_dir, tmp_path / "k", "--scheduler", "euler", "--karras"),
+                           capsys)
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "k" / "manifest.json").read_text())
+    assert manifest["scheduler"]["config"]["use_karras_sigmas"] is True
+    code, _, err = run_cli(sample_main, sample_args(run_dir, tmp_path / "d", "--karras"), capsys)
+    assert code == 2 and err.strip() == "error: --karras: DDIMScheduler has no Karras sigmas"
+    code, _, err = run_cli(sample_main, sample_args(run_dir, tmp_path / "x", "--scheduler", "lms"), capsys)
+    assert code == 2 and "unknown scheduler 'lms'; supported: DDPMScheduler" in err
+
+
+def test_use_clipped_model_output_is_passed_and_recorded(run_dir, tmp_path, capsys):
+    args = sample_args(run_dir, tmp_path / "c", "--use-clipped-model-output", "--eps-scale", "1.017")
+    assert run_cli(sample_main, args, capsys)[0] == 0
+    assert run_cli(sample_main, sample_args(run_dir, tmp_path / "p", "--eps-scale", "1.017"), capsys)[0] == 0
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["settings"]["use_clipped_model_output"] is True
+    assert png_bytes(tmp_path / "c") != png_bytes(tmp_path / "p")  # x0 is clipped on these steps, so it acts
+
+
+def test_batch_size_does_not_change_the_images(run_dir, tmp_path, capsys):
+    for batch in (6, 4):
+        assert run_cli(sample_main, sample_args(run_dir, tmp_path / f"b{batch}", "--batch-size", batch), capsys)[0] == 0
+    # image i draws from its own generator; CPU kernels may round differently by batch size: within one level
+    assert np.abs(read_pngs(tmp_path / "b6", 6) - read_pngs(tmp_path / "b4", 6)).max() <= 1
+
+
+def test_a_killed_run_continues_where_it_stopped(run_dir, tmp_path, capsys, monkeypatch):
+    from ldm_lite import generate
+    assert run_cli(sample_main, sample_args(run_dir, tmp_path / "whole"), capsys)[0] == 0
+    real_write, batches = generate.write_images, []
+
+    def dies_after_one_batch(images, out, first_index=0):
+        batches.append(first_index)
+        if len(batches) == 2:
+            raise KeyboardInterrupt  # as a killed run: the first batch is on disk, the manifest is not
+        return real_write(images, out, first_index)
+
+    monkeypatch.setattr(generate, "write_images", dies_after_one_batch)
+    assert run_cli(sample_main, sample_args(run_dir, tmp_path / "killed"), capsys)[0] == 130
+    assert sorted(p.name for p in (tmp_path / "killed").glob("0*.png")) == [f"{i:05d}.png" for i in range(4)]
+    assert not (tmp_path / "killed" / "manifest.json").exists()
+    batches.clear()
+    monkeypatch.setattr(generate, "write_images", lambda *a, **k: batches.append(a[2]) or real_write(*a, **k))
+    assert run_cli(sample_main, sample_args(run_dir, tmp_path / "killed"), capsys)[0] == 0
+    assert batches == [4]  # only the missing images were drawn
+    assert png_bytes(tmp_path / "killed") == png_bytes(tmp_path / "whole")

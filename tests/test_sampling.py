@@ -11,7 +11,7 @@ import torch
 from ldm_lite.guidance import ClassifierFreeGuidance
 from ldm_lite.leak import LeakStats
 from ldm_lite.sampling import eps_scale_schedule, initial_noise, sample, sample_generators
-from ldm_lite.schedulers import DDIMScheduler, DDPMScheduler, randn_tensor
+from ldm_lite.schedulers import ALIASES, DDIMScheduler, DDPMScheduler, from_config, randn_tensor
 
 SHAPE = (3, 8, 8)
 SCALED_LINEAR = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
@@ -316,3 +316,56 @@ def test_classifier_free_guidance_wrapper_is_the_guided_combination():
     torch.testing.assert_close(guided, null + 3.0 * (cond - null))
     with pytest.raises(ValueError, match="class-conditional"):
         ClassifierFreeGuidance(TinyDenoiser(), 2.0)
+
+
+# ----------------------------------------------------------------------------- every sampler
+
+
+SIGMA_PARAMETRISED = {"EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler"}
+
+
+@pytest.mark.parametrize("alias", list(ALIASES))
+def test_leak_enters_x_T_in_each_samplers_own_units(alias):
+    """x_T = a leak + b noise with (a, b) = (sqrt(ab_t0), sqrt(1 - ab_t0)) for samplers in x_t units and
+    (1, sigma_t0 = sqrt((1 - ab) / ab)) for the sigma-parametrised ones (x_sigma = x_t / sqrt(ab)), computed here
+    from alphas_cumprod; sample i draws its noise, then its leak, from its own generator."""
+    stats = LeakStats.fit(torch.rand(64, *SHAPE, generator=torch.Generator().manual_seed(2)) * 2 - 1, kind="dct+pixel",
+                          n_components=2)
+    scheduler = from_config({"_class_name": "DDIMScheduler", **SCALED_LINEAR, "steps_offset": 1}, alias)
+    scheduler.set_timesteps(10)
+    t0 = float(scheduler.timesteps[0])
+    assert t0 == int(t0), "leading spacing gives an integer first timestep"
+    ab = scheduler.alphas_cumprod.double()[int(t0)]
+    a, b = (1.0, ((1 - ab) / ab).sqrt()) if type(scheduler).__name__ in SIGMA_PARAMETRISED else (ab.sqrt(), (1 - ab).sqrt())
+    generators = sample_generators(7, 0, 5)
+    x_T = initial_noise(scheduler, (5, *SHAPE), leak=stats, generator=generators)
+    expected = []
+    for g in sample_generators(7, 0, 5):
+        noise = torch.randn(1, *SHAPE, generator=g)
+        expected.append(a * stats.sample(1, generator=g).double() + b * noise.double())
+    torch.testing.assert_close(x_T.double(), torch.cat(expected), rtol=1e-5, atol=1e-5 * float(b))
+    plain = initial_noise(scheduler, (5, *SHAPE), generator=sample_generators(7, 0, 5))
+    assert float(scheduler.init_noise_sigma) == pytest.approx(float(plain.std() / torch.cat(
+        [torch.randn(1, *SHAPE, generator=g) for g in sample_generators(7, 0, 5)]).std()), rel=1e-5)
+
+
+@pytest.mark.parametrize("alias", ["dpmpp_2m", "unipc", "heun", "pndm", "euler_a"])
+def test_multistep_state_is_reset_per_batch(alias):
+    """Two batches give the images of one batch of the same samples (state reset by set_timesteps per batch);
+    the Euler family's Karras sigmas give fractional timesteps, which reach the model untruncated (DPM-Solver
+    rounds them, as diffusers does)."""
+    karras = {"use_karras_sigmas": True} if alias in ("dpmpp_2m", "heun", "euler_a") else {}
+    scheduler = from_config({"_class_name": "DDIMScheduler", **SCALED_LINEAR}, alias, **karras)
+    seen = []
+
+    denoiser = TinyDenoiser()
+
+    def model(x, t, y=None):
+        seen.append(t)
+        return denoiser(x, t)
+
+    whole = sample(model, scheduler, 4, shape=SHAPE, num_inference_steps=6, seed=1, batch_size=4, progress=False)
+    split = sample(model, scheduler, 4, shape=SHAPE, num_inference_steps=6, seed=1, batch_size=2, progress=False)
+    torch.testing.assert_close(split, whole, rtol=0, atol=1e-5)
+    if alias in ("heun", "euler_a"):
+        assert any(float(t[0]) != int(t[0]) for t in seen) and all(t.is_floating_point() for t in seen)

@@ -10,15 +10,34 @@ from pathlib import Path
 from .base import (PREDICTION_TYPES, Scheduler, SchedulerOutput, _read_scheduler_config, predict_x0_and_eps,
                    randn_tensor)
 from .ddim import DDIMScheduler
+from .ddim_inverse import DDIMInverseScheduler
 from .ddpm import VARIANCE_TYPES, DDPMScheduler
+from .dpm_solver import DPMSolverMultistepScheduler
+from .euler import EulerDiscreteScheduler
+from .euler_ancestral import EulerAncestralDiscreteScheduler
+from .heun import HeunDiscreteScheduler
+from .pndm import PNDMScheduler
+from .unipc import UniPCMultistepScheduler
 
-SCHEDULER_CLASSES = {cls.__name__: cls for cls in (DDPMScheduler, DDIMScheduler)}
+SCHEDULER_CLASSES = {cls.__name__: cls for cls in (
+    DDPMScheduler, DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler,
+    DPMSolverMultistepScheduler, UniPCMultistepScheduler, PNDMScheduler, DDIMInverseScheduler)}
 
-# Short names for the command line: (class name, keywords that define the variant).
+# Short names for the command line: (class name, keywords that define the variant), as the web UIs name them.
 ALIASES = {
     "ddpm": ("DDPMScheduler", {}),
     "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_3m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 3}),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
 }
+# Schedulers that run x0 -> x_T (inversion) rather than sampling.
+INVERSE_SCHEDULERS = ("DDIMInverseScheduler",)
 
 
 def scheduler_class(name: str):
@@ -61,6 +80,9 @@ def _read_config(source) -> dict:
     return dict(source) if isinstance(source, dict) else _read_scheduler_config(Path(source))
 
 
-__all__ = ["Scheduler", "SchedulerOutput", "DDPMScheduler", "DDIMScheduler", "SCHEDULER_CLASSES", "ALIASES",
+__all__ = ["Scheduler", "SchedulerOutput", "DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler",
+           "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "DPMSolverMultistepScheduler",
+           "UniPCMultistepScheduler", "PNDMScheduler", "DDIMInverseScheduler", "SCHEDULER_CLASSES", "ALIASES",
+           "INVERSE_SCHEDULERS",
            "PREDICTION_TYPES", "VARIANCE_TYPES", "from_config", "scheduler_class", "predict_x0_and_eps",
            "randn_tensor"]
