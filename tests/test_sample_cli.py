@@ -450,3 +450,16 @@ def test_a_killed_run_continues_where_it_stopped(run_dir, tmp_path, capsys, monk
     assert run_cli(sample_main, sample_args(run_dir, tmp_path / "killed"), capsys)[0] == 0
     assert batches == [4]  # only the missing images were drawn
     assert png_bytes(tmp_path / "killed") == png_bytes(tmp_path / "whole")
+
+
+@pytest.mark.parametrize("script, words", [("ldm-sample", "--scheduler"), ("ldm-train", "[diffusion]"),
+                                           ("ldm-analysis", "fid-stats")])
+def test_installed_commands_work_outside_the_repository(tmp_path, script, words):
+    """The console scripts of the installed package (the venv's), run from a folder that is not the repository."""
+    path = Path(sys.executable).parent / script
+    if not path.is_file():
+        pytest.skip(f"{script} is not installed in this environment (pip install -e . creates it)")
+    result = subprocess.run([str(path), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert result.returncode == 0, result.stderr
+    assert words in result.stdout
