@@ -17,9 +17,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from PIL import Image
 
 from ldm_lite.config import option
+from ldm_lite.distributed import World, init_world, share
 from ldm_lite.data import load_image, save_image_grid, to_float, to_uint8
 from ldm_lite.guidance import ClassifierFreeGuidance
 from ldm_lite.latents import decode_latents
@@ -49,7 +51,8 @@ class SampleSettings:
     steps: int = option(50, "number of sampling steps (Heun makes 2 N - 1 model calls)")
     eta: float | None = option(None, "DDIM stochasticity: 0 deterministic, 1 DDPM-like (DDIM only)")
     use_clipped_model_output: bool = option(False, "DDIM: re-derive eps from the clipped x0, as ADM / ADM-ES do")
-    n: int = option(64, "number of images")
+    n: int = option(64, "number of images (--n also works, but not under torchrun, which takes --n for its own "
+                    "options)", flag="num_images", aliases=("n",))
     seed: int = option(0, "image i draws its x_T, leak and step noise from seed (seed * 1000003 + i) mod 2^32")
     batch_size: int = option(64, "images per model call (does not change the images)")
     leak: str | None = option(None, "signal-leak statistics (.safetensors from `python -m analysis leak-stats`): "
@@ -178,9 +181,22 @@ def generate(settings: SampleSettings, progress: bool = True) -> dict:
 
     Files: 00000.png ... (one per image, uint8 RGB, written after each batch), grid.png, manifest.json. While
     the run is unfinished, manifest.partial.json holds its settings; the same call then continues after the
-    last image written.
+    last image written. Under torchrun each rank draws and writes its share of the images (`distributed.share`);
+    rank 0 writes the grid and the manifest once all are done.
     """
     device = parse_device(settings.device)
+    started_group = not dist.is_initialized()
+    world = init_world(device.type)
+    if world.size > 1 and device.type == "cuda":
+        device = world.device
+    try:
+        return _generate(settings, world, device, progress)
+    finally:
+        if started_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _generate(settings: SampleSettings, world: World, device: torch.device, progress: bool) -> dict:
     loaded = load_model(settings.checkpoint, settings.use_ema, settings.scheduler_config)
     scheduler = build_scheduler(settings, loaded.scheduler_config)
     space = "latent" if loaded.vae is not None else "pixel"
@@ -194,37 +210,51 @@ def generate(settings: SampleSettings, progress: bool = True) -> dict:
     if settings.guidance is not None:
         model = ClassifierFreeGuidance(model, settings.guidance)
     out = Path(settings.out)
-    done = _resume_point(out, settings)
-    files = [image_name(i) for i in range(settings.n)]
+    mine = share(settings.n, world)
+    first = _resume_point(out, settings, mine, world)
 
     def write_batch(batch, start):
         images = decode_latents(loaded.vae, batch, settings.batch_size) if loaded.vae is not None else batch
-        write_images(images, out, done + start)
+        write_images(images, out, first + start)
 
-    if done < settings.n:
-        sample(model, scheduler, settings.n - done, first_index=done, leak=leak, eps_scale=lambdas,
+    if first < mine.stop:
+        sample(model, scheduler, mine.stop - first, first_index=first, leak=leak, eps_scale=lambdas,
                step_options=settings.step_options(), class_labels=label, seed=settings.seed,
                batch_size=settings.batch_size, num_inference_steps=settings.steps, on_batch=write_batch,
-               progress=progress, device=device, autocast_dtype=torch.bfloat16 if settings.bf16 else None)
-    write_grid(out, files)
+               progress=progress and world.is_main, device=device,
+               autocast_dtype=torch.bfloat16 if settings.bf16 else None)
+    files = [image_name(i) for i in range(settings.n)]
     manifest = build_manifest(settings, loaded, scheduler, leak, label, lambdas, files)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    (out / PARTIAL_FILE).unlink(missing_ok=True)
+    if world.size > 1:
+        dist.barrier()  # every share is on disk
+    if world.is_main:
+        write_grid(out, files)
+        (out / "manifest.json").write_text(json.dumps({**manifest, "processes": world.size}, indent=2))
+        (out / PARTIAL_FILE).unlink(missing_ok=True)
     return manifest
 
 
-def _resume_point(out: Path, settings: SampleSettings) -> int:
-    """How many images of an unfinished run with the same settings are already written (0 for a new run)."""
-    out.mkdir(parents=True, exist_ok=True)
-    partial, record = out / PARTIAL_FILE, json.dumps(asdict(settings), sort_keys=True)
-    if partial.is_file() and partial.read_text() == record:
-        done = 0
-        while done < settings.n and (out / image_name(done)).is_file():
-            done += 1
-        return done
-    (out / "manifest.json").unlink(missing_ok=True)
-    partial.write_text(record)
-    return 0
+def _resume_point(out: Path, settings: SampleSettings, mine: range, world: World) -> int:
+    """The first index of this rank's share still to draw: after the images an unfinished run with the same
+    settings already wrote, else the start of the share (a new run; rank 0 records its settings)."""
+    record = json.dumps(asdict(settings), sort_keys=True)
+    partial = out / PARTIAL_FILE
+    resuming = [partial.is_file() and partial.read_text() == record]
+    if world.size > 1:
+        dist.barrier()  # every rank has looked before rank 0 writes
+        dist.broadcast_object_list(resuming, src=0)
+    if not resuming[0]:
+        if world.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "manifest.json").unlink(missing_ok=True)
+            partial.write_text(record)
+        if world.size > 1:
+            dist.barrier()  # the folder exists before any rank writes into it
+        return mine.start
+    first = mine.start
+    while first < mine.stop and (out / image_name(first)).is_file():
+        first += 1
+    return first
 
 
 def parse_device(name: str) -> torch.device:

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ldm_lite import runs
 from ldm_lite.config import Config, to_toml
+from ldm_lite.distributed import World, init_world
 from ldm_lite.data import InMemoryImages, brightness_terciles, load_dataset, save_image_grid, to_float
 from ldm_lite.latents import encode_latents
 from ldm_lite.models import UNet, unet_preset
@@ -46,29 +47,6 @@ class TrainingDiverged(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- processes
-
-@dataclass(frozen=True)
-class World:
-    """This process's place among the torchrun processes (rank 0 of 1 without torchrun)."""
-    rank: int = 0
-    size: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_world() -> World:
-    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, nccl on GPU)."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return World(rank=int(os.environ.get("RANK", "0")), size=size, device=device)
-
 
 def step_seed(seed: int, step: int, stream: int = 0) -> int:
     """A distinct 63-bit seed for (seed, step, stream); streams separate the batch draws from dropout."""

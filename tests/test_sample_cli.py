@@ -463,3 +463,17 @@ def test_installed_commands_work_outside_the_repository(tmp_path, script, words)
                             env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert result.returncode == 0, result.stderr
     assert words in result.stdout
+
+
+def test_torchrun_shares_the_images_across_two_processes(run_dir, tmp_path, capsys):
+    """`torchrun --nproc_per_node 2 -m sample`: each rank draws its block of images from their own generators, so
+    the folder equals one process's (within one uint8 level: CPU kernels round by batch size)."""
+    assert run_cli(sample_main, sample_args(run_dir, tmp_path / "one", "--scheduler", "ddpm"), capsys)[0] == 0
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "sample",
+               "--ckpt", str(run_dir), "--out", str(tmp_path / "two"), "--steps", "8", "--num-images", "6",
+               "--batch-size", "2", "--scheduler", "ddpm"]  # torchrun reads --n as its own --nnodes / ...
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert np.abs(read_pngs(tmp_path / "one", 6) - read_pngs(tmp_path / "two", 6)).max() <= 1
+    manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert manifest["processes"] == 2 and manifest["images"] == [f"{i:05d}.png" for i in range(6)]

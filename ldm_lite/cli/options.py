@@ -1,8 +1,8 @@
 """Command-line flags built from a settings dataclass, so that each default and help text lives once.
 
 Each field becomes `--field-name` (or `--FLAG` from the field's metadata "flag"), typed by its annotation; bools
-take --x / --no-x. Field metadata: help, flag, metavar, choices, required, repeat (the flag may be given
-several times; the values arrive as a list).
+take --x / --no-x. Field metadata: help, flag, aliases (more flags), metavar, choices, required, repeat (the flag
+may be given several times; the values arrive as a list).
 """
 import argparse
 import dataclasses
@@ -16,11 +16,11 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, skip=()) -> No
         if field.name in skip:
             continue
         meta = field.metadata
-        flag = "--" + meta.get("flag", field.name).replace("_", "-")
+        flags = ["--" + name.replace("_", "-") for name in (meta.get("flag", field.name), *meta.get("aliases", ()))]
         kind, _ = field_type(cls, field.name)
         options = dict(dest=field.name, help=meta.get("help", ""))
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, **options)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=field.default, **options)
             continue
         if meta.get("repeat"):
             options.update(action="append", default=[])
@@ -29,7 +29,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, skip=()) -> No
         for key in ("metavar", "choices", "required"):
             if key in meta:
                 options[key] = meta[key]
-        parser.add_argument(flag, **options)
+        parser.add_argument(*flags, **options)
 
 
 def dataclass_from_args(cls, args: argparse.Namespace, **values):

@@ -1,0 +1,41 @@
+"""Processes under torchrun: this process's rank, the number of processes and its device.
+
+Training splits each global batch across ranks (DistributedDataParallel averages the gradients); sampling splits
+the images: rank r draws images [r n / size, (r + 1) n / size), each from its own generator, so the images do
+not depend on the number of processes.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the torchrun processes (rank 0 of 1 without torchrun)."""
+    rank: int = 0
+    size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_world(device_type: str | None = None) -> World:
+    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, nccl on GPU).
+
+    device_type: "cpu" or "cuda" to choose; None takes CUDA when it is available (cuda:LOCAL_RANK)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() if device_type is None else device_type == "cuda"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return World(rank=int(os.environ.get("RANK", "0")), size=size, device=device)
+
+
+def share(n: int, world: World) -> range:
+    """The indices of the n items this rank handles: contiguous blocks whose sizes differ by at most one."""
+    return range(world.rank * n // world.size, (world.rank + 1) * n // world.size)
