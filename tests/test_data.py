@@ -11,7 +11,7 @@ from ldm_lite.data import (CIFAR10_CLASSES, InMemoryImages, brightness_terciles,
                            list_images, load_cifar10, load_dataset, load_image, load_image_folder, save_image_grid,
                            synthetic_brightness, to_float, to_uint8)
 
-CIFAR_JPEG = Path("/work/shared/data/cifar10-jpeg/train")
+CIFAR_JPEG = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg" / "train"
 
 
 def _save(path: Path, image: Image.Image) -> Path:

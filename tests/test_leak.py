@@ -12,7 +12,7 @@ from PIL import Image
 from ldm_lite.data import load_image_folder, to_float
 from ldm_lite.leak import LeakStats
 
-COCO128 = Path("/work/shared/data/coco128")
+COCO128 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco128"  # beside the repository
 KINDS = ("pixel", "dct", "dct+pixel")
 
 
