@@ -6,8 +6,10 @@ as `ldm_lite.hspace.HSpaceProbe`).
 """
 import torch
 
+from ldm_lite.sampling import ModelWrapper
 
-class ClassifierFreeGuidance:
+
+class ClassifierFreeGuidance(ModelWrapper):
     """model(x, t, labels) -> the guided output (B, C', H, W) of `unet`, a class-conditional model.
 
     unet: a model whose `config.num_classes` is its null label (an `ldm_lite` UNet trained with null labels).
@@ -18,14 +20,8 @@ class ClassifierFreeGuidance:
         null_label = getattr(getattr(unet, "config", None), "num_classes", None)
         if null_label is None:
             raise ValueError("classifier-free guidance needs a class-conditional model (config.num_classes)")
-        self.unet, self.guidance, self.null_label = unet, float(guidance), null_label
-
-    @property
-    def config(self):
-        return self.unet.config
-
-    def parameters(self):
-        return self.unet.parameters()
+        super().__init__(unet)
+        self.guidance, self.null_label = float(guidance), null_label
 
     def __call__(self, x, timesteps, class_labels=None):
         if class_labels is None:

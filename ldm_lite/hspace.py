@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .sampling import sample
+from .sampling import ModelWrapper, sample
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class HEdit:
         return self.offset.get(timestep) if isinstance(self.offset, dict) else self.offset
 
 
-class HSpaceProbe:
+class HSpaceProbe(ModelWrapper):
     """Model callable for `sample` that records and/or edits the UNet's middle-block output h.
 
     unet: a module with a `mid_block_hook` attribute (an `ldm_lite` UNet). record: keep h (as float32 on the
@@ -51,17 +51,11 @@ class HSpaceProbe:
     def __init__(self, unet, *, record: bool = False, record_timesteps=None, edit: HEdit | None = None):
         if not hasattr(unet, "mid_block_hook"):
             raise ValueError("unet must have a `mid_block_hook` attribute (an ldm_lite UNet)")
-        self.unet, self.record, self.edit = unet, record, edit
+        super().__init__(unet)
+        self.record, self.edit = record, edit
         self.record_timesteps = None if record_timesteps is None else {int(t) for t in record_timesteps}
         self.records: dict[int, list] = {}
         self._timestep = None
-
-    @property
-    def config(self):
-        return self.unet.config
-
-    def parameters(self):
-        return self.unet.parameters()
 
     def __call__(self, x, timesteps, class_labels=None):
         timesteps = torch.as_tensor(timesteps)

@@ -191,6 +191,21 @@ def sample(model, scheduler, n: int, *, shape=None, num_inference_steps: int | N
     return torch.cat(outputs) if on_batch is None else None
 
 
+class ModelWrapper:
+    """Base of the model callables that wrap a UNet (guidance, the h-space probe): `sample` reads the wrapped
+    model's config (the sample shape, the null label) and its parameters (the device) through it."""
+
+    def __init__(self, unet):
+        self.unet = unet
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    def parameters(self):
+        return self.unet.parameters()
+
+
 def label_tensor(class_labels, n: int, device) -> torch.Tensor | None:
     """Class labels (n,) long on `device` from None, one int for all, or a sequence / tensor of n labels."""
     if class_labels is None:

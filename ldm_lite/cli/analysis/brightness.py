@@ -10,12 +10,10 @@ from pathlib import Path
 from ldm_lite.metrics import brightness_report, format_table
 from ldm_lite.plots import plot_brightness, write_csv
 
-from ldm_lite.cli.analysis.common import add_data_arguments, add_samples_argument, load_pair
+from ldm_lite.cli.analysis.common import add_comparison_arguments, load_pair
 
 def add_arguments(parser):
-    add_samples_argument(parser)
-    add_data_arguments(parser, resolution_default=None, num_images=2048)
-    parser.add_argument("--out", default="runs/analysis/brightness", help="output folder")
+    add_comparison_arguments(parser, "runs/analysis/brightness")
 
 
 def run(args):

@@ -99,6 +99,13 @@ def _from_array(path: Path) -> torch.Tensor:
     return array.float()
 
 
+def add_comparison_arguments(parser, out: str):
+    """Flags of the commands that compare samples with data: --samples, the dataset flags and --out."""
+    add_samples_argument(parser)
+    add_data_arguments(parser, resolution_default=None, num_images=2048)
+    parser.add_argument("--out", default=out, help="output folder")
+
+
 def load_pair(args) -> tuple:
     """(samples, data) as float (N, C, R, R); data at the samples' resolution unless --resolution is given."""
     if args.resolution is not None:

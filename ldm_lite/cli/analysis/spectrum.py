@@ -6,13 +6,11 @@ from pathlib import Path
 from ldm_lite.metrics import format_table, spectrum_report
 from ldm_lite.plots import plot_spectrum, write_csv
 
-from ldm_lite.cli.analysis.common import add_data_arguments, add_samples_argument, load_pair
+from ldm_lite.cli.analysis.common import add_comparison_arguments, load_pair
 
 
 def add_arguments(parser):
-    add_samples_argument(parser)
-    add_data_arguments(parser, resolution_default=None, num_images=2048)
-    parser.add_argument("--out", default="runs/analysis/spectrum", help="output folder")
+    add_comparison_arguments(parser, "runs/analysis/spectrum")
 
 
 def run(args):
