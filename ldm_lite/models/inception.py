@@ -15,8 +15,8 @@ that file once, check its SHA1, and rebuild the network here as plain convolutio
 
 Differences of the FID variant from torchvision's inception_v3 (read from the TorchScript code): the average
 pools of the mixed blocks exclude the zero padding from the count (count_include_pad=False); the last block
-(mixed_10) pools its fourth branch with a 3x3 max pool instead of an average pool; batch norms have eps 1e-3 and
-no scale; there is no resize or input transform inside the network. Input: (N, 3, 299, 299) in the range
+(mixed_10) pools its fourth branch with a 3x3 max pool instead of an average pool; the batch norms have a shift
+but no scale; there is no resize or input transform inside the network. Input: (N, 3, 299, 299) in the range
 (-1, 0.9921875) (see ldm_lite/quality.py for the protocol). Output: (N, 2048) pool3 features.
 
 The fused weights are cached as safetensors in $LDM_LITE_CACHE, else $XDG_CACHE_HOME/ldm_lite, else
