@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ldm_lite.models.unet import (AttentionBlock, UNet, UNetConfig, attention, dropout, load_unet, save_unet,
-                                  timestep_embedding, unet_config_from_dict, unet_preset, upsample_kernel)
+                                  timestep_embedding, unet_config_from_dict, unet_preset)
 from ldm_lite.models.unet_loading import write_unet_weights
 
 # google/ddpm-cifar10-32's config.json, key for key (Ho et al. 2020's CIFAR-10 model).
@@ -294,16 +294,6 @@ def test_config_errors():
     assert unet_config_from_dict(dataclasses.asdict(unet_preset("small"))) == unet_preset("small")
     with pytest.raises(ValueError, match=r"x must be \(B, 3, H, W\)"):
         tiny_model()(torch.randn(2, 1, 16, 16), 0)
-
-
-def test_upsample_as_transposed_conv_equals_nearest_then_conv():
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 5, 6, 7, dtype=torch.float64, generator=generator)
-    weight = torch.randn(4, 5, 3, 3, dtype=torch.float64, generator=generator)
-    bias = torch.randn(4, dtype=torch.float64, generator=generator)
-    expected = torch.nn.functional.conv2d(torch.nn.functional.interpolate(x, scale_factor=2.0), weight, bias, padding=1)
-    actual = torch.nn.functional.conv_transpose2d(x, upsample_kernel(weight), bias, stride=2, padding=1)
-    torch.testing.assert_close(actual, expected, atol=1e-12, rtol=0)
 
 
 def textbook_attention_block(block, x):

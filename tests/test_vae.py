@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from ldm_lite.models.vae import AutoencoderKL, DiagonalGaussian, tile_starts, tiled_apply, upsample_conv, vae_preset
+from ldm_lite.models.vae import AutoencoderKL, DiagonalGaussian, tile_starts, tiled_apply, vae_preset
 from ldm_lite.models.vae_loading import (infer_architecture, infer_config, load_vae, original_from_diffusers,
                                          read_vae_state_dict, save_vae_original)
 
@@ -348,21 +348,6 @@ def test_latent_scaling_and_inverse():
         vae.encode(torch.zeros(1, 3, 15, 16))
     with pytest.raises(ValueError, match="latents"):
         vae.decode(torch.zeros(1, 3, 8, 8))
-
-
-@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_upsample_conv_equals_nearest_then_conv(layout):
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 6, 5, 7, generator=generator).contiguous(memory_format=layout).requires_grad_()
-    weight = torch.randn(4, 6, 3, 3, generator=generator).requires_grad_()
-    bias = torch.randn(4, generator=generator)
-    ours = upsample_conv(x, weight, bias)
-    direct = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
-    torch.testing.assert_close(ours, direct, atol=1e-5, rtol=0)
-    assert ours.is_contiguous(memory_format=layout)
-    grads = torch.autograd.grad(ours.square().sum(), (x, weight))
-    for got, want in zip(grads, torch.autograd.grad(direct.square().sum(), (x, weight))):
-        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-5)
 
 
 def test_tile_starts_cover_with_overlap():

@@ -11,13 +11,13 @@ The module tree uses the parameter names of diffusers' `UNet2DModel`, so a diffu
 with only a config translation (see `unet_loading.py`). Every image-shaped tensor is (B, C, H, W).
 
 Speed (CPU, measured against diffusers, see bench/train_throughput.py and bench/sampling.py): nearest-upsample
-+ 3x3 conv runs as one stride-2 transposed conv (2.25x fewer FLOPs, same output); q, k, v come from one 1x1
-conv, and a single head's output projection is folded into v's (see `AttentionBlock`); low-precision attention
-uses explicit matmuls where the fused CPU kernel is slower (see `attention`); float32
-activations are channels_last (faster oneDNN convs); bf16 / fp16 ones are NCHW when autograd is on, and without
-autograd channels_last only at resolutions of 32x32 and up (there bf16 convs are 15-30% faster; below, PyTorch's
-channels_last GroupNorm is 5-35x slower); dropout draws its mask from 16-bit random words instead of
-per-element Bernoulli draws.
++ 3x3 conv runs as one stride-2 transposed conv (`ops.upsample_conv`: 2.25x fewer FLOPs, same output); SiLU
+runs in place where autograd does not need its input (`ops.inplace_silu`); q, k, v come from one 1x1 conv, and a
+single head's output projection is folded into v's (see `AttentionBlock`); low-precision attention uses explicit
+matmuls where the fused CPU kernel is slower (see `attention`); float32 activations are channels_last (faster
+oneDNN convs); bf16 / fp16 ones are NCHW when autograd is on, and without autograd channels_last only at
+resolutions of 32x32 and up (there bf16 convs are 15-30% faster; below, PyTorch's channels_last GroupNorm is
+5-35x slower); dropout draws its mask from 16-bit random words instead of per-element Bernoulli draws.
 
 h-space (Kwon et al. 2023, arXiv:2210.10960): set `model.mid_block_hook = fn`; during each forward pass
 `fn(h)` receives the middle-block output h, shape (B, C_mid, H / 2^(L-1), W / 2^(L-1)) with C_mid =
@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm_lite.models.ops import Downsample, Upsample, inplace_silu, norm_silu
 from ldm_lite.models.unet_loading import check_state_dict, read_unet_weights, write_unet_weights
 
 TIME_CONDITIONINGS = ("additive", "scale_shift")
@@ -164,16 +165,6 @@ def add_into(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return fresh.add_(other) if torch.promote_types(fresh.dtype, other.dtype) == fresh.dtype else fresh + other
 
 
-def norm_silu(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
-    """SiLU(GroupNorm(x)) with `norm`'s parameters.
-
-    Without autograd (sampling) the SiLU runs in place: one activation-sized allocation less per call, which
-    on CPU also saves the page faults of fresh memory. With autograd it cannot: SiLU's backward needs its input.
-    """
-    h = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
-    return F.silu(h, inplace=not torch.is_grad_enabled())
-
-
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Inverted dropout (Srivastava et al. 2014): zero each element with probability p, scale by 1 / (1 - p).
 
@@ -204,18 +195,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     # q is scaled before the product so fp16 scores cannot overflow where the scaled ones would not
     scores = torch.matmul((q if scale == 1.0 else q * scale).transpose(-1, -2), k)  # (B, heads, N_q, N_k)
     return torch.matmul(v, scores.softmax(dim=-1).transpose(-1, -2))
-
-
-# Nearest 2x upsampling then a 3x3 conv (padding 1) equals a stride-2 transposed conv with a 4x4 kernel:
-# along each axis the taps (w0, w1, w2) become (w2, w1 + w2, w0 + w1, w0). Same output, 16 instead of 36
-# multiply-adds per input pixel and channel pair, and no upsampled copy of the input.
-_UPSAMPLE_TAPS = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
-
-
-def upsample_kernel(weight: torch.Tensor) -> torch.Tensor:
-    """3x3 conv weight (C_out, C_in, 3, 3) -> conv_transpose2d weight (C_in, C_out, 4, 4)."""
-    taps = _UPSAMPLE_TAPS.to(weight)
-    return torch.einsum("uk,oikl,vl->iouv", taps, weight, taps)
 
 
 class TimestepMLP(nn.Module):
@@ -256,7 +235,7 @@ class ResBlock(nn.Module):
             scale, shift = t.chunk(2, dim=1)
             norm2 = self.norm2
             h = F.group_norm(h, norm2.num_groups, norm2.weight, norm2.bias, norm2.eps)
-            h = F.silu(torch.addcmul(shift, h, 1 + scale))
+            h = inplace_silu(torch.addcmul(shift, h, 1 + scale))
         else:
             h = norm_silu(add_into(h, t), self.norm2)
         h = self.conv2(dropout(h, self.dropout_p, self.training))
@@ -310,29 +289,6 @@ class AttentionBlock(nn.Module):
         else:
             h = F.conv2d(h, out.weight[:, :, None, None], out.bias)
         return add_into(h.contiguous(memory_format=_memory_format(x)), x)
-
-
-class Downsample(nn.Module):
-    """Stride-2 3x3 conv; padding 0 means DDPM's asymmetric pad (0, 1, 0, 1) first."""
-
-    def __init__(self, channels: int, padding: int):
-        super().__init__()
-        self.padding = padding
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.padding == 0 else x)
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour 2x upsampling followed by a 3x3 conv (B, C, H, W) -> (B, C, 2H, 2W)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv_transpose2d(x, upsample_kernel(self.conv.weight), self.conv.bias, stride=2, padding=1)
 
 
 class DownBlock(nn.Module):

@@ -12,8 +12,8 @@ SD3 adds a shift, Esser et al. 2024, arXiv:2403.03206): z_scaled = (z - shift_fa
 
 Speed: activations and conv weights are kept channels_last (NHWC: oneDNN convolutions run fastest on it and
 the attention reshape becomes free); residual adds go in place into fresh conv outputs, SiLU in place when no
-gradient is needed (fewer large allocations, each of which costs page faults); the nearest x2 + 3x3 conv
-upsampling runs as four 2x2 convs at the low resolution (same result, 4/9 of the FLOPs).
+gradient is needed (`ops.norm_silu`: fewer large allocations, each of which costs page faults); the nearest x2 +
+3x3 conv upsampling runs as one stride-2 transposed conv (`ops.upsample_conv`: same result, 4/9 of the FLOPs).
 """
 import dataclasses
 import hashlib
@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ldm_lite.models.ops import Downsample, Upsample, norm_silu
 
 
 @dataclass(frozen=True)
@@ -71,11 +73,6 @@ def vae_preset(variant: str, **overrides) -> VAEConfig:
 
 # ----------------------------------------------------------------------------------------------- building blocks
 
-def _silu(x: torch.Tensor) -> torch.Tensor:
-    """SiLU, in place when autograd does not need the input (SiLU's backward reads it)."""
-    return F.silu(x, inplace=not x.requires_grad)
-
-
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=1e-6)
 
@@ -92,8 +89,8 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(_silu(self.norm1(x)))
-        h = self.conv2(_silu(self.norm2(h)))
+        h = self.conv1(norm_silu(x, self.norm1))
+        h = self.conv2(norm_silu(h, self.norm2))
         return h.add_(x if self.nin_shortcut is None else self.nin_shortcut(x))   # conv output: safe in place
 
 
@@ -112,61 +109,6 @@ class AttnBlock(nn.Module):
         h = F.scaled_dot_product_attention(q, k, v)
         h = F.linear(h, self.proj_out.weight.flatten(1), self.proj_out.bias)
         return h.reshape(batch, height, width, channels).permute(0, 3, 1, 2).add_(x)  # NHWC memory, NCHW view
-
-
-class Downsample(nn.Module):
-    """Pad (0, 1, 0, 1) (right and bottom only), then a 3x3 conv with stride 2 and no padding: H -> H/2."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-# Nearest x2 then a 3x3 conv: output row 2i + a sees source rows (i - 1, i, i) for a = 0 and (i, i, i + 1) for
-# a = 1, so the three kernel rows collapse onto two source rows (same for columns). Row r of _PHASE_TAPS[a]
-# says which kernel rows land on source row i - 1 + a + r.
-_PHASE_TAPS = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]],
-                            [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])  # (phase a, 2 source rows, 3 kernel rows)
-
-
-def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """conv2d(interpolate(x, scale 2, nearest), weight, bias, padding=1) as four 2x2 convs at x's resolution.
-
-    Sub-pixel convolution (Shi et al. 2016, arXiv:1609.05158): one conv with 4 C_out outputs computes the four
-    output phases; each phase (a, b) is read from that conv's output shifted by (a, b). x: (B, C_in, H, W);
-    weight (C_out, C_in, 3, 3) -> (B, C_out, 2H, 2W), in x's memory format. 16/36 of the direct FLOPs.
-    """
-    batch, _, height, width = x.shape
-    out_channels = weight.shape[0]
-    taps = _PHASE_TAPS.to(device=weight.device)
-    phase_weight = torch.einsum("ary,bsx,oiyx->aboirs", taps, taps, weight.float())  # (2, 2, C_out, C_in, 2, 2)
-    phase_weight = phase_weight.reshape(4 * out_channels, -1, 2, 2).to(x.dtype)
-    phase_bias = None if bias is None else bias.repeat(4).to(x.dtype)
-    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-    phases = F.conv2d(x, phase_weight.contiguous(memory_format=layout), phase_bias, padding=1)  # (B, 4C, H+1, W+1)
-    out = torch.empty(batch, out_channels, 2 * height, 2 * width, dtype=x.dtype, device=x.device,
-                      memory_format=layout)
-    out_phases = out.unflatten(3, (width, 2)).unflatten(2, (height, 2))               # (B, C_out, H, 2, W, 2)
-    for a in range(2):
-        for b in range(2):
-            k = 2 * a + b
-            out_phases[:, :, :, a, :, b] = phases[:, k * out_channels:(k + 1) * out_channels,
-                                                  a:a + height, b:b + width]
-    return out
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour x2 then a 3x3 conv (computed by `upsample_conv`): H -> 2H."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return upsample_conv(x, self.conv.weight, self.conv.bias)
 
 
 class Level(nn.Module):
@@ -223,7 +165,7 @@ class Encoder(nn.Module):
             if hasattr(level, "downsample"):
                 x = level.downsample(x)
         x = self.mid(x)
-        return self.conv_out(_silu(self.norm_out(x)))
+        return self.conv_out(norm_silu(x, self.norm_out))
 
 
 class Decoder(nn.Module):
@@ -248,7 +190,7 @@ class Decoder(nn.Module):
                 x = block(x)
             if hasattr(level, "upsample"):
                 x = level.upsample(x)
-        return self.conv_out(_silu(self.norm_out(x)))
+        return self.conv_out(norm_silu(x, self.norm_out))
 
 
 # ----------------------------------------------------------------------------------------------- posterior
