@@ -74,6 +74,12 @@ class SampleSettings:
     device: str = option("cpu", "torch device, e.g. cpu or cuda")
     bf16: bool = option(False, "run the model under bfloat16 autocast (the scheduler step stays float32)")
     use_ema: bool = option(True, "use the EMA weights (--no-use-ema: the raw weights)")
+    fid: str | None = option(None, "reference statistics (.safetensors from `python -m analysis fid-stats`): report "
+                             "FID (and KID with --kid) of the images drawn; latent runs are decoded first",
+                             metavar="REF")
+    kid: bool = option(False, "with --fid, also KID (100 subsets of min(1000, n / 2) images)")
+    png: bool = option(True, "write the images (--no-png with --fid: features only, streamed batch by batch; "
+                       "such a run does not resume)")
 
     def __post_init__(self):
         scheduler_class(self.scheduler)  # ValueError listing the supported names
@@ -84,6 +90,10 @@ class SampleSettings:
             raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {self.eta}")
         if self.guidance is not None and self.class_label is None:
             raise ValueError("guidance needs a class label to guide towards (--class)")
+        if not self.png and self.fid is None:
+            raise ValueError("--no-png keeps nothing without --fid REF")
+        if self.kid and self.fid is None:
+            raise ValueError("--kid needs --fid REF")
 
     def step_options(self) -> dict:
         """Per-run keywords of scheduler.step that were asked for (checked against the scheduler by `sample`)."""
@@ -211,11 +221,15 @@ def _generate(settings: SampleSettings, world: World, device: torch.device, prog
         model = ClassifierFreeGuidance(model, settings.guidance)
     out = Path(settings.out)
     mine = share(settings.n, world)
-    first = _resume_point(out, settings, mine, world)
+    first = _resume_point(out, settings, mine, world) if settings.png else mine.start
+    features = FeatureCollector(settings, device) if settings.fid else None
 
     def write_batch(batch, start):
         images = decode_latents(loaded.vae, batch, settings.batch_size) if loaded.vae is not None else batch
-        write_images(images, out, first + start)
+        if settings.png:
+            write_images(images, out, first + start)
+        if features is not None:
+            features.add(images)
 
     if first < mine.stop:
         sample(model, scheduler, mine.stop - first, first_index=first, leak=leak, eps_scale=lambdas,
@@ -223,15 +237,59 @@ def _generate(settings: SampleSettings, world: World, device: torch.device, prog
                batch_size=settings.batch_size, num_inference_steps=settings.steps, on_batch=write_batch,
                progress=progress and world.is_main, device=device,
                autocast_dtype=torch.bfloat16 if settings.bf16 else None)
-    files = [image_name(i) for i in range(settings.n)]
+    files = [image_name(i) for i in range(settings.n)] if settings.png else []
     manifest = build_manifest(settings, loaded, scheduler, leak, label, lambdas, files)
+    if features is not None:
+        if first > mine.start:  # resumed: the images written before the interruption count too
+            features.add_files(out, [image_name(i) for i in range(mine.start, first)])
+        manifest["quality"] = features.report(world)
     if world.size > 1:
         dist.barrier()  # every share is on disk
     if world.is_main:
-        write_grid(out, files)
+        out.mkdir(parents=True, exist_ok=True)
+        if settings.png:
+            write_grid(out, files)
         (out / "manifest.json").write_text(json.dumps({**manifest, "processes": world.size}, indent=2))
         (out / PARTIAL_FILE).unlink(missing_ok=True)
     return manifest
+
+
+class FeatureCollector:
+    """Inception features of the images as they are drawn (quantised to uint8 first, as PNGs would be), for
+    the FID / KID of a sampling run; shards reduce their statistics across torchrun ranks."""
+
+    def __init__(self, settings: SampleSettings, device: torch.device):
+        from ldm_lite.quality import FeatureStats, FidStatistics, load_fid_inception
+        self.reference = FidStatistics.load(settings.fid)
+        self.network = load_fid_inception(device)
+        self.stats, self.kept, self.settings, self.device = FeatureStats(), [], settings, device
+
+    def add(self, images: torch.Tensor) -> None:
+        """images (B, C, H, W) in [-1, 1]."""
+        from ldm_lite.quality import inception_features
+        features = inception_features(images, self.settings.batch_size, self.device, progress=False,
+                                      network=self.network)
+        self.stats.update(features)
+        if self.settings.kid:
+            self.kept.append(features)
+
+    def add_files(self, out: Path, names: list) -> None:
+        with Image.open(out / names[0]) as first:
+            size = min(first.size)
+        self.add(to_float(torch.stack([load_image(out / name, size) for name in names])))
+
+    def report(self, world: World) -> dict:
+        """{fid, kid_mean, kid_std, n_samples, n_reference, seconds} of every rank's images together."""
+        from ldm_lite.quality import FidStatistics, quality_report
+        kept = torch.cat(self.kept) if self.kept else None
+        if world.size > 1:
+            self.stats.all_reduce()
+            if kept is not None:
+                gathered = [None] * world.size
+                dist.all_gather_object(gathered, kept)
+                kept = torch.cat(gathered)
+        samples = FidStatistics.from_stats(self.stats, kept, source=self.settings.out)
+        return quality_report(samples, self.reference, kid=self.settings.kid, seed=self.settings.seed)
 
 
 def _resume_point(out: Path, settings: SampleSettings, mine: range, world: World) -> int:

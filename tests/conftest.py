@@ -12,3 +12,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def fid_cache(tmp_path_factory):
+    """The FID network's converted weights are cached once per session in a fresh folder (LDM_LITE_CACHE), so
+    the conversion itself is tested and nothing is written to the user's cache."""
+    folder = tmp_path_factory.mktemp("fid_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LDM_LITE_CACHE", str(folder))
+        yield folder

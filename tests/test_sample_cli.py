@@ -477,3 +477,32 @@ def test_torchrun_shares_the_images_across_two_processes(run_dir, tmp_path, caps
     assert np.abs(read_pngs(tmp_path / "one", 6) - read_pngs(tmp_path / "two", 6)).max() <= 1
     manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert manifest["processes"] == 2 and manifest["images"] == [f"{i:05d}.png" for i in range(6)]
+
+
+def test_fid_of_the_drawn_images_equals_the_fid_command_on_their_pngs(run_dir, tmp_path, capsys, fid_cache):
+    """--fid streams the features batch by batch (from the images quantised as the PNGs are), with or without
+    writing PNGs; the result equals `python -m analysis fid` on the written PNGs."""
+    from ldm_lite.models import inception
+    try:
+        inception.find_weights_file()
+    except (FileNotFoundError, ValueError) as error:
+        pytest.skip(f"FID weights not installed: {error}")
+    from ldm_lite.quality import statistics_of
+    statistics_of(synthetic_brightness(8, 16, seed=5).images, progress=False).save(tmp_path / "ref.safetensors")
+    args = sample_args(run_dir, tmp_path / "png", "--fid", tmp_path / "ref.safetensors", "--kid")
+    code, out, err = run_cli(sample_main, args, capsys)
+    assert code == 0, err
+    written = json.loads((tmp_path / "png" / "manifest.json").read_text())["quality"]
+    args = sample_args(run_dir, tmp_path / "nopng", "--fid", tmp_path / "ref.safetensors", "--no-png")
+    assert run_cli(sample_main, args, capsys)[0] == 0
+    streamed = json.loads((tmp_path / "nopng" / "manifest.json").read_text())["quality"]
+    assert not list((tmp_path / "nopng").glob("*.png"))
+    code, out, err = run_cli(analysis_main, ["fid", "--samples", tmp_path / "png", "--ref", tmp_path / "ref.safetensors",
+                                             "--out", tmp_path / "fid.csv"], capsys)
+    assert code == 0, err
+    import csv
+    row = next(csv.DictReader(open(tmp_path / "fid.csv")))
+    assert written["n_samples"] == streamed["n_samples"] == 6 and written["n_reference"] == 8
+    assert written["fid"] == pytest.approx(float(row["fid"]), abs=1e-6)
+    assert streamed["fid"] == pytest.approx(written["fid"], abs=1e-6)
+    assert math.isfinite(written["kid_mean"]) and math.isnan(streamed["kid_mean"])

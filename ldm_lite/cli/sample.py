@@ -30,6 +30,9 @@ def main(argv=None) -> int:
     settings = dataclass_from_args(SampleSettings, args, leak_dc=parse_leak_dc(args.leak_dc))
     start = time.perf_counter()
     manifest = generate(settings)
+    if "quality" in manifest:
+        from ldm_lite.metrics import format_table
+        print(format_table([manifest["quality"]]))
     print(f"wrote {len(manifest['images'])} images, grid.png and manifest.json to {settings.out} "
           f"({time.perf_counter() - start:.1f} s; {manifest['scheduler']['class']}, {manifest['nfe']} model calls "
           f"per image; first timestep {manifest['first_timestep']}, "
