@@ -1,0 +1,596 @@
+"""Helpers for the executable lessons in docs/lessons/ (plain Python in the jupytext "percent" cell format).
+
+- `Lesson`: one lesson's run. Parses `--quick`, owns the output folder runs/lessons/NN/, records figures,
+  findings (sentences chosen by the numbers) and `check`s (claims tested on what the lesson just ran), and on
+  `finish()` writes results.json and exits non-zero when a check failed.
+- `lesson_images`: real pictures (CIFAR-10 or COCO from ../shared/data beside the repository) or, without
+  them, the embedded synthetic images.
+- `lesson_config`, `cached_runs`, `load_cached`: the lessons' tiny models, trained once into a cache
+  (runs/lessons/cache, or $LDM_LITE_LESSON_CACHE) keyed by a hash of the resolved training config.
+- `loss_per_bucket`: the denoising loss by timestep bucket, in the eps, x0 and v parametrisations at once.
+- `percent_cells`, `markdown_to_html`, `write_index`: the lessons' text and results as runs/lessons/index.html.
+- `main`: `python -m ldm_lite.teaching [--quick] [NN ...]` runs the lessons one after the other (what
+  `make lessons` calls) and writes the index.
+
+Environment: LDM_LITE_LESSON_OUT (output root, default runs/lessons under the repository), LDM_LITE_LESSON_CACHE
+(model cache, default <output root>/cache), LDM_LITE_LESSON_QUICK=1 (quick mode without the flag, e.g. in a
+notebook). Tests point both folders at a temporary directory, so every run starts from an empty cache.
+"""
+import argparse
+import dataclasses
+import hashlib
+import html
+import json
+import math
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+OUT_ENV = "LDM_LITE_LESSON_OUT"
+CACHE_ENV = "LDM_LITE_LESSON_CACHE"
+QUICK_ENV = "LDM_LITE_LESSON_QUICK"
+RESULTS_FILE = "results.json"
+CACHE_RECORD = "cache.json"
+LESSON_PATTERN = re.compile(r"^(\d\d)_[A-Za-z0-9_]+\.py$")
+
+
+# ----------------------------------------------------------------------------- places
+
+def repo_root() -> Path:
+    """The repository holding this package (the folder above ldm_lite/)."""
+    return Path(__file__).resolve().parents[1]
+
+
+def output_root() -> Path:
+    """Where lessons write: $LDM_LITE_LESSON_OUT, else <repository>/runs/lessons."""
+    return Path(os.environ.get(OUT_ENV) or repo_root() / "runs" / "lessons")
+
+
+def cache_root() -> Path:
+    """The trained-model cache: $LDM_LITE_LESSON_CACHE, else <output root>/cache."""
+    return Path(os.environ.get(CACHE_ENV) or output_root() / "cache")
+
+
+def lessons_folder() -> Path:
+    """docs/lessons/ of the repository."""
+    return repo_root() / "docs" / "lessons"
+
+
+def lesson_files(folder=None) -> list[Path]:
+    """The lesson scripts NN_name.py in `folder` (default docs/lessons/), sorted by number."""
+    folder = Path(folder) if folder is not None else lessons_folder()
+    return sorted(p for p in folder.glob("*.py") if LESSON_PATTERN.match(p.name))
+
+
+def shared_data_dir() -> Path:
+    """../shared/data beside the repository (found from the repository root, never an absolute path)."""
+    return repo_root().parent / "shared" / "data"
+
+
+# ----------------------------------------------------------------------------- one lesson's run
+
+@dataclass
+class Check:
+    """A claim of the lesson, whether what it ran bears it out, and the numbers that decided."""
+    claim: str
+    passed: bool
+    measured: str = ""
+
+
+@dataclass
+class Lesson:
+    """The run of lesson `number`: mode, output folder, figures, findings and checks.
+
+    `Lesson(1, "The forward process")` reads `--quick` from sys.argv (unknown arguments, such as a notebook
+    kernel's, are ignored) or LDM_LITE_LESSON_QUICK=1, and empties runs/lessons/01/ of earlier figures.
+    """
+    number: int
+    title: str
+    argv: list | None = None
+    quick: bool = field(init=False)
+    out: Path = field(init=False)
+    figures: list = field(default_factory=list, init=False)
+    findings: list = field(default_factory=list, init=False)
+    checks: list = field(default_factory=list, init=False)
+
+    def __post_init__(self):
+        parser = argparse.ArgumentParser(add_help=False)
+        parser.add_argument("--quick", action="store_true")
+        known, _ = parser.parse_known_args(sys.argv[1:] if self.argv is None else self.argv)
+        self.quick = known.quick or os.environ.get(QUICK_ENV, "") not in ("", "0")
+        self.out = output_root() / f"{self.number:02d}"
+        self.out.mkdir(parents=True, exist_ok=True)
+        for stale in list(self.out.glob("*.png")) + [self.out / RESULTS_FILE]:
+            stale.unlink(missing_ok=True)
+        self._started = time.monotonic()
+        print(f"Lesson {self.number}: {self.title} ({'quick' if self.quick else 'full'} mode) -> {self.out}")
+
+    def path(self, name: str) -> Path:
+        """A file in this lesson's output folder."""
+        return self.out / name
+
+    def figure(self, fig, name: str, caption: str = "") -> Path:
+        """Save a matplotlib figure as NN/name (PNG), close it and list it on the lesson's page."""
+        import matplotlib.pyplot as plt
+        path = self.path(name)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        return self.add_figure(path, caption)
+
+    def image_grid(self, images: torch.Tensor, name: str, caption: str = "", nrow: int = 8, scale: int = 4) -> Path:
+        """Save images (N, 3, H, W) in [-1, 1] as one PNG grid (`ldm_lite.data.save_image_grid`) and list it."""
+        from .data import save_image_grid
+        path = self.path(name)
+        save_image_grid(images.detach().float().cpu(), path, nrow=nrow, scale=scale)
+        return self.add_figure(path, caption)
+
+    def add_figure(self, path, caption: str = "") -> Path:
+        """List an image file already in the output folder on the lesson's page."""
+        path = Path(path)
+        self.figures.append({"file": path.name, "caption": caption})
+        print(f"  figure: {path}")
+        return path
+
+    def finding(self, sentence: str) -> str:
+        """Print and record a sentence of the lesson's findings (build it from the numbers it ran)."""
+        self.findings.append(sentence)
+        print(f"  finding: {sentence}")
+        return sentence
+
+    def check(self, claim: str, passed, measured: str = "") -> bool:
+        """Record whether `claim` holds on what the lesson ran; `measured` states the deciding numbers."""
+        result = Check(claim, bool(passed), measured)
+        self.checks.append(result)
+        print(f"  [{'PASS' if result.passed else 'FAIL'}] {claim}" + (f" ({measured})" if measured else ""))
+        return result.passed
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.checks) and all(c.passed for c in self.checks)
+
+    def finish(self) -> dict:
+        """Write NN/results.json and print the summary; SystemExit(1) when a check failed or none was made."""
+        seconds = time.monotonic() - self._started
+        results = {"number": self.number, "title": self.title, "mode": "quick" if self.quick else "full",
+                   "seconds": round(seconds, 2), "passed": self.passed, "figures": self.figures,
+                   "findings": self.findings, "checks": [dataclasses.asdict(c) for c in self.checks]}
+        self.path(RESULTS_FILE).write_text(json.dumps(results, indent=2))
+        failed = [c for c in self.checks if not c.passed]
+        print(f"Lesson {self.number}: {len(self.checks) - len(failed)}/{len(self.checks)} checks passed "
+              f"in {seconds:.1f} s")
+        if failed or not self.checks:
+            raise SystemExit(1)
+        return results
+
+
+# ----------------------------------------------------------------------------- data
+
+def lesson_images(n: int, resolution: int, data_root=None, seed: int = 0) -> tuple[torch.Tensor, str]:
+    """n pictures (n, 3, R, R) float in [-1, 1] and a description of where they came from.
+
+    Looks in `data_root` (default `shared_data_dir()`) for cifar10-jpeg/test, then coco128, taking n images
+    spread evenly over the sorted file list; without either, the embedded `synthetic_brightness` images.
+    """
+    from .data import list_images, read_images, synthetic_brightness, to_float
+    root = Path(data_root) if data_root is not None else shared_data_dir()
+    for sub, name in (("cifar10-jpeg/test", "CIFAR-10 test pictures"), ("coco128", "COCO pictures")):
+        folder = root / sub
+        if folder.is_dir():
+            paths = list_images(folder)
+            if paths:
+                keep = torch.linspace(0, len(paths) - 1, min(n, len(paths))).round().long().tolist()
+                images, _ = read_images([paths[i] for i in keep], resolution)
+                return to_float(images), f"{len(images)} {name} from {sub} at {resolution}x{resolution}"
+    images = synthetic_brightness(n, resolution, seed).images
+    return to_float(images), f"{n} embedded synthetic images at {resolution}x{resolution} (no ../shared/data)"
+
+
+# ----------------------------------------------------------------------------- trained-model cache
+
+# The lessons' models: tiny UNets on the embedded synthetic images, Stable Diffusion's leaky scaled_linear
+# schedule unless the kind fixes it. {kind: (diffusion overrides, noise overrides)}.
+MODEL_KINDS = {
+    "eps": ({"prediction_type": "epsilon"}, {}),
+    "v": ({"prediction_type": "v_prediction"}, {}),
+    "x0": ({"prediction_type": "sample"}, {}),
+    "offset": ({"prediction_type": "epsilon"}, {"offset_noise": True}),
+    "zero_snr": ({"prediction_type": "v_prediction", "rescale_betas_zero_snr": True}, {}),
+}
+FULL_STEPS = 600  # optimiser steps of a full-mode lesson model (batch 32)
+
+
+def lesson_config(kind: str, steps: int = FULL_STEPS, batch_size: int = 32, synthetic_size: int = 2048,
+                  resolution: int = 16, grids: int = 4):
+    """The training `Config` of a lesson model of `kind` (MODEL_KINDS), with `grids` sample grids over training.
+
+    Unconditional tiny UNet, scaled_linear betas (0.00085 .. 0.012), AdamW 1e-3 with 50 warm-up steps, EMA
+    0.995, seed 0. run.out is set by `cached_runs`.
+    """
+    from .config import config_from_dict
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"kind must be one of {tuple(MODEL_KINDS)}, got {kind!r}")
+    diffusion, noise = MODEL_KINDS[kind]
+    return config_from_dict({
+        "data": {"source": "synthetic", "resolution": resolution, "synthetic_size": synthetic_size},
+        "model": {"preset": "tiny"},
+        "diffusion": {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, **diffusion},
+        "noise": noise,
+        "train": {"steps": steps, "batch_size": batch_size, "lr": 1e-3, "warmup_steps": min(50, steps // 5),
+                  "ema_decay": 0.995, "seed": 0},
+        "run": {"log_every": max(1, min(25, steps // 8)), "checkpoint_every": 0,
+                "sample_every": max(1, steps // grids) if grids else 0, "sample_steps": 20, "samples_per_class": 8,
+                "progress": False},
+    })
+
+
+def config_key(config) -> str:
+    """16 hex digits of SHA-256 over the resolved training config, without what cannot change the model:
+    the [run] section (folder, logging, grids) and train.num_threads / train.keep_freed_memory."""
+    from .config import config_to_dict
+    tree = config_to_dict(config)
+    tree.pop("run")
+    for key in ("num_threads", "keep_freed_memory"):
+        tree["train"].pop(key, None)
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class CachedRun:
+    """A lesson model in the cache: name, config key, run folder, whether this call trained it, training time."""
+    name: str
+    key: str
+    run_dir: Path
+    trained: bool
+    seconds: float
+
+
+def cached_runs(configs: dict, cache=None, processes: int = 2) -> dict:
+    """{name: Config} -> {name: CachedRun}: each model trained once into <cache>/<name>-<key>/ and reused.
+
+    A folder counts as finished when its cache.json records the key; an interrupted run resumes from its
+    checkpoint. Missing models train in up to `processes` spawned processes of one thread each (in this
+    process, with torch's thread setting, when only one is missing).
+    """
+    cache = Path(cache) if cache is not None else cache_root()
+    found, missing = {}, {}
+    for name, config in configs.items():
+        key = config_key(config)
+        run_dir = cache / f"{name}-{key}"
+        if _cache_record(run_dir).get("key") == key:
+            found[name] = CachedRun(name, key, run_dir, False, _cache_record(run_dir).get("seconds", 0.0))
+        else:
+            missing[name] = dataclasses.replace(config, run=dataclasses.replace(config.run, out=str(run_dir)))
+    found.update(_train_missing(missing, processes))
+    return {name: found[name] for name in configs}
+
+
+def _cache_record(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / CACHE_RECORD).read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def _train_missing(configs: dict, processes: int) -> dict:
+    """Train {name: Config (run.out set)} and write each folder's cache.json; {name: CachedRun}."""
+    if not configs:
+        return {}
+    names = list(configs)
+    print(f"  training {', '.join(names)} into the lesson cache (once; reused afterwards)")
+    started = time.monotonic()
+    if len(names) == 1 or processes <= 1:
+        seconds = {name: _train_timed(configs[name]) for name in names}
+    else:
+        from .config import config_to_dict
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(processes, len(names)), mp_context=context) as pool:
+            futures = {name: pool.submit(_train_worker, config_to_dict(configs[name])) for name in names}
+            seconds = {name: future.result() for name, future in futures.items()}
+    result = {}
+    for name, config in configs.items():
+        run_dir, key = Path(config.run.out), config_key(config)
+        record = {"key": key, "name": name, "seconds": round(seconds[name], 2), "steps": config.train.steps}
+        (run_dir / CACHE_RECORD).write_text(json.dumps(record, indent=2))
+        result[name] = CachedRun(name, key, run_dir, True, seconds[name])
+    print(f"  trained in {time.monotonic() - started:.0f} s")
+    return result
+
+
+def _train_timed(config) -> float:
+    from .training import train
+    started = time.monotonic()
+    train(config)
+    return time.monotonic() - started
+
+
+def _train_worker(tree: dict) -> float:
+    from .config import config_from_dict
+    config = config_from_dict(tree)
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, num_threads=1))
+    return _train_timed(config)
+
+
+def load_cached(run: CachedRun):
+    """The EMA model of a cached run: `ldm_lite.runs.LoadedModel` (unet in eval mode, scheduler_config)."""
+    from .runs import load_model
+    return load_model(run.run_dir)
+
+
+def training_log(run: CachedRun) -> list[dict]:
+    """The run's metrics.jsonl lines (step, loss, ...)."""
+    lines = (run.run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+# ----------------------------------------------------------------------------- loss per timestep bucket
+
+@torch.no_grad()
+def loss_per_bucket(model, scheduler, x0: torch.Tensor, num_buckets: int = 10, repeats: int = 1,
+                    generator: torch.Generator | None = None, batch_size: int = 256) -> dict:
+    """Mean squared error of a denoiser per timestep bucket, in all three parametrisations at once.
+
+    The T training timesteps are cut into `num_buckets` equal buckets; every image of x0 (N, C, H, W) is noised
+    `repeats` times at a timestep drawn uniformly in each bucket (Ho et al. 2020, arXiv:2006.11239, Algorithm 1)
+    and the model output is converted by `predict_x0_and_eps` for the scheduler's prediction type. Per image,
+    mean over elements of (x0_hat - x0)^2, (eps_hat - eps)^2 and (v_hat - v)^2 with v = sqrt(ab) eps -
+    sqrt(1 - ab) x0 (Salimans & Ho 2022, arXiv:2202.00512). For a consistent model these are one error seen
+    three ways: eps error = -(sqrt(ab) / sqrt(1 - ab)) x0 error and v error = -x0 error / sqrt(1 - ab).
+
+    Returns float64 tensors: "edges" (K + 1,) int64, "centres" (K,), "x0_mse", "eps_mse", "v_mse", "loss" (the
+    model's own training target) and "loss_stderr" (K,) (standard error over images).
+    """
+    from .schedulers.base import predict_x0_and_eps
+    T = scheduler.num_train_timesteps
+    if not 1 <= num_buckets <= T:
+        raise ValueError(f"num_buckets must be in [1, {T}], got {num_buckets}")
+    edges = torch.linspace(0, T, num_buckets + 1).round().long()
+    target = {"epsilon": "eps_mse", "v_prediction": "v_mse", "sample": "x0_mse"}[scheduler.prediction_type]
+    data = x0.repeat(repeats, 1, 1, 1).double()
+    rows = {name: [] for name in ("x0_mse", "eps_mse", "v_mse")}
+    stderr = []
+    for low, high in zip(edges[:-1].tolist(), edges[1:].tolist()):
+        t = torch.randint(low, high, (len(data),), generator=generator)
+        noise = torch.randn(data.shape, generator=generator, dtype=torch.float64)
+        ab = scheduler.alphas_cumprod.double()[t].reshape(-1, 1, 1, 1)
+        a, b = ab.sqrt(), (1 - ab).sqrt()
+        x_t = scheduler.add_noise(data, noise, t)
+        errors = {name: [] for name in rows}
+        for start in range(0, len(data), batch_size):
+            part = slice(start, start + batch_size)
+            output = model(x_t[part].float(), t[part], None).double()
+            x0_hat, eps_hat = predict_x0_and_eps(output, x_t[part], a[part], b[part], scheduler.prediction_type)
+            v, v_hat = a[part] * noise[part] - b[part] * data[part], a[part] * eps_hat - b[part] * x0_hat
+            for name, error in (("x0_mse", x0_hat - data[part]), ("eps_mse", eps_hat - noise[part]),
+                                ("v_mse", v_hat - v)):
+                errors[name].append(error.pow(2).flatten(1).mean(1))
+        for name in rows:
+            per_image = torch.cat(errors[name])
+            rows[name].append(per_image.mean())
+            if name == target:
+                stderr.append(per_image.std() / math.sqrt(len(per_image)))
+    result = {name: torch.stack(values) for name, values in rows.items()}
+    return {"edges": edges, "centres": (edges[:-1] + edges[1:] - 1).double() / 2, **result,
+            "loss": result[target].clone(), "loss_stderr": torch.stack(stderr)}
+
+
+# ----------------------------------------------------------------------------- lesson text and index page
+
+def percent_cells(path) -> list[tuple[str, str]]:
+    """The cells of a "percent"-format script: [(kind, text)] with kind "markdown" or "code".
+
+    A line starting with `# %%` opens a cell (`# %% [markdown]` a text cell). Text cells lose their leading
+    `# ` (or `#`); the text before the first marker is a code cell (the module docstring, imports).
+    """
+    cells, kind, lines = [], "code", []
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("# %%"):
+            cells.append((kind, "\n".join(lines).strip("\n")))
+            kind, lines = ("markdown" if "[markdown]" in line else "code"), []
+        elif kind == "markdown":
+            lines.append(line[2:] if line.startswith("# ") else line.lstrip("#"))
+        else:
+            lines.append(line)
+    cells.append((kind, "\n".join(lines).strip("\n")))
+    return [(k, text) for k, text in cells if text.strip()]
+
+
+_INLINE_MATH = re.compile(r"(\$[^$\n]+\$)")
+
+
+def _inline(text: str) -> str:
+    """Escape HTML and render `code`, **bold**, *italic* and [links](url); $...$ math is left for MathJax."""
+    parts = _INLINE_MATH.split(text)
+    out = []
+    for i, part in enumerate(parts):
+        if i % 2:
+            out.append(html.escape(part))
+            continue
+        part = html.escape(part)
+        part = re.sub(r"`([^`]+)`", r"<code>\1</code>", part)
+        part = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", part)
+        part = re.sub(r"(?<![\w*])\*([^*\s][^*]*)\*(?![\w*])", r"<em>\1</em>", part)
+        part = re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", r'<a href="\2">\1</a>', part)
+        out.append(part)
+    return "".join(out)
+
+
+def markdown_to_html(text: str) -> str:
+    """A small Markdown subset to HTML: # headings, paragraphs, - and 1. lists, $$ display math $$, inline
+    `code`, **bold**, *italic*, [links](url) and $math$ (kept verbatim, escaped, for MathJax)."""
+    blocks, lines, i = [], text.splitlines(), 0
+    while i < len(lines):
+        line = lines[i].rstrip()
+        if not line.strip():
+            i += 1
+        elif line.strip().startswith("$$"):
+            math_lines = [line.strip()]
+            while not (math_lines[-1].endswith("$$") and (len(math_lines) > 1 or len(line.strip()) > 2)):
+                i += 1
+                if i >= len(lines):
+                    break
+                math_lines.append(lines[i].strip())
+            blocks.append(f'<div class="math">{html.escape(" ".join(math_lines))}</div>')
+            i += 1
+        elif re.match(r"#{1,6} ", line):
+            level = len(line) - len(line.lstrip("#"))
+            blocks.append(f"<h{level}>{_inline(line.lstrip('#').strip())}</h{level}>")
+            i += 1
+        elif re.match(r"\s*([-*]|\d+\.) ", line):
+            ordered = bool(re.match(r"\s*\d+\. ", line))
+            items = []
+            while i < len(lines) and lines[i].strip():
+                if re.match(r"\s*([-*]|\d+\.) ", lines[i]):
+                    items.append(re.sub(r"^\s*([-*]|\d+\.) ", "", lines[i]))
+                else:
+                    items[-1] += " " + lines[i].strip()
+                i += 1
+            tag = "ol" if ordered else "ul"
+            blocks.append(f"<{tag}>" + "".join(f"<li>{_inline(item)}</li>" for item in items) + f"</{tag}>")
+        else:
+            paragraph = []
+            while i < len(lines) and lines[i].strip() and not lines[i].strip().startswith("$$") \
+                    and not re.match(r"#{1,6} |\s*([-*]|\d+\.) ", lines[i]):
+                paragraph.append(lines[i].strip())
+                i += 1
+            blocks.append(f"<p>{_inline(' '.join(paragraph))}</p>")
+    return "\n".join(blocks)
+
+
+_STYLE = """body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;line-height:1.5;
+color:#222}h1,h2{border-bottom:1px solid #ddd}img{max-width:100%;border:1px solid #eee}figure{margin:1em 0}
+figcaption{color:#555;font-size:.9em}.pass{color:#176f2c;font-weight:bold}.fail{color:#b00020;font-weight:bold}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;
+vertical-align:top}.math{overflow-x:auto;margin:.8em 0;text-align:center}code{background:#f4f4f4;padding:0 .2em}
+.findings{background:#f6f8fa;border-left:4px solid #8ab;padding:.5em 1em}"""
+_MATHJAX = ('<script>window.MathJax={tex:{inlineMath:[["$","$"]],displayMath:[["$$","$$"]]}};</script>\n'
+            '<script async src="https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex-chtml.js"></script>')
+
+
+def _lesson_results(out_root: Path, number: int) -> dict | None:
+    try:
+        return json.loads((out_root / f"{number:02d}" / RESULTS_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _status(results: dict | None) -> str:
+    if results is None:
+        return '<span class="fail">not run</span>'
+    passed = sum(c["passed"] for c in results["checks"])
+    css = "pass" if results["passed"] else "fail"
+    return (f'<span class="{css}">{passed}/{len(results["checks"])} checks passed</span> '
+            f'({results["mode"]} mode, {results["seconds"]:.0f} s)')
+
+
+def lesson_section(path: Path, out_root: Path) -> str:
+    """HTML of one lesson: its text cells, then its findings, figures and checks from NN/results.json."""
+    number = int(path.name[:2])
+    results = _lesson_results(out_root, number)
+    parts = [f'<section id="lesson-{number:02d}">', f"<p>{_status(results)} &middot; source "
+             f"<code>docs/lessons/{html.escape(path.name)}</code></p>"]
+    parts += [markdown_to_html(text) for kind, text in percent_cells(path) if kind == "markdown"]
+    if results is not None:
+        if results["findings"]:
+            parts.append('<h3>Findings of this run</h3><div class="findings">'
+                         + "".join(f"<p>{html.escape(s)}</p>" for s in results["findings"]) + "</div>")
+        if results["figures"]:
+            parts.append("<h3>Figures</h3>")
+        for figure in results["figures"]:
+            source = f"{number:02d}/{html.escape(figure['file'])}"
+            parts.append(f'<figure><img src="{source}" alt="{html.escape(figure["file"])}">'
+                         f"<figcaption>{html.escape(figure['caption'])}</figcaption></figure>")
+        rows = "".join(f'<tr><td class="{"pass" if c["passed"] else "fail"}">{"PASS" if c["passed"] else "FAIL"}'
+                       f'</td><td>{html.escape(c["claim"])}</td><td>{html.escape(c["measured"])}</td></tr>'
+                       for c in results["checks"])
+        parts.append(f"<h3>Checks</h3><table><tr><th></th><th>claim</th><th>measured</th></tr>{rows}</table>")
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _page(title: str, body: str) -> str:
+    return (f'<!doctype html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>\n'
+            f"<style>{_STYLE}</style>\n{_MATHJAX}</head><body>\n{body}\n</body></html>\n")
+
+
+def write_index(folder=None, out_root=None) -> Path:
+    """Write <out_root>/NN.html for every lesson (text, findings, figures, checks) and <out_root>/index.html: the
+    summary table followed by every lesson's section. Returns the index path."""
+    files = lesson_files(folder)
+    out_root = Path(out_root) if out_root is not None else output_root()
+    out_root.mkdir(parents=True, exist_ok=True)
+    rows, sections = [], []
+    for path in files:
+        number = int(path.name[:2])
+        section = lesson_section(path, out_root)
+        title = _lesson_title(path)
+        (out_root / f"{number:02d}.html").write_text(_page(title, f'<p><a href="index.html">All lessons</a></p>'
+                                                           f"\n{section}"))
+        rows.append(f'<tr><td><a href="#lesson-{number:02d}">{html.escape(title)}</a> '
+                    f'(<a href="{number:02d}.html">page</a>)</td>'
+                    f"<td>{_status(_lesson_results(out_root, number))}</td></tr>")
+        sections.append(section)
+    body = ("<h1>ldm_lite lessons</h1><p>Executable lessons from <code>docs/lessons/</code>; every number below "
+            "was computed by the run that wrote this page (<code>make lessons</code>).</p>"
+            f"<table><tr><th>lesson</th><th>result</th></tr>{''.join(rows)}</table>\n" + "\n".join(sections))
+    index = out_root / "index.html"
+    index.write_text(_page("ldm_lite lessons", body))
+    return index
+
+
+def _lesson_title(path: Path) -> str:
+    """The first markdown heading of a lesson, else its file name."""
+    for kind, text in percent_cells(path):
+        if kind == "markdown":
+            for line in text.splitlines():
+                if line.startswith("#"):
+                    return line.lstrip("#").strip()
+    return path.stem
+
+
+# ----------------------------------------------------------------------------- runner
+
+def run_lessons(files, quick: bool = False, python: str | None = None) -> list[dict]:
+    """Run lesson scripts one after the other as subprocesses; [{"lesson", "returncode", "seconds"}]."""
+    results = []
+    for path in files:
+        command = [python or sys.executable, str(path)] + (["--quick"] if quick else [])
+        started = time.monotonic()
+        returncode = subprocess.run(command, cwd=repo_root()).returncode
+        results.append({"lesson": Path(path).name, "returncode": returncode,
+                        "seconds": round(time.monotonic() - started, 1)})
+    return results
+
+
+def main(argv=None) -> int:
+    """`python -m ldm_lite.teaching [--quick] [--lessons DIR] [NN ...]`: run the lessons, write the index page."""
+    parser = argparse.ArgumentParser(prog="python -m ldm_lite.teaching", description=main.__doc__)
+    parser.add_argument("numbers", nargs="*", help="lesson numbers to run (default: all)")
+    parser.add_argument("--quick", action="store_true", help="bounded runs (20 s each), the exact denoiser")
+    parser.add_argument("--lessons", default=None, help="folder of NN_name.py lessons (default docs/lessons)")
+    args = parser.parse_args(argv)
+    files = lesson_files(args.lessons)
+    if args.numbers:
+        wanted = {int(n) for n in args.numbers}
+        files = [p for p in files if int(p.name[:2]) in wanted]
+    if not files:
+        print("no lessons to run", file=sys.stderr)
+        return 2
+    results = run_lessons(files, args.quick)
+    index = write_index(args.lessons, output_root())
+    for row in results:
+        status = "ok" if row["returncode"] == 0 else f"FAILED (exit {row['returncode']})"
+        print(f"{row['lesson']:<32} {row['seconds']:>7.1f} s  {status}")
+    print(f"total {sum(r['seconds'] for r in results):.1f} s; index: {index}")
+    return 0 if all(r["returncode"] == 0 for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

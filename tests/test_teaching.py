@@ -1,0 +1,258 @@
+"""ldm_lite.teaching: the lessons' helpers (checks and results, the model cache, the loss per timestep bucket,
+the percent-format reader, the index page and the runner), each against an independent computation."""
+import json
+import math
+import textwrap
+
+import pytest
+import torch
+
+from ldm_lite import teaching
+from ldm_lite.oracle import GaussianMixtureDenoiser
+from ldm_lite.schedulers import DDPMScheduler
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def lesson_env(tmp_path, monkeypatch):
+    """Output root and model cache in tmp_path, quick mode off."""
+    monkeypatch.setenv(teaching.OUT_ENV, str(tmp_path / "out"))
+    monkeypatch.setenv(teaching.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(teaching.QUICK_ENV, raising=False)
+    return tmp_path
+
+
+# ----------------------------------------------------------------------------- Lesson
+
+
+def test_lesson_records_checks_and_exits_non_zero_on_a_failed_one(lesson_env):
+    lesson = teaching.Lesson(3, "Sampling", argv=["--quick", "-f", "kernel.json"])
+    assert lesson.quick and lesson.out == lesson_env / "out" / "03"
+    assert lesson.check("one plus one is two", 1 + 1 == 2, "2")
+    assert not lesson.check("pi is three", abs(math.pi - 3) < 1e-3, f"{math.pi:.5f}")
+    lesson.finding("a sentence")
+    with pytest.raises(SystemExit) as exit_info:
+        lesson.finish()
+    assert exit_info.value.code == 1
+    results = json.loads((lesson.out / teaching.RESULTS_FILE).read_text())
+    assert results["passed"] is False and results["mode"] == "quick" and results["findings"] == ["a sentence"]
+    assert [c["passed"] for c in results["checks"]] == [True, False]
+    assert results["checks"][1] == {"claim": "pi is three", "passed": False, "measured": "3.14159"}
+
+
+def test_lesson_passes_and_keeps_figures(lesson_env, monkeypatch):
+    monkeypatch.setenv(teaching.QUICK_ENV, "1")
+    lesson = teaching.Lesson(1, "Forward", argv=[])
+    assert lesson.quick
+    path = lesson.image_grid(torch.zeros(4, 3, 8, 8), "grid.png", "four grey images", nrow=2, scale=2)
+    from PIL import Image
+    assert Image.open(path).size == (2 * (16 + 2) + 2, 2 * (16 + 2) + 2)
+    lesson.check("true", True)
+    results = lesson.finish()
+    assert results["passed"] and results["figures"] == [{"file": "grid.png", "caption": "four grey images"}]
+
+
+def test_lesson_without_checks_fails_and_a_new_run_clears_old_figures(lesson_env):
+    lesson = teaching.Lesson(2, "Training", argv=[])
+    (lesson.out / "old.png").write_bytes(b"x")
+    with pytest.raises(SystemExit):
+        lesson.finish()
+    again = teaching.Lesson(2, "Training", argv=[])
+    assert not (again.out / "old.png").exists() and not (again.out / teaching.RESULTS_FILE).exists()
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_lesson_images_fall_back_to_the_embedded_images(tmp_path):
+    images, source = teaching.lesson_images(5, 8, data_root=tmp_path / "missing")
+    assert images.shape == (5, 3, 8, 8) and "synthetic" in source
+    assert images.min() >= -1 and images.max() <= 1
+
+
+def test_lesson_images_read_a_cifar_folder(tmp_path):
+    from PIL import Image
+    folder = tmp_path / "cifar10-jpeg" / "test" / "cat"
+    folder.mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (32, 32), (60 * i, 0, 255)).save(folder / f"{i:04d}.png")
+    images, source = teaching.lesson_images(2, 16, data_root=tmp_path)
+    assert images.shape == (2, 3, 16, 16) and "CIFAR-10" in source
+    # files 0 and 3 (spread evenly): red 0 and 180 -> -1 and 180 / 127.5 - 1
+    assert images[:, 0, 0, 0].tolist() == pytest.approx([-1.0, 180 / 127.5 - 1], abs=1e-6)
+    assert images[:, 2].eq(1.0).all()
+
+
+def test_shared_data_is_found_beside_the_repository():
+    assert teaching.shared_data_dir() == teaching.repo_root().parent / "shared" / "data"
+    assert (teaching.repo_root() / "ldm_lite" / "teaching.py").is_file()
+
+
+# ----------------------------------------------------------------------------- model cache
+
+
+def _tiny(**overrides):
+    config = teaching.lesson_config("eps", steps=2, batch_size=4, synthetic_size=8, resolution=8, grids=0)
+    import dataclasses
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, **overrides))
+
+
+def test_config_key_ignores_the_run_section_but_not_training_settings():
+    import dataclasses
+    config = _tiny()
+    moved = dataclasses.replace(config, run=dataclasses.replace(config.run, out="elsewhere", log_every=7))
+    threads = dataclasses.replace(config, train=dataclasses.replace(config.train, num_threads=3))
+    assert teaching.config_key(config) == teaching.config_key(moved) == teaching.config_key(threads)
+    assert teaching.config_key(config) != teaching.config_key(_tiny(lr=5e-4))
+    assert teaching.config_key(config) != teaching.config_key(teaching.lesson_config("v", 2, 4, 8, 8, 0))
+    assert len(teaching.config_key(config)) == 16
+
+
+def test_cached_runs_train_once_and_rebuild_when_the_config_changes(tmp_path):
+    first = teaching.cached_runs({"m": _tiny()}, cache=tmp_path)["m"]
+    assert first.trained and first.run_dir == tmp_path / f"m-{teaching.config_key(_tiny())}"
+    checkpoint = first.run_dir / "checkpoint.pt"
+    stamp = checkpoint.stat().st_mtime_ns
+    again = teaching.cached_runs({"m": _tiny()}, cache=tmp_path)["m"]
+    assert not again.trained and again.run_dir == first.run_dir and checkpoint.stat().st_mtime_ns == stamp
+    changed = teaching.cached_runs({"m": _tiny(lr=5e-4)}, cache=tmp_path)["m"]
+    assert changed.trained and changed.run_dir != first.run_dir
+    loaded = teaching.load_cached(again)
+    assert loaded.scheduler_config["prediction_type"] == "epsilon" and loaded.unet.config.sample_size == 8
+    assert [row["step"] for row in teaching.training_log(again)][-1] == 2
+
+
+def test_lesson_config_kinds():
+    zero = teaching.lesson_config("zero_snr")
+    assert zero.diffusion.rescale_betas_zero_snr and zero.diffusion.prediction_type == "v_prediction"
+    assert zero.scheduler_config()["timestep_spacing"] == "trailing"
+    assert teaching.lesson_config("offset").noise.offset_noise
+    assert teaching.lesson_config("x0").diffusion.prediction_type == "sample"
+    with pytest.raises(ValueError, match="kind must be one of"):
+        teaching.lesson_config("eps2")
+
+
+# ----------------------------------------------------------------------------- loss per bucket
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_loss_per_bucket_matches_the_gaussian_mmse(prediction_type):
+    """Gaussian data N(0, s^2 I) and its exact denoiser: per element the posterior error of x0 is
+    s^2 b^2 / (a^2 s^2 + b^2); eps errs by a/b times it and v by 1/b. One timestep per bucket (T = 10)."""
+    scheduler = DDPMScheduler(num_train_timesteps=10, beta_start=0.05, beta_end=0.4, prediction_type=prediction_type)
+    s = 0.5
+    oracle = GaussianMixtureDenoiser(torch.zeros(1, 3, 8, 8), s, alphas_cumprod=scheduler.alphas_cumprod,
+                                     prediction_type=prediction_type)
+    x0 = oracle.sample_data(512, torch.Generator().manual_seed(0), torch.float64)[0]
+    result = teaching.loss_per_bucket(oracle, scheduler, x0, num_buckets=10, generator=torch.Generator().manual_seed(1))
+    ab = scheduler.alphas_cumprod.double()
+    x0_mse = s ** 2 * (1 - ab) / (ab * s ** 2 + 1 - ab)
+    assert result["edges"].tolist() == list(range(11))
+    assert result["centres"].tolist() == list(range(10))
+    torch.testing.assert_close(result["x0_mse"], x0_mse, rtol=0.03, atol=0)
+    torch.testing.assert_close(result["eps_mse"], x0_mse * ab / (1 - ab), rtol=0.03, atol=0)
+    torch.testing.assert_close(result["v_mse"], x0_mse / (1 - ab), rtol=0.03, atol=0)
+    own = {"epsilon": "eps_mse", "v_prediction": "v_mse", "sample": "x0_mse"}[prediction_type]
+    assert torch.equal(result["loss"], result[own])
+    # standard error of a mean of 512 per-image means of 192 squared Gaussians: loss * sqrt(2 / 192 / 512)
+    torch.testing.assert_close(result["loss_stderr"], result["loss"] * math.sqrt(2 / 192 / 512), rtol=0.25, atol=0)
+
+
+def test_loss_per_bucket_buckets_and_the_untrained_zero_model():
+    """A model that always outputs 0 as an eps-predictor: eps error = eps, so eps_mse = E[eps^2] = 1 in every
+    bucket (up to sampling), whatever the data; buckets split T = 1000 into equal ranges."""
+    scheduler = DDPMScheduler()
+    x0 = torch.rand(64, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    zero = lambda x, t, labels: torch.zeros_like(x)  # noqa: E731
+    result = teaching.loss_per_bucket(zero, scheduler, x0, num_buckets=4, repeats=2,
+                                      generator=torch.Generator().manual_seed(0))
+    assert result["edges"].tolist() == [0, 250, 500, 750, 1000]
+    assert result["centres"].tolist() == [124.5, 374.5, 624.5, 874.5]
+    torch.testing.assert_close(result["loss"], torch.ones(4, dtype=torch.float64), rtol=0.05, atol=0)
+    with pytest.raises(ValueError, match="num_buckets"):
+        teaching.loss_per_bucket(zero, scheduler, x0, num_buckets=0)
+
+
+# ----------------------------------------------------------------------------- text and index
+
+
+LESSON_TEXT = textwrap.dedent('''\
+    """Docstring."""
+    import sys
+
+    # %% [markdown]
+    # # 01 A title
+    #
+    # Text with $x_t = \\sqrt{a} x_0$ and `code` and **bold** <tag>.
+    #
+    # $$
+    # \\mathrm{SNR}(t) = a / (1 - a)
+    # $$
+    #
+    # - item one
+    #   continued
+    # - item [two](https://arxiv.org/abs/2006.11239)
+
+    # %%
+    from ldm_lite.teaching import Lesson
+    lesson = Lesson(1, "A title")
+    lesson.check("works", "--fail" not in sys.argv, "value 1")
+    lesson.finish()
+    ''')
+
+
+def test_percent_cells_split_text_and_code(tmp_path):
+    path = tmp_path / "01_title.py"
+    path.write_text(LESSON_TEXT)
+    cells = teaching.percent_cells(path)
+    assert [kind for kind, _ in cells] == ["code", "markdown", "code"]
+    assert cells[0][1] == '"""Docstring."""\nimport sys'
+    assert cells[1][1].splitlines()[:3] == ["# 01 A title", "", "Text with $x_t = \\sqrt{a} x_0$ and `code` and "
+                                            "**bold** <tag>."]
+    assert cells[2][1].startswith("from ldm_lite.teaching import Lesson")
+
+
+def test_markdown_to_html_renders_the_subset():
+    text = ("# 01 A title\n\nText $a<b$ and `x<y` and **bold** *it*.\n\n$$\nA < B\n$$\n\n"
+            "- one\n  more\n- two\n\n1. first")
+    rendered = teaching.markdown_to_html(text)
+    assert "<h1>01 A title</h1>" in rendered
+    assert "<p>Text $a&lt;b$ and <code>x&lt;y</code> and <strong>bold</strong> <em>it</em>.</p>" in rendered
+    assert '<div class="math">$$ A &lt; B $$</div>' in rendered
+    assert "<ul><li>one more</li><li>two</li></ul>" in rendered and "<ol><li>first</li></ol>" in rendered
+    assert teaching.markdown_to_html("[DDPM](https://arxiv.org/abs/2006.11239)") == \
+        '<p><a href="https://arxiv.org/abs/2006.11239">DDPM</a></p>'
+    assert teaching.markdown_to_html("$a * b * c$ and 2 * 3") == "<p>$a * b * c$ and 2 * 3</p>"
+
+
+def test_runner_runs_lessons_and_writes_the_index(tmp_path, monkeypatch):
+    folder = tmp_path / "lessons"
+    folder.mkdir()
+    (folder / "01_pass.py").write_text(LESSON_TEXT)
+    (folder / "02_fail.py").write_text(LESSON_TEXT.replace("Lesson(1, ", "Lesson(2, ").replace(
+        '"--fail" not in sys.argv', "False").replace("# # 01 A title", "# # 02 Failing"))
+    (folder / "notes.py").write_text("raise SystemExit(3)\n")  # not a lesson: no NN_ prefix
+    out = tmp_path / "out"
+    monkeypatch.setenv(teaching.OUT_ENV, str(out))
+    monkeypatch.setenv("PYTHONPATH", str(teaching.repo_root()))
+    assert [p.name for p in teaching.lesson_files(folder)] == ["01_pass.py", "02_fail.py"]
+    assert teaching.main(["--quick", "--lessons", str(folder)]) == 1
+    assert json.loads((out / "01" / teaching.RESULTS_FILE).read_text())["mode"] == "quick"
+    index = (out / "index.html").read_text()
+    assert index.count("<section") == 2 and "1/1 checks passed" in index and "0/1 checks passed" in index
+    assert "<h1>01 A title</h1>" in index and '<td class="fail">FAIL</td><td>works</td>' in index
+    assert "&lt;tag&gt;" in index and "<tag>" not in index
+    page = (out / "02.html").read_text()
+    assert "<h1>02 Failing</h1>" in page and "01 A title" not in page
+    assert teaching.main(["--lessons", str(folder), "1"]) == 0
+    assert json.loads((out / "01" / teaching.RESULTS_FILE).read_text())["mode"] == "full"
+    assert teaching.main(["--lessons", str(folder), "9"]) == 2
+
+
+def test_index_marks_lessons_that_did_not_run(tmp_path):
+    folder = tmp_path / "lessons"
+    folder.mkdir()
+    (folder / "01_pass.py").write_text(LESSON_TEXT)
+    index = teaching.write_index(folder, tmp_path / "out").read_text()
+    assert "not run" in index and "<h1>01 A title</h1>" in index
