@@ -20,6 +20,9 @@ semi-definite B^T S2 B (the same as those of S1^(1/2) S2 S1^(1/2)), so tr (S1 S2
 from the symmetric eigensolver (eigh). This holds for singular covariances too (fewer images than 2048
 features), where sqrtm needs an epsilon; eigenvalues at the rounding level count as zero.
 
+Precision and recall (Kynkaanniemi et al. 2019, arXiv:1904.06991) compare the two feature sets as manifolds:
+unions of balls around each feature reaching its k-th nearest neighbour (k = 3).
+
 KID is the unbiased squared MMD with the kernel k(x, y) = (x.y / d + 1)^3 (Binkowski et al. 2018; the unbiased
 estimator is Lemma 6 of Gretton et al. 2012, JMLR 13), averaged over random subsets as torch-fidelity does.
 """
@@ -326,6 +329,33 @@ def kernel_inception_distance(features_a: torch.Tensor, features_b: torch.Tensor
     return float(values.mean()), float(values.std(correction=0))
 
 
+def kth_neighbour_radii(features: torch.Tensor, k: int = 3, batch_size: int = 1000) -> torch.Tensor:
+    """(n,) float64: distance from each row of features (n, D) to its k-th nearest other row."""
+    features = features.to(torch.float64)
+    if len(features) <= k:
+        raise ValueError(f"k-th neighbour radii need more than k = {k} features, got {len(features)}")
+    # each row's distance to itself is one of the k + 1 smallest (it is 0 up to rounding)
+    return torch.cat([torch.cdist(chunk, features).kthvalue(k + 1, dim=1).values
+                      for chunk in features.split(batch_size)])
+
+
+def manifold_coverage(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor,
+                      batch_size: int = 1000) -> float:
+    """Fraction of points (n, D) inside at least one ball |x - centres_j| <= radii_j (centres (m, D), radii (m,))."""
+    points, centres = points.to(torch.float64), centres.to(torch.float64)
+    inside = [(torch.cdist(chunk, centres) <= radii).any(dim=1) for chunk in points.split(batch_size)]
+    return float(torch.cat(inside).double().mean())
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3, batch_size: int = 1000) -> tuple:
+    """Improved precision and recall (Kynkaanniemi et al. 2019, arXiv:1904.06991) of fake features
+    (n_f, D) against real ones (n_r, D): precision = share of fakes inside the real manifold, recall = share of
+    reals inside the fake manifold; a manifold is the union of balls reaching each point's k-th neighbour."""
+    precision = manifold_coverage(fake, real, kth_neighbour_radii(real, k, batch_size), batch_size)
+    recall = manifold_coverage(real, fake, kth_neighbour_radii(fake, k, batch_size), batch_size)
+    return precision, recall
+
+
 # ----------------------------------------------------------------------------------------------- reports
 
 def load_images(source: str, max_images: int = 0, resolution: int | None = None) -> tuple[torch.Tensor, int]:
@@ -359,18 +389,21 @@ def statistics_of(images, batch_size: int = 50, device=None, progress: bool = Tr
     return FidStatistics.from_features(features, source=source, source_images=source_images)
 
 
-def quality_report(samples: FidStatistics, reference: FidStatistics, kid: bool = False, seconds: float = 0.0,
-                   num_subsets: int = 100, seed: int = 0) -> dict:
-    """One row: fid, kid_mean, kid_std (nan without `kid`), n_samples, n_reference, seconds (wall time of the
-    whole evaluation, features included)."""
+def quality_report(samples: FidStatistics, reference: FidStatistics, kid: bool = False,
+                   with_precision_recall: bool = False, seconds: float = 0.0, seed: int = 0) -> dict:
+    """One row: fid; kid_mean, kid_std with `kid`; precision, recall (k = 3) with `with_precision_recall`
+    (nan otherwise); n_samples, n_reference; seconds (wall time of the whole evaluation, features included)."""
     started = time.perf_counter()
-    row = {"fid": fid_from_statistics(samples, reference), "kid_mean": math.nan, "kid_std": math.nan}
+    row = {"fid": fid_from_statistics(samples, reference), "kid_mean": math.nan, "kid_std": math.nan,
+           "precision": math.nan, "recall": math.nan}
+    if (kid or with_precision_recall) and (samples.features is None or reference.features is None):
+        missing = reference.source if reference.features is None else samples.source
+        raise ValueError(f"KID, precision and recall need the features themselves; the statistics of {missing!r} "
+                         "hold none")
     if kid:
-        if samples.features is None or reference.features is None:
-            missing = reference.source if reference.features is None else samples.source
-            raise ValueError(f"KID needs the features themselves; the statistics of {missing!r} hold none")
-        row["kid_mean"], row["kid_std"] = kernel_inception_distance(samples.features, reference.features,
-                                                                    num_subsets, seed=seed)
+        row["kid_mean"], row["kid_std"] = kernel_inception_distance(samples.features, reference.features, seed=seed)
+    if with_precision_recall:
+        row["precision"], row["recall"] = precision_recall(reference.features, samples.features)
     row.update(n_samples=samples.count, n_reference=reference.count,
                seconds=seconds + time.perf_counter() - started)
     return row

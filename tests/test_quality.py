@@ -237,6 +237,20 @@ def test_kid_matches_numpy_transcription(single_thread):
     assert mean > 0.05                                                 # the shift is seen
 
 
+def test_precision_recall_match_numpy_brute_force(single_thread):
+    g = np.random.default_rng(4)
+    real, fake = g.normal(size=(40, 8)), g.normal(size=(30, 8)) * 1.3 + 0.4
+
+    def coverage(points, centres, k=3):
+        within = np.linalg.norm(centres[:, None] - centres[None], axis=-1)
+        radii = np.sort(within, axis=1)[:, k]                       # column 0 is the point itself
+        return np.mean([(np.linalg.norm(centres - p, axis=1) <= radii).any() for p in points])
+
+    got = quality.precision_recall(torch.from_numpy(real), torch.from_numpy(fake), batch_size=16)
+    assert got == (coverage(fake, real), coverage(real, fake))
+    assert 0 < got[0] < 1 and 0 < got[1] < 1
+
+
 # ----------------------------------------------------------------------------------------------- statistics
 
 def test_feature_stats_match_numpy_in_batches(single_thread):
@@ -319,11 +333,13 @@ def test_commands_end_to_end(tmp_path, network, capsys, single_thread):
     assert stats.count == stats.source_images == 6 and stats.features.shape == (6, 2048)
 
     table = tmp_path / "fid.csv"          # the samples are the reference images: FID 0 up to rounding
-    assert run_main(main, ["fid", "--samples", str(real), "--ref", str(ref), "--kid", "--out", str(table)]) == 0
+    assert run_main(main, ["fid", "--samples", str(real), "--ref", str(ref), "--kid", "--precision-recall",
+                           "--out", str(table)]) == 0
     row = next(csv.DictReader(table.open()))
     assert abs(float(row["fid"])) < 1e-3 < stats.sigma.trace()
     kid = quality.kernel_inception_distance(stats.features, stats.features)   # same seed 0, same subsets
     assert (float(row["kid_mean"]), float(row["kid_std"])) == pytest.approx(kid, rel=1e-6, abs=1e-9)
+    assert (float(row["precision"]), float(row["recall"])) == (1.0, 1.0)     # every point is in its own ball
     assert (row["n_samples"], row["n_reference"]) == ("6", "6") and float(row["seconds"]) > 0
     assert "kid_mean" in capsys.readouterr().out
 

@@ -1,6 +1,7 @@
 """`python -m analysis fid --samples DIR_OR_NPZ --ref ref.safetensors|DIR|cifar10:ROOT [--kid]`: FID (and KID) of
 samples against reference statistics (from `python -m analysis fid-stats`) or a dataset read on the spot.
-Prints one table row and writes it as CSV: fid, kid_mean, kid_std, n_samples, n_reference, seconds.
+Prints one table row and writes it as CSV: fid, kid_mean, kid_std, precision, recall, n_samples, n_reference,
+seconds.
 FID is biased upward at small n: compare FIDs only at equal sample counts (docs/quality.md)."""
 import time
 from pathlib import Path
@@ -18,6 +19,8 @@ def add_arguments(parser):
     parser.add_argument("--ref", required=True, help=f"reference: a .safetensors file from fid-stats, or {DATA_HELP}")
     parser.add_argument("--kid", action="store_true", help="also KID: mean and std of the unbiased MMD^2 over 100 "
                         "subsets of min(1000, n/2) images (needs the features, which fid-stats keeps)")
+    parser.add_argument("--precision-recall", action="store_true", help="also improved precision and recall "
+                        "(Kynkaanniemi et al. 2019, k = 3; needs the features)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the KID subsets")
     parser.add_argument("--out", default="runs/analysis/fid/fid.csv", help="CSV file to write")
     add_data_options(parser)
@@ -33,7 +36,8 @@ def run(args):
         images, held = load_images(args.ref, args.max_images, args.resolution)
         reference = statistics_of(images, batch_size=args.batch_size, device=args.device, source=args.ref,
                                   source_images=held)
-    row = quality_report(samples, reference, kid=args.kid, seconds=time.perf_counter() - started, seed=args.seed)
+    row = quality_report(samples, reference, kid=args.kid, with_precision_recall=args.precision_recall,
+                         seconds=time.perf_counter() - started, seed=args.seed)
     print(f"samples {args.samples} vs reference {reference.source or args.ref}:")
     print(format_table([row]))
     print(f"wrote {write_csv([row], Path(args.out))}")
