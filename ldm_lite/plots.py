@@ -233,6 +233,42 @@ def plot_eps_scale_scan(scan: dict, path) -> Path:
     return _save(fig, path)
 
 
+def plot_eps_scale_quality(rows: list, path) -> Path:
+    """FID, KID (+- 2 std over subsets) and the exposure metric's eps-norm gap against the epsilon scale lambda;
+    rows: eps_scale, fid, kid, kid_std, eps_norm_gap (the bias study's part 2)."""
+    plt = _pyplot()
+    rows = sorted(rows, key=lambda r: r["eps_scale"])
+    scales = [r["eps_scale"] for r in rows]
+    fig, (fid, kid, gap) = plt.subplots(1, 3, figsize=(14, 4))
+    fid.plot(scales, [r["fid"] for r in rows], marker="o", color="C0")
+    fid.set(xlabel="epsilon scale lambda", ylabel="FID", title="FID against lambda")
+    kid.errorbar(scales, [r["kid"] for r in rows], yerr=[2 * r["kid_std"] for r in rows], marker="o", color="C1",
+                 capsize=3)
+    kid.set(xlabel="epsilon scale lambda", ylabel="KID (+- 2 std over subsets)", title="KID against lambda")
+    gap.plot(scales, [r["eps_norm_gap"] for r in rows], marker="o", color="C2")
+    gap.set(xlabel="epsilon scale lambda", ylabel="RMS relative gap", title="eps-norm, sampling vs forward")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_fid_nfe(rows: list, path) -> Path:
+    """FID (left) and KID +- 2 std (right) against the number of model calls, one line per sampler; rows:
+    sampler, nfe, fid, kid, kid_std (the bias study's part 1)."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, sampler in enumerate(dict.fromkeys(r["sampler"] for r in rows)):
+        mine = sorted((r for r in rows if r["sampler"] == sampler), key=lambda r: r["nfe"])
+        calls = [r["nfe"] for r in mine]
+        left.plot(calls, [r["fid"] for r in mine], marker="o", color=f"C{i}", label=sampler)
+        right.errorbar(calls, [r["kid"] for r in mine], yerr=[2 * r["kid_std"] for r in mine], marker="o",
+                       color=f"C{i}", capsize=3, label=sampler)
+    left.set(xscale="log", xlabel="model calls (NFE)", ylabel="FID", title="FID against the number of model calls")
+    right.set(xscale="log", xlabel="model calls (NFE)", ylabel="KID (+- 2 std over subsets)",
+              title="KID against the number of model calls")
+    left.legend(fontsize=8)
+    return _save(fig, path)
+
+
 # ----------------------------------------------------------------------------- h-space
 
 

