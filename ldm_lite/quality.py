@@ -245,15 +245,17 @@ class FidStatistics:
                    metadata.get("protocol_version", ""), metadata.get("source", ""),
                    int(metadata.get("source_images", 0)))
 
-    def check_comparable(self, other: "FidStatistics") -> None:
-        """Raise ValueError unless both were made with the same network and protocol."""
+    def check_comparable(self, other: "FidStatistics | None" = None) -> None:
+        """Raise ValueError unless both were made with the same network and protocol (`other` None: the current
+        network and protocol of this module)."""
+        reference = other if other is not None else FidStatistics(None, None, 0, source="this ldm_lite")
         for field in ("network_sha1", "protocol", "protocol_version"):
-            mine, theirs = getattr(self, field), getattr(other, field)
+            mine, theirs = getattr(self, field), getattr(reference, field)
             if mine != theirs:
                 raise ValueError(f"FID statistics made under different {field.replace('_', ' ')}s cannot be "
                                  f"compared: {mine!r} ({self.source or 'first'}) vs {theirs!r} "
-                                 f"({other.source or 'second'})")
-        if self.mu.shape != other.mu.shape:
+                                 f"({reference.source or 'second'})")
+        if other is not None and self.mu.shape != other.mu.shape:
             raise ValueError(f"feature sizes differ: {tuple(self.mu.shape)} vs {tuple(other.mu.shape)}")
 
 

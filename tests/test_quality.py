@@ -302,11 +302,14 @@ def test_statistics_file_round_trip_and_protocol_check(tmp_path, single_thread):
     assert torch.equal(loaded.features, features) and loaded.count == 12 and loaded.source_images == 40
     assert (loaded.network_sha1, loaded.protocol_version) == (inception.WEIGHTS_SHA1, quality.PROTOCOL_VERSION)
     loaded.check_comparable(stats)
+    loaded.check_comparable()                                 # against the current network and protocol
     for field, value in [("protocol_version", "0"), ("network_sha1", "0" * 40), ("protocol", "torchvision")]:
         other = FidStatistics.from_features(features)
         setattr(other, field, value)
         with pytest.raises(ValueError, match="cannot be compared"):
             quality.fid_from_statistics(FidStatistics.load(other.save(tmp_path / "other.safetensors")), loaded)
+        with pytest.raises(ValueError, match=f"{value!r} .* vs .* [(]this ldm_lite[)]"):
+            other.check_comparable()
     (tmp_path / "cut.safetensors").write_bytes((tmp_path / "ref.safetensors").read_bytes()[:100])
     with pytest.raises(ValueError, match="not a readable"):
         FidStatistics.load(tmp_path / "cut.safetensors")

@@ -28,11 +28,12 @@ def add_arguments(parser):
 
 def run(args):
     started = time.perf_counter()
+    reference = FidStatistics.load(args.ref) if args.ref.endswith(".safetensors") else None
+    if reference is not None:
+        reference.check_comparable()          # before spending minutes on the samples' features
     samples = statistics_of(load_samples(args.samples), batch_size=args.batch_size, device=args.device,
                             source=args.samples)
-    if args.ref.endswith(".safetensors"):
-        reference = FidStatistics.load(args.ref)
-    else:
+    if reference is None:
         images, held = load_images(args.ref, args.max_images, args.resolution)
         reference = statistics_of(images, batch_size=args.batch_size, device=args.device, source=args.ref,
                                   source_images=held)
