@@ -424,7 +424,6 @@ TRAIN_SHARE = 0.55     # the least share of the budget the plan keeps for traini
 FID_SECONDS = 15.0     # planned seconds of one FID (a 2048 x 2048 eigh) and KID (100 subsets), on the CPU
 MIN_SAMPLES = 128      # the plan halves the samples per setting down to this, no lower
 BF16_GAIN = 1.1        # autocast auto: bf16 when its model calls run at least this much faster than float32
-KID_SUBSETS = 100
 SPECTRUM_IMAGES = 2048
 RESUMABLE_FIELDS = ("out", "minutes", "progress", "fresh", "device", "cache", "eval_batch_size")
 
@@ -742,11 +741,11 @@ class Evaluator:
         return row
 
     def measure(self, images: torch.Tensor, features: torch.Tensor) -> dict:
-        """FID, KID (mean, std over KID_SUBSETS subsets of n // 2) against the reference, and the bias metrics of
+        """FID, KID (mean, std over 100 subsets of n // 2) against the reference, and the bias metrics of
         uint8 samples (n, C, H, W) against the reference images: luminance W1 (with its bootstrap sd), KS, std
         ratio, mean brightness and the finest octave's spectrum ratio."""
         quality = quality_report(FidStatistics.from_features(features), self.reference, kid=True,
-                                 num_subsets=KID_SUBSETS, seed=self.config.seed)
+                                 seed=self.config.seed)  # KID: 100 subsets of min(1000, n // 2) images
         samples = to_float(images)
         report = metrics.brightness_report(samples, self.data)
         luminance = next(r for r in report["rows"] if r["quantity"] == "luminance")
