@@ -75,9 +75,10 @@ def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
     x (B, C_in, H, W); weight (C_out, C_in, 3, 3); bias (C_out,) or None -> (B, C_out, 2H, 2W) in x's dtype and
     memory layout (the kernel is a fresh NCHW tensor, so PyTorch follows x's layout). Chosen over the sub-pixel
-    form (four 2x2 phase convs, Shi et al. 2016, arXiv:1609.05158) by CPU timings at both models' shapes in
-    float32 and bf16 without autograd: 1.2-1.7x faster at the UNet's (batch 64, 256 channels, 4-16 pixels), as fast
-    to 1.15x faster at the SD decoder's (batch 1, 512 / 256 channels, 32-128 pixels).
+    form (four 2x2 phase convs, Shi et al. 2016, arXiv:1609.05158) by CPU timings at both models' shapes, float32
+    and bf16 (a shared 2-core machine, so +-10%). Speed-up over it at the UNet's shapes (batch 64, 256 channels,
+    4-16 pixels): 1.0-1.7x without autograd, 0.85-1.45x with it (bf16 NCHW); at the SD decoder's (batch 1,
+    512 / 256 channels, 32-128 pixels): 0.95-1.0x at 32 pixels, about 1.1x above.
     """
     kernel = upsample_kernel(weight).to(x.dtype)
     return F.conv_transpose2d(x, kernel, None if bias is None else bias.to(x.dtype), stride=2, padding=1)
