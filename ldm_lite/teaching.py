@@ -28,7 +28,7 @@ import re
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -204,7 +204,7 @@ MODEL_KINDS = {
     "offset": ({"prediction_type": "epsilon"}, {"offset_noise": True}),
     "zero_snr": ({"prediction_type": "v_prediction", "rescale_betas_zero_snr": True}, {}),
 }
-FULL_STEPS = 600  # optimiser steps of a full-mode lesson model (batch 32)
+FULL_STEPS = 500  # optimiser steps of a full-mode lesson model (batch 32)
 
 
 def lesson_config(kind: str, steps: int = FULL_STEPS, batch_size: int = 32, synthetic_size: int = 2048,
@@ -280,28 +280,32 @@ def _cache_record(run_dir: Path) -> dict:
 
 
 def _train_missing(configs: dict, processes: int) -> dict:
-    """Train {name: Config (run.out set)} and write each folder's cache.json; {name: CachedRun}."""
+    """Train {name: Config (run.out set)}, writing each folder's cache.json as soon as it is done; {name: CachedRun}."""
     if not configs:
         return {}
-    names = list(configs)
-    print(f"  training {', '.join(names)} into the lesson cache (once; reused afterwards)")
+    print(f"  training {', '.join(configs)} into the lesson cache (once; reused afterwards)")
     started = time.monotonic()
-    if len(names) == 1 or processes <= 1:
-        seconds = {name: _train_timed(configs[name]) for name in names}
+    if len(configs) == 1 or processes <= 1:
+        result = {name: _finished(name, config, _train_timed(config)) for name, config in configs.items()}
     else:
         from .config import config_to_dict
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(processes, len(names)), mp_context=context) as pool:
-            futures = {name: pool.submit(_train_worker, config_to_dict(configs[name])) for name in names}
-            seconds = {name: future.result() for name, future in futures.items()}
-    result = {}
-    for name, config in configs.items():
-        run_dir, key = Path(config.run.out), config_key(config)
-        record = {"key": key, "name": name, "seconds": round(seconds[name], 2), "steps": config.train.steps}
-        (run_dir / CACHE_RECORD).write_text(json.dumps(record, indent=2))
-        result[name] = CachedRun(name, key, run_dir, True, seconds[name])
+        with ProcessPoolExecutor(max_workers=min(processes, len(configs)), mp_context=context) as pool:
+            futures = {pool.submit(_train_worker, config_to_dict(config)): name for name, config in configs.items()}
+            result = {}
+            for future in as_completed(futures):
+                name = futures[future]
+                result[name] = _finished(name, configs[name], future.result())
     print(f"  trained in {time.monotonic() - started:.0f} s")
     return result
+
+
+def _finished(name: str, config, seconds: float) -> CachedRun:
+    """Write cache.json (the key marks the folder finished) and describe the run."""
+    run_dir, key = Path(config.run.out), config_key(config)
+    record = {"key": key, "name": name, "seconds": round(seconds, 2), "steps": config.train.steps}
+    (run_dir / CACHE_RECORD).write_text(json.dumps(record, indent=2))
+    return CachedRun(name, key, run_dir, True, seconds)
 
 
 def _train_timed(config) -> float:

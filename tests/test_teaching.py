@@ -123,6 +123,18 @@ def test_cached_runs_train_once_and_rebuild_when_the_config_changes(tmp_path):
     assert [row["step"] for row in teaching.training_log(again)][-1] == 2
 
 
+def test_cached_runs_train_several_models_in_parallel_processes(tmp_path):
+    configs = {"a": _tiny(), "b": _tiny(lr=5e-4)}
+    first = teaching.cached_runs(configs, cache=tmp_path, processes=2)
+    assert all(run.trained for run in first.values()) and len({run.run_dir for run in first.values()}) == 2
+    for name, run in first.items():
+        record = json.loads((run.run_dir / teaching.CACHE_RECORD).read_text())
+        assert record["key"] == teaching.config_key(configs[name]) and record["steps"] == 2
+    again = teaching.cached_runs(configs, cache=tmp_path, processes=2)
+    assert not any(run.trained for run in again.values())
+    assert list(again) == ["a", "b"]
+
+
 def test_lesson_config_kinds():
     zero = teaching.lesson_config("zero_snr")
     assert zero.diffusion.rescale_betas_zero_snr and zero.diffusion.prediction_type == "v_prediction"
