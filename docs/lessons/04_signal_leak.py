@@ -53,7 +53,7 @@ from ldm_lite.data import synthetic_brightness, to_float
 from ldm_lite.leak import LeakStats
 from ldm_lite.noise import training_noise
 from ldm_lite.oracle import brightness_mixture
-from ldm_lite.sampling import initial_noise, sample
+from ldm_lite.sampling import sample
 from ldm_lite.schedulers import from_config
 from ldm_lite.teaching import Lesson, cached_runs, lesson_config, load_cached
 
