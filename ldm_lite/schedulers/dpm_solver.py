@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from .base import SchedulerOutput, _check_choice, randn_tensor, threshold_sample
-from .sigmas import (FINAL_SIGMAS_TYPES, SigmaScheduler, exponential_sigmas, final_sigma, karras_sigmas,
-                     sigma_to_timestep, timestep_to_sigma)
+from .sigmas import (FINAL_SIGMAS_TYPES, SigmaScheduler, add_into, exponential_sigmas, final_sigma, karras_sigmas,
+                     scale_into, sigma_to_timestep, sub_into, timestep_to_sigma)
 
 ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver")
 SOLVER_TYPES = ("midpoint", "heun")
@@ -68,6 +68,7 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
     """
 
     init_noise_sigma = 1.0  # the sampler works on x_t (VP), started from unit Gaussian noise
+    x_sigma_tables = False
 
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas=None, solver_order: int = 2,
@@ -130,6 +131,7 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         sigmas = np.append(sigmas, final_sigma(self.train_sigmas, config["final_sigmas_type"]))
         self._set_table(timesteps.astype(np.int64), sigmas, device, timestep_dtype=torch.int64)
         self.num_inference_steps = len(timesteps)
+        self._coefficients = self._step_coefficients()
 
     def add_noise(self, original_samples, noise, timesteps):
         """Forward process x_t = alpha_t x0 + sigma_t noise (B, ...) for timesteps (B,) taken from `timesteps`."""
@@ -155,11 +157,11 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         if self.config["algorithm_type"] == "sde-dpmsolver++":
             noise = variance_noise.to(model_output.device, torch.float32) if variance_noise is not None else \
                 randn_tensor(model_output.shape, generator, model_output.device, torch.float32)
-        if self.sigmas[index + 1] == self.sigmas[index]:
+        if self._sigma_values[index + 1] == self._sigma_values[index]:
             # a zero-length step (Karras / exponential sigmas end on sigma(0), as does final_sigmas_type="sigma_min"):
             # h = 0 makes the higher-order terms 0 / 0 (NaN in diffusers); the first-order update returns x exactly
             order = 1
-        prev_sample = self._update(index, order, sample, noise)
+        prev_sample = self._update(index, order, sample, noise, own_noise=variance_noise is None)
         self._step_index += 1
         return SchedulerOutput(prev_sample=prev_sample.to(model_output.dtype), pred_original_sample=None)
 
@@ -180,13 +182,13 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         channels = sample.shape[1]
         if self.config["variance_type"] is not None and model_output.shape[1] == 2 * channels:
             model_output = model_output[:, :channels]  # drop the learned-variance half
-        alpha_t, sigma_t = _vp(self.sigmas[index])
+        alpha_t, sigma_t = self._coefficients["alpha"][index], self._coefficients["sigma"][index]
         prediction, thresholding = self.prediction_type, self.config["thresholding"]
         if self.config["algorithm_type"] != "dpmsolver":
             if prediction == "epsilon":
-                x0 = (sample - sigma_t * model_output) / alpha_t
+                x0 = sub_into(sample, sigma_t * model_output).div_(alpha_t)  # (x - sigma_t eps) / alpha_t
             elif prediction == "v_prediction":
-                x0 = alpha_t * sample - sigma_t * model_output
+                x0 = sub_into(alpha_t * sample, sigma_t * model_output)
             else:
                 x0 = model_output
             return self._threshold(x0) if thresholding else x0
@@ -204,66 +206,110 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
     def _threshold(self, x0):
         return threshold_sample(x0, self.config["dynamic_thresholding_ratio"], self.config["sample_max_value"])
 
-    def _update(self, index: int, order: int, sample, noise):
+    def _step_coefficients(self) -> dict:
+        """Every scalar of the trajectory's steps, computed at once as vectors over the steps and split into 0-d
+        tensors: {name: tuple with one per step} ("alpha", "sigma": one per table entry, N + 1).
+
+        float32 in diffusers' operation order: elementwise ops give the same bits on a vector as on the 0-d tensors
+        that diffusers computes in every step. Names: "sample" a, "c0" .. "c2" (c1 in the midpoint and the
+        Taylor ("heun") form) and "noise" n of x_t = a x_s + sum_k c_k D_k + n z; "inv_r0", "inv_r1", "r0_share",
+        "inv_r01" for the divided differences; "ode_step" (sde-dpmsolver++ only, booleans) where the noise level
+        rises and the step is the ODE one. Entries before the first step (r0 at step 0, ...) are unused.
+        """
+        config = self.config
+        alpha, sigma = _vp(self.sigmas)  # (N + 1,) the VP pair of every table entry
+        lambdas = _log_snr(alpha, sigma)
+        s = torch.arange(len(self.timesteps))  # step s goes from entry s to s + 1
+        lambda_s0, lambda_s1, lambda_s2 = lambdas[s], lambdas[(s - 1).clamp(min=0)], lambdas[(s - 2).clamp(min=0)]
+        h = lambdas[s + 1] - lambda_s0
+        r0, r1 = (lambda_s0 - lambda_s1) / h, (lambda_s1 - lambda_s2) / h
+        ends = (alpha[s + 1], sigma[s + 1], alpha[s], sigma[s], h)
+        table = dict(alpha=alpha, sigma=sigma, inv_r0=1.0 / r0, **_solver_coefficients(config["algorithm_type"], *ends))
+        if config["algorithm_type"] == "sde-dpmsolver++":
+            # the noise level rises (only on the clamped zero-SNR table, sigma(999) < sigma(996..998)): no reverse
+            # SDE step goes up, and sqrt(1 - e^{-2h}) would be NaN (as in diffusers); take the ODE step instead
+            rising = h < 0
+            ode = _solver_coefficients("dpmsolver++", *ends)
+            table.update({name: torch.where(rising, ode[name], table[name]) for name in ode})
+            table["ode_step"] = rising.tolist()
+        if config["solver_order"] == 3:
+            table.update(inv_r1=1.0 / r1, r0_share=r0 / (r0 + r1), inv_r01=1.0 / (r0 + r1))
+        else:
+            table.pop("c2")
+        if config["solver_type"] == "heun":  # the Taylor form at every order
+            table.pop("c1_midpoint")
+        elif config["solver_order"] < 3:  # the midpoint form (3rd order uses the Taylor one, its warm-up midpoint)
+            table.pop("c1_heun")
+        return {name: value.unbind() if isinstance(value, torch.Tensor) else value for name, value in table.items()}
+
+    def _update(self, index: int, order: int, sample, noise, own_noise: bool = False):
         """x_t = a x_s + sum_k c_k D_k (+ n z): the order-k multistep formula of the chosen algorithm.
 
         D0 = m0 (latest output); D1, D2 are divided differences of the stored outputs in lambda, scaled by h.
         The midpoint 2nd order is DPM-Solver++(2M), Alg. 2; the "heun" (Taylor) 2nd-order and the 3rd-order forms
-        and the SDE variant follow the authors' reference implementation, as diffusers does. Coefficients are 0-d
-        float32 tensors computed in diffusers' operation order, so trajectories agree to the last bits.
+        and the SDE variant follow the authors' reference implementation, as diffusers does (`_solver_coefficients`).
+        Each product and sum is one float32 operation in diffusers' order, so trajectories agree to the last bits;
+        temporaries are overwritten in place (own_noise: z was drawn here and may be too).
         """
-        alpha_t, sigma_t = _vp(self.sigmas[index + 1])
-        alpha_s0, sigma_s0 = _vp(self.sigmas[index])
-        lambdas = [_log_snr(*_vp(self.sigmas[index - k])) for k in range(order)]  # lambda_s0, lambda_s1, ...
-        h = _log_snr(alpha_t, sigma_t) - lambdas[0]
-        differences = self._differences(order, lambdas, h)
-
-        algorithm = self.config["algorithm_type"]
-        if algorithm == "sde-dpmsolver++" and h < 0:
-            # the noise level rises (only on the clamped zero-SNR table, sigma(999) < sigma(996..998)): no reverse
-            # SDE step goes up, and sqrt(1 - e^{-2h}) would be NaN (as in diffusers); take the ODE step instead
-            algorithm, noise = "dpmsolver++", None
+        coefficients = self._coefficients
         heun_form = order == 3 or self.config["solver_type"] == "heun"
-        if algorithm == "dpmsolver++":
-            # data prediction, ODE: first order x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) x0 (DDIM)
-            phi = torch.exp(-h) - 1.0
-            sample_coefficient = sigma_t / sigma_s0
-            coefficients = [-(alpha_t * phi),
-                            alpha_t * (phi / h + 1.0) if heun_form else -(0.5 * (alpha_t * phi)),
-                            -(alpha_t * ((torch.exp(-h) - 1.0 + h) / h ** 2 - 0.5))]
-        elif algorithm == "sde-dpmsolver++":
-            # data prediction, SDE: the sample decays by e^{-h} more and fresh noise refills it
-            decay = 1 - torch.exp(-2.0 * h)
-            sample_coefficient = sigma_t / sigma_s0 * torch.exp(-h)
-            coefficients = [alpha_t * decay,
-                            alpha_t * (decay / (-2.0 * h) + 1.0) if heun_form else 0.5 * (alpha_t * decay),
-                            alpha_t * ((1.0 - torch.exp(-2.0 * h) - 2.0 * h) / (2.0 * h) ** 2 - 0.5)]
-        else:
-            # noise prediction, ODE: first order x_t = (alpha_t / alpha_s) x_s - sigma_t (e^h - 1) eps (DPM-Solver-1)
-            phi = torch.exp(h) - 1.0
-            sample_coefficient = alpha_t / alpha_s0
-            coefficients = [-(sigma_t * phi),
-                            -(sigma_t * (phi / h - 1.0)) if heun_form else -(0.5 * (sigma_t * phi)),
-                            -(sigma_t * ((torch.exp(h) - 1.0 - h) / h ** 2 - 0.5))]
-
-        prev_sample = sample_coefficient * sample
-        for coefficient, difference in zip(coefficients, differences):
-            prev_sample = prev_sample + coefficient * difference
-        if noise is not None:
-            prev_sample = prev_sample + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise
+        c1 = coefficients["c1_heun" if heun_form else "c1_midpoint"][index] if order > 1 else None
+        terms = [coefficients["c0"][index], c1, coefficients["c2"][index] if order == 3 else None]
+        prev_sample = coefficients["sample"][index] * sample
+        for k, difference in enumerate(self._differences(order, index)):
+            # D1, D2 are temporaries: scale them in place
+            term = scale_into(terms[k], difference) if k else terms[k] * difference
+            prev_sample = _accumulate(prev_sample, term)
+        if noise is not None and not coefficients["ode_step"][index]:
+            n = coefficients["noise"][index]
+            prev_sample = _accumulate(prev_sample, scale_into(n, noise) if own_noise else n * noise)
         return prev_sample
 
-    def _differences(self, order: int, lambdas: list, h):
-        """[D0, D1, D2][:order] from the stored outputs m0 (latest), m1, m2 and the step ratios r_k = h_k / h."""
+    def _differences(self, order: int, index: int):
+        """[D0, D1, D2][:order] from the stored outputs m0 (latest), m1, m2 and the step ratios r_k = h_k / h:
+        D1 = (m0 - m1) / r0 at 2nd order; at 3rd, with d1_0 = (m0 - m1) / r0 and d1_1 = (m1 - m2) / r1,
+        D1 = d1_0 + r0 / (r0 + r1) (d1_0 - d1_1) and D2 = (d1_0 - d1_1) / (r0 + r1)."""
         m = self.model_outputs[::-1]  # m0, m1, m2
         if order == 1:
             return [m[0]]
-        r0 = (lambdas[0] - lambdas[1]) / h
+        coefficients = self._coefficients
+        d1_0 = scale_into(coefficients["inv_r0"][index], m[0] - m[1])
         if order == 2:
-            return [m[0], (1.0 / r0) * (m[0] - m[1])]
-        r1 = (lambdas[1] - lambdas[2]) / h
-        d1_0, d1_1 = (1.0 / r0) * (m[0] - m[1]), (1.0 / r1) * (m[1] - m[2])
-        return [m[0], d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1), (1.0 / (r0 + r1)) * (d1_0 - d1_1)]
+            return [m[0], d1_0]
+        d1_1 = scale_into(coefficients["inv_r1"][index], m[1] - m[2])
+        spread = sub_into(d1_0, d1_1)  # d1_0 - d1_1, once (diffusers computes it twice, with the same bits)
+        d1 = add_into(coefficients["r0_share"][index] * spread, d1_0)
+        return [m[0], d1, scale_into(coefficients["inv_r01"][index], spread)]
+
+
+def _solver_coefficients(algorithm: str, alpha_t, sigma_t, alpha_s0, sigma_s0, h) -> dict:
+    """a ("sample"), c0, c1 (midpoint and Taylor forms), c2 and n ("noise", SDE only) of a step from s0 to t.
+
+    Any shape (vectors over the steps); float32 expressions exactly as diffusers writes them.
+    """
+    if algorithm == "dpmsolver++":
+        # data prediction, ODE: first order x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) x0 (DDIM)
+        phi = torch.exp(-h) - 1.0
+        return dict(sample=sigma_t / sigma_s0, c0=-(alpha_t * phi), c1_midpoint=-(0.5 * (alpha_t * phi)),
+                    c1_heun=alpha_t * (phi / h + 1.0), c2=-(alpha_t * ((torch.exp(-h) - 1.0 + h) / h ** 2 - 0.5)))
+    if algorithm == "sde-dpmsolver++":
+        # data prediction, SDE: the sample decays by e^{-h} more and fresh noise refills it
+        decay = 1 - torch.exp(-2.0 * h)
+        return dict(sample=sigma_t / sigma_s0 * torch.exp(-h), c0=alpha_t * decay, c1_midpoint=0.5 * (alpha_t * decay),
+                    c1_heun=alpha_t * (decay / (-2.0 * h) + 1.0),
+                    c2=alpha_t * ((1.0 - torch.exp(-2.0 * h) - 2.0 * h) / (2.0 * h) ** 2 - 0.5),
+                    noise=sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)))
+    # noise prediction, ODE: first order x_t = (alpha_t / alpha_s) x_s - sigma_t (e^h - 1) eps (DPM-Solver-1)
+    phi = torch.exp(h) - 1.0
+    return dict(sample=alpha_t / alpha_s0, c0=-(sigma_t * phi), c1_midpoint=-(0.5 * (sigma_t * phi)),
+                c1_heun=-(sigma_t * (phi / h - 1.0)), c2=-(sigma_t * ((torch.exp(h) - 1.0 - h) / h ** 2 - 0.5)))
+
+
+def _accumulate(total, term):
+    """total + term, added into `total` (a temporary) when that keeps the result's dtype."""
+    if torch.promote_types(total.dtype, term.dtype) == total.dtype and total.shape == term.shape:
+        return total.add_(term)
+    return total + term
 
 
 def _vp(sigma):

@@ -60,22 +60,28 @@ class EulerDiscreteScheduler(SigmaScheduler):
         """
         index = self._current_index(timestep)
         sample = sample.to(torch.float32)  # step in float32 whatever the model's dtype (as diffusers)
-        sigma, sigma_next = self.sigmas[index], self.sigmas[index + 1]
+        sigma, sigma_next = self._sigma[index], self._sigma[index + 1]
 
         # lines 4-6: churn, raising the noise level from sigma to sigma_hat
-        gamma = min(s_churn / (len(self.sigmas) - 1), 2 ** 0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
-        sigma_hat = sigma * (gamma + 1)
-        if gamma > 0:
-            noise = randn_tensor(model_output.shape, generator, model_output.device, model_output.dtype)
-            sample = sample + noise * s_noise * (sigma_hat ** 2 - sigma ** 2) ** 0.5
+        gamma = 0.0
+        if s_churn != 0 and s_tmin <= sigma <= s_tmax:  # (as a float32 comparison)
+            gamma = min(s_churn / (len(self.sigmas) - 1), 2 ** 0.5 - 1)
+        if gamma == 0:  # sigma_hat = sigma; the x0 estimate and the step length come from the precomputed table
+            sigma_hat, dt = sigma, self._step_length[index]
+            pred_original_sample = self._denoised(model_output, sample, index)
+        else:
+            sigma_hat = sigma * (gamma + 1)
+            if gamma > 0:
+                noise = randn_tensor(model_output.shape, generator, model_output.device, model_output.dtype)
+                sample = sample + noise * s_noise * (sigma_hat ** 2 - sigma ** 2) ** 0.5
+            dt = sigma_next - sigma_hat
+            # network output at (x, sigma) for D(x_hat, sigma_hat)
+            sigma_for_output = sigma if self.prediction_type == "v_prediction" else sigma_hat
+            pred_original_sample = denoised(model_output, sample, sigma_for_output, self.prediction_type)
 
-        # line 7: D(x_hat, sigma_hat) and the ODE derivative d = (x_hat - D) / sigma_hat
-        sigma_for_output = sigma if self.prediction_type == "v_prediction" else sigma_hat
-        pred_original_sample = denoised(model_output, sample, sigma_for_output, self.prediction_type)
-        derivative = (sample - pred_original_sample) / sigma_hat
-
-        # line 8: Euler step to sigma_next
-        prev_sample = sample + derivative * (sigma_next - sigma_hat)
+        # line 7: the ODE derivative d = (x_hat - D) / sigma_hat; line 8: Euler step x_hat + d (sigma_next - sigma_hat)
+        derivative = torch.sub(sample, pred_original_sample).div_(sigma_hat)
+        prev_sample = derivative.mul_(dt).add_(sample)  # one buffer, the same rounding as x + d * dt
         self._step_index += 1
         return SchedulerOutput(prev_sample=prev_sample.to(model_output.dtype),
                                pred_original_sample=pred_original_sample)

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from .base import SchedulerOutput, randn_tensor
-from .sigmas import SigmaScheduler, denoised, timestep_to_sigma
+from .sigmas import SigmaScheduler, add_into, timestep_to_sigma
 
 
 class EulerAncestralDiscreteScheduler(SigmaScheduler):
@@ -42,20 +42,24 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
         sigma_down = sqrt(sigma_next^2 - sigma_up^2); x_next = x + (sigma_down - sigma) (x - x0) / sigma + sigma_up z.
         """
         index = self._current_index(timestep)
-        sigma, sigma_next = self.sigmas[index], self.sigmas[index + 1]
         sample = sample.to(torch.float32)  # step in float32 whatever the model's dtype (as diffusers)
-        pred_original_sample = denoised(model_output, sample, sigma, self.prediction_type)
+        pred_original_sample = self._denoised(model_output, sample, index)
 
-        # split the next noise level into a deterministic part (sigma_down) and fresh noise (sigma_up); clamped
-        # where the level rises (only on the non-monotonic zero-SNR table, where diffusers returns NaN)
-        sigma_up = (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2).clamp(min=0) ** 0.5
-        sigma_down = (sigma_next ** 2 - sigma_up ** 2) ** 0.5
-
-        # Euler step of the ODE down to sigma_down, then the ancestral noise
-        derivative = (sample - pred_original_sample) / sigma
-        prev_sample = sample + derivative * (sigma_down - sigma)
+        # Euler step of the ODE down to sigma_down, then the ancestral noise (sigma_down - sigma and sigma_up
+        # per step from `set_timesteps`)
+        derivative = torch.sub(sample, pred_original_sample).div_(self._sigma[index])
+        prev_sample = derivative.mul_(self._down_step[index]).add_(sample)  # x + d (sigma_down - sigma)
         noise = randn_tensor(model_output.shape, generator, model_output.device, model_output.dtype)
-        prev_sample = prev_sample + noise * sigma_up
+        prev_sample = add_into(noise.mul_(self._sigma_up[index]), prev_sample)
         self._step_index += 1
         return SchedulerOutput(prev_sample=prev_sample.to(model_output.dtype),
                                pred_original_sample=pred_original_sample)
+
+    def _set_table(self, timesteps, sigmas, device=None, timestep_dtype=torch.float32):
+        super()._set_table(timesteps, sigmas, device, timestep_dtype)
+        # split each next noise level into a deterministic part (sigma_down) and fresh noise (sigma_up); clamped
+        # where the level rises (only on the non-monotonic zero-SNR table, where diffusers returns NaN)
+        sigma, sigma_next = self.sigmas[:-1], self.sigmas[1:]
+        sigma_up = (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2).clamp(min=0) ** 0.5
+        sigma_down = (sigma_next ** 2 - sigma_up ** 2) ** 0.5
+        self._sigma_up, self._down_step = sigma_up.unbind(), (sigma_down - sigma).unbind()

@@ -1,9 +1,10 @@
 """Heun's second-order sampler: Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative
 Models" (arXiv:2206.00364), Algorithm 1 (deterministic), laid out one model call per `step` as diffusers does."""
 import numpy as np
+import torch
 
 from .base import SchedulerOutput
-from .sigmas import SigmaScheduler, denoised, respaced_sigmas
+from .sigmas import SigmaScheduler, add_into, respaced_sigmas
 
 
 class HeunDiscreteScheduler(SigmaScheduler):
@@ -56,25 +57,25 @@ class HeunDiscreteScheduler(SigmaScheduler):
         """
         index = self._current_index(timestep)
         predictor = self.state_in_first_order
-        # the step runs from sigma to sigma_next; its corrector call comes one table entry later
-        sigma, sigma_next = (self.sigmas[index], self.sigmas[index + 1]) if predictor else \
-            (self.sigmas[index - 1], self.sigmas[index])
-        pred_original_sample = denoised(model_output, sample, sigma if predictor else sigma_next, self.prediction_type)
+        # the step runs from entry i to i + 1 (sigma to sigma_next); its corrector call comes one table entry later
+        step = index if predictor else index - 1
+        pred_original_sample = self._denoised(model_output, sample, index)
         if self.config["clip_sample"]:
             limit = self.config["clip_sample_range"]
-            pred_original_sample = pred_original_sample.clamp(-limit, limit)
+            pred_original_sample = pred_original_sample.clamp(-limit, limit) if pred_original_sample is model_output \
+                else pred_original_sample.clamp_(-limit, limit)
 
         if predictor:
             # line 5: d_i = (x_i - D(x_i, sigma_i)) / sigma_i; Euler step x_i + (sigma_{i+1} - sigma_i) d_i
-            derivative = (sample - pred_original_sample) / sigma
-            self._derivative, self._dt, self._start = derivative, sigma_next - sigma, sample
-            dt, start = self._dt, sample
+            derivative = torch.sub(sample, pred_original_sample).div_(self._sigma[step])
+            self._derivative, self._dt, self._start = derivative, self._step_length[step], sample
+            prev_sample = add_into(derivative * self._dt, sample)
         else:
             # lines 7-8: d' = (x_{i+1} - D(x_{i+1}, sigma_{i+1})) / sigma_{i+1};
             # x_{i+1} = x_i + (sigma_{i+1} - sigma_i) (d_i + d') / 2
-            derivative = (self._derivative + (sample - pred_original_sample) / sigma_next) / 2
-            dt, start = self._dt, self._start
+            derivative = torch.sub(sample, pred_original_sample).div_(self._sigma[index])
+            derivative = add_into(derivative, self._derivative).div_(2)
+            prev_sample = add_into(derivative.mul_(self._dt), self._start)
             self._reset_state()
-        prev_sample = start + derivative * dt
         self._step_index += 1
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)

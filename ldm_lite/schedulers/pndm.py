@@ -13,6 +13,7 @@ import torch
 
 from ..schedules import BETA_SCHEDULES, TIMESTEP_SPACINGS, alphas_cumprod_from_betas, make_betas, make_timesteps
 from .base import SchedulerBase, SchedulerOutput, _check_choice
+from .sigmas import add_into, sub_into
 
 RUNGE_KUTTA_STEPS = 3  # steps taken by pseudo Runge-Kutta before multistep takes over (4 past outputs)
 
@@ -86,6 +87,7 @@ class PNDMScheduler(SchedulerBase):
             first_multistep = RUNGE_KUTTA_STEPS
         plan += [(steps[i], "multistep", steps[i], ends[i]) for i in range(first_multistep, N)]
         self._plan = plan
+        self._coefficients = self._transfer_coefficients([call[2] for call in plan], [call[3] for call in plan])
         self.num_inference_steps = N
         self.timesteps = torch.tensor([call[0] for call in plan], dtype=torch.long, device=device)
         self.counter = 0  # model calls so far
@@ -103,22 +105,23 @@ class PNDMScheduler(SchedulerBase):
             raise ValueError("call set_timesteps() before step()")
         if self.counter >= len(self._plan):
             raise ValueError(f"all {len(self._plan)} planned model calls are done; call set_timesteps() to restart")
-        expected, kind, start, end = self._plan[self.counter]
+        call = self.counter
+        expected, kind, _, _ = self._plan[call]
         if int(timestep) != expected:
-            raise ValueError(f"model call {self.counter} is planned at timestep {expected}, got {int(timestep)}")
+            raise ValueError(f"model call {call} is planned at timestep {expected}, got {int(timestep)}")
         self.counter += 1
         if kind == "multistep":
             self.past_outputs = self.past_outputs[-3:] + [model_output]
-            return self._output(self._transfer(sample, _adams_bashforth(self.past_outputs), start, end))
+            return self._output(self._transfer(sample, _adams_bashforth(self.past_outputs), call))
         if kind == "euler":  # skip_prk_steps warm-up: a first-order step ...
             self.past_outputs, self._start_sample = [model_output], sample
-            return self._output(self._transfer(sample, model_output, start, end))
+            return self._output(self._transfer(sample, model_output, call))
         if kind == "improved_euler":  # ... redone with the mean of both ends' outputs (Heun)
-            combined = (model_output + self.past_outputs[-1]) / 2
-            return self._output(self._transfer(self._start_sample, combined, start, end))
-        return self._output(self._runge_kutta_stage(kind, model_output, sample, start, end))
+            combined = torch.add(model_output, self.past_outputs[-1]).div_(2)
+            return self._output(self._transfer(self._start_sample, combined, call))
+        return self._output(self._runge_kutta_stage(kind, model_output, sample, call))
 
-    def _runge_kutta_stage(self, kind, model_output, sample, start, end):
+    def _runge_kutta_stage(self, kind, model_output, sample, call: int):
         """Pseudo Runge-Kutta (PNDM eq. 12): stages e1 at (x, t), e2 at the midpoint from e1, e3 at the midpoint
         from e2, e4 at the end from e3; the step uses (e1 + 2 e2 + 2 e3 + e4) / 6, every stage starting at x."""
         if kind == "rk1":
@@ -130,21 +133,35 @@ class PNDMScheduler(SchedulerBase):
         else:  # rk4
             model_output = self._runge_kutta_sum + model_output / 6
             self._runge_kutta_sum = None
-        return self._transfer(self._start_sample, model_output, start, end)
+        return self._transfer(self._start_sample, model_output, call)
 
-    def _transfer(self, sample, model_output, start: int, end: int):
-        """The transfer part phi (PNDM eq. 9): x at `start` (B, C, H, W) to `end` with noise estimate e.
+    def _transfer_coefficients(self, starts: list, ends: list) -> dict:
+        """The scalars of `_transfer` for every planned call at once (start and end timesteps, -1: the end of
+        the chain), as 0-d float32 tensors, one per call. Elementwise float32 ops give the same bits on these
+        vectors as diffusers' per-step 0-d tensors; the expressions are diffusers'."""
+        ends = torch.tensor(ends, dtype=torch.long)
+        ab_start = self.alphas_cumprod[torch.tensor(starts, dtype=torch.long)]
+        ab_end = torch.where(ends >= 0, self.alphas_cumprod[ends.clamp(min=0)], self.final_alpha_cumprod)
+        denominator = ab_start * (1 - ab_end) ** 0.5 + (ab_start * (1 - ab_start) * ab_end) ** 0.5
+        table = dict(sample=(ab_end / ab_start) ** 0.5, noise=ab_end - ab_start, denominator=denominator)
+        if self.prediction_type == "v_prediction":
+            table.update(v_output=ab_start ** 0.5, v_sample=(1 - ab_start) ** 0.5)
+        return {name: column.unbind() for name, column in table.items()}
 
-        A v-prediction is first converted to e = sqrt(ab) v + sqrt(1 - ab) x at `start`. Coefficients are float32
-        scalars computed in diffusers' operation order.
+    def _transfer(self, sample, model_output, call: int):
+        """The transfer part phi (PNDM eq. 9) of planned call `call`: x at its start (B, C, H, W) to its end with
+        noise estimate e = `model_output`; every tensor operation as diffusers' (temporaries overwritten in place).
+
+        A v-prediction is first converted to e = sqrt(ab) v + sqrt(1 - ab) x at the start. Coefficients: float32
+        scalars computed in diffusers' operation order (`_transfer_coefficients`).
         """
-        ab_start = self.alphas_cumprod[start]
-        ab_end = self.alphas_cumprod[end] if end >= 0 else self.final_alpha_cumprod
+        coefficients = self._coefficients
         noise = model_output
         if self.prediction_type == "v_prediction":
-            noise = ab_start ** 0.5 * model_output + (1 - ab_start) ** 0.5 * sample
-        denominator = ab_start * (1 - ab_end) ** 0.5 + (ab_start * (1 - ab_start) * ab_end) ** 0.5
-        return (ab_end / ab_start) ** 0.5 * sample - (ab_end - ab_start) * noise / denominator
+            noise = add_into(coefficients["v_output"][call] * model_output, coefficients["v_sample"][call] * sample)
+        # (ab_end / ab_start)^(1/2) x - (ab_end - ab_start) e / denominator
+        scaled_noise = (coefficients["noise"][call] * noise).div_(coefficients["denominator"][call])
+        return sub_into(coefficients["sample"][call] * sample, scaled_noise)
 
     @staticmethod
     def _output(prev_sample):
@@ -165,11 +182,17 @@ class PNDMScheduler(SchedulerBase):
 
 def _adams_bashforth(outputs: list):
     """PNDM eq. 13: the Adams-Bashforth combination of the last 1-4 outputs (oldest first), e.g. for four
-    (55 e_t - 59 e_{t+1} + 37 e_{t+2} - 9 e_{t+3}) / 24; fewer outputs give the lower-order formulas."""
+    (55 e_t - 59 e_{t+1} + 37 e_{t+2} - 9 e_{t+3}) / 24 (multiplied by 1 / 24, as diffusers does, for the same
+    bits); fewer outputs give the lower-order formulas. Each product and sum is one operation in diffusers' order;
+    with outputs of one dtype and shape, the sums go into the first product's buffer."""
     if len(outputs) == 1:
         return outputs[-1]
     if len(outputs) == 2:
         return (3 * outputs[-1] - outputs[-2]) / 2
+    if any(e.dtype != outputs[-1].dtype or e.shape != outputs[-1].shape for e in outputs):
+        if len(outputs) == 3:
+            return (23 * outputs[-1] - 16 * outputs[-2] + 5 * outputs[-3]) / 12
+        return (1 / 24) * (55 * outputs[-1] - 59 * outputs[-2] + 37 * outputs[-3] - 9 * outputs[-4])
     if len(outputs) == 3:
-        return (23 * outputs[-1] - 16 * outputs[-2] + 5 * outputs[-3]) / 12
-    return (55 * outputs[-1] - 59 * outputs[-2] + 37 * outputs[-3] - 9 * outputs[-4]) / 24
+        return (23 * outputs[-1]).sub_(16 * outputs[-2]).add_(5 * outputs[-3]).div_(12)
+    return (55 * outputs[-1]).sub_(59 * outputs[-2]).add_(37 * outputs[-3]).sub_(9 * outputs[-4]).mul_(1 / 24)

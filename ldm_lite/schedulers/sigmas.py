@@ -138,10 +138,40 @@ def denoised(model_output, sample, sigma, prediction_type: str):
     x0 = x / (sigma^2 + 1) - sigma / sqrt(sigma^2 + 1) v; sample: x0 = output.
     """
     if prediction_type == "epsilon":
-        return sample - sigma * model_output
+        return sub_into(sample, sigma * model_output)
     if prediction_type == "v_prediction":
-        return model_output * (-sigma / (sigma ** 2 + 1) ** 0.5) + (sample / (sigma ** 2 + 1))
+        return add_into(model_output * (-sigma / (sigma ** 2 + 1) ** 0.5), sample / (sigma ** 2 + 1))
     return model_output
+
+
+# Arithmetic into temporaries (tensors the step just allocated and nobody else holds): each is the plain expression's
+# single float32 operation with the same operands in the same order, so the same bits, written into an existing
+# buffer instead of a new one (on a 64x3x32x32 batch, a fresh output costs as much again as the arithmetic).
+# Operand order matters: with a reduced-precision tensor, a float32 0-d scalar is rounded to its dtype first as
+# the left operand but not as the right one, so `s * t` is kept as `s * t` (addition of two tensors commutes).
+# They fall back to the expression where the result would get another dtype or shape than the buffer, or where
+# autograd records the operation (out= is not differentiable).
+def _recording(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _fits(a, b) -> bool:
+    return isinstance(a, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and a.device == b.device
+
+
+def sub_into(a, b):
+    """a - b, computed into the temporary b."""
+    return torch.sub(a, b, out=b) if _fits(a, b) and not _recording(a, b) else a - b
+
+
+def add_into(b, a):
+    """b + a (= a + b), computed into the temporary b."""
+    return b.add_(a) if _fits(a, b) else b + a
+
+
+def scale_into(scalar, t):
+    """scalar * t for a 0-d float32 `scalar`, computed into the temporary t (its dtype is the result's)."""
+    return scalar * t if _recording(scalar, t) else torch.mul(scalar, t, out=t)
 
 
 # ---- shared base ---------------------------------------------------------------------------------------------
@@ -156,6 +186,7 @@ class SigmaScheduler(SchedulerBase):
     """
 
     order = 1  # model calls per listed timestep
+    x_sigma_tables = True  # per-entry sigma tables for a step on x_sigma (DPM-Solver and UniPC step on x_t)
 
     def _init_schedule(self, config: dict, prediction_types=("epsilon", "v_prediction", "sample")):
         """Validate the shared keywords of `config` (the constructor's arguments) and build the schedule."""
@@ -190,6 +221,19 @@ class SigmaScheduler(SchedulerBase):
         """Install timesteps (M,) and sigmas (M + 1,) (cast once to float32) and reset the trajectory state."""
         self.timesteps = torch.from_numpy(np.asarray(timesteps)).to(device=device, dtype=timestep_dtype)
         self.sigmas = torch.from_numpy(np.asarray(sigmas).astype(np.float32))  # on the CPU, read as scalars
+        self._timestep_values = self.timesteps.tolist()  # the per-step check compares Python numbers first
+        self._sigma_values = self.sigmas.tolist()
+        if self.x_sigma_tables:
+            # per-entry scalars, computed once for the whole table: elementwise float32 ops give the same bits on a
+            # vector as on the 0-d tensors diffusers computes per step; kept as 0-d tensors (a tensor operand
+            # dispatches faster than a Python float, which is wrapped into a new tensor on every call)
+            self._sigma = self.sigmas.unbind()
+            variance = self.sigmas ** 2 + 1  # sigma^2 + 1 = 1 / alpha_bar
+            self._input_divisor = (variance ** 0.5).unbind()  # scale_model_input: x / sqrt(sigma^2 + 1)
+            self._step_length = (self.sigmas[1:] - self.sigmas[:-1]).unbind()  # sigma_next - sigma per entry
+            if self.prediction_type == "v_prediction":  # `denoised`'s coefficients
+                self._v_output_scale = (-self.sigmas / variance ** 0.5).unbind()
+                self._v_sample_divisor = variance.unbind()
         self._step_index = None
         self._reset_state()
 
@@ -242,9 +286,12 @@ class SigmaScheduler(SchedulerBase):
             at_start = self.timesteps[0].cpu() == self._as_timestep(timestep)
             self._step_index = 0 if at_start else self.index_for_timestep(timestep)
         index = self._step_index
-        if index >= len(self.timesteps):
+        if index >= len(self._timestep_values):
             raise ValueError("this trajectory has already taken every step: call set_timesteps() before the next")
-        if self.timesteps[index].cpu() != self._as_timestep(timestep):
+        # equal as Python numbers implies equal after the cast to the timesteps' dtype; the exact check only on
+        # a mismatch (a float64 timestep that rounds to the listed float32 one)
+        if float(timestep) != self._timestep_values[index] and self.timesteps[index].cpu() != self._as_timestep(
+                timestep):
             raise ValueError(f"expected timestep {float(self.timesteps[index])} (step {index}), got {float(timestep)}:"
                              " step once per entry of scheduler.timesteps, and call set_timesteps() before each "
                              "trajectory")
@@ -252,8 +299,15 @@ class SigmaScheduler(SchedulerBase):
 
     def scale_model_input(self, sample, timestep):
         """The network input for x_sigma = `sample` (B, C, H, W): x_sigma / sqrt(sigma^2 + 1) = x_t."""
-        sigma = self.sigmas[self._current_index(timestep)]
-        return sample / ((sigma ** 2 + 1) ** 0.5)
+        return sample / self._input_divisor[self._current_index(timestep)]
+
+    def _denoised(self, model_output, sample, index: int):
+        """`denoised` at the table's sigma of entry `index`, with its coefficients precomputed."""
+        if self.prediction_type == "epsilon":
+            return sub_into(sample, self._sigma[index] * model_output)
+        if self.prediction_type == "v_prediction":
+            return add_into(model_output * self._v_output_scale[index], sample / self._v_sample_divisor[index])
+        return model_output
 
     def add_noise(self, original_samples, noise, timesteps):
         """x_sigma = x0 + sigma noise (B, ...) for timesteps (B,) taken from `timesteps` (the k-diffusion

@@ -19,8 +19,8 @@ import torch
 
 from ..schedules import make_timesteps
 from .base import SchedulerOutput, _check_choice, threshold_sample
-from .sigmas import (FINAL_SIGMAS_TYPES, SigmaScheduler, final_sigma, karras_sigmas, sigma_to_timestep,
-                     timestep_to_sigma)
+from .sigmas import (FINAL_SIGMAS_TYPES, SigmaScheduler, add_into, final_sigma, karras_sigmas, scale_into,
+                     sigma_to_timestep, sub_into, timestep_to_sigma)
 
 SOLVER_TYPES = ("bh1", "bh2")
 LEGACY_SOLVER_TYPES = ("midpoint", "heun", "logrho")  # DPM-Solver names diffusers maps to "bh2"
@@ -52,6 +52,7 @@ class UniPCMultistepScheduler(SigmaScheduler):
     """
 
     init_noise_sigma = 1.0  # the sample is x_t, not x_sigma
+    x_sigma_tables = False
 
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas=None, solver_order: int = 2,
@@ -100,9 +101,11 @@ class UniPCMultistepScheduler(SigmaScheduler):
         self.num_inference_steps = len(timesteps)
         self._set_table(timesteps, np.append(sigmas, last), device, timestep_dtype=torch.int64)
         # alpha_t, sigma_t and lambda_t of every entry (N + 1,) float32, as diffusers derives them from sigma
-        self._alpha = 1 / (self.sigmas ** 2 + 1) ** 0.5
-        self._sigma = self.sigmas * self._alpha
-        self._lambda = torch.log(self._alpha) - torch.log(self._sigma)  # +inf at a final sigma of 0
+        alpha = 1 / (self.sigmas ** 2 + 1) ** 0.5
+        sigma = self.sigmas * alpha
+        self._lambda = torch.log(alpha) - torch.log(sigma)  # +inf at a final sigma of 0
+        self._alpha, self._sigma = alpha.unbind(), sigma.unbind()  # 0-d tensors, one per entry
+        self._coefficients = self._step_coefficients(alpha, sigma)
 
     def _reset_state(self):
         self.model_outputs = []  # converted outputs of the last solver_order steps, newest last
@@ -141,9 +144,10 @@ class UniPCMultistepScheduler(SigmaScheduler):
             order = min(order, len(self.timesteps) - index)
         self._this_order = min(order, self.lower_order_nums + 1)  # warm-up: as many past outputs as there are
         self.last_sample = sample
-        if self.sigmas[index + 1] == 0:
+        sigma, sigma_next = self._sigma_values[index], self._sigma_values[index + 1]
+        if sigma_next == 0:
             prev_sample = self._x0_estimate(converted, sample, index)
-        elif self.sigmas[index + 1] == self.sigmas[index]:  # Karras sigmas ending on sigma_min twice: h = 0
+        elif sigma_next == sigma:  # Karras sigmas ending on sigma_min twice: h = 0
             prev_sample = sample
         else:
             prev_sample = self._update(sample, index, self._this_order)  # UniP
@@ -157,11 +161,11 @@ class UniPCMultistepScheduler(SigmaScheduler):
         prediction = self.prediction_type
         if self.config["predict_x0"]:
             if prediction == "epsilon":
-                x0 = (sample - sigma * model_output) / alpha
+                x0 = sub_into(sample, sigma * model_output).div_(alpha)  # (x - sigma eps) / alpha
             elif prediction == "sample":
                 x0 = model_output
             else:  # v_prediction
-                x0 = alpha * sample - sigma * model_output
+                x0 = sub_into(alpha * sample, sigma * model_output)
             if self.config["thresholding"]:
                 x0 = threshold_sample(x0, self.config["dynamic_thresholding_ratio"], self.config["sample_max_value"])
             return x0
@@ -177,50 +181,76 @@ class UniPCMultistepScheduler(SigmaScheduler):
             return converted
         return (sample - self._sigma[index] * converted) / self._alpha[index]
 
+    def _step_coefficients(self, alpha, sigma) -> dict:
+        """The scalars of every step's predictor and corrector, computed at once as vectors over the steps (float32,
+        diffusers' operation order: elementwise ops and batched solves give the same bits as diffusers' per-step
+        0-d tensors and single solves), split into 0-d tensors.
+
+        alpha, sigma: (N + 1,) VP pair of every entry. Returns {"factor", "m0", "residual": (N,) tuples of the
+        update x_t = factor x_s - m0 coefficient * m_0 - residual coefficient * sum_k rho_k D_k, and for each
+        (order, corrector): {"ratios": [r_1, ...], "rhos": [rho_1, ...]}, each a tuple with one per step}.
+        Entries for steps that cannot take that order (too few past outputs) are unused.
+        """
+        config, lambdas = self.config, self._lambda
+        source = torch.arange(len(self.timesteps))  # the update from entry s to s + 1
+        target = source + 1
+        h = lambdas[target] - lambdas[source]
+        hh = -h if config["predict_x0"] else h
+        h_phi_1 = torch.expm1(hh)  # e^hh - 1
+        b_h = hh if config["solver_type"] == "bh1" else torch.expm1(hh)  # B(h)
+        if config["predict_x0"]:
+            scale, factor = alpha[target], sigma[target] / sigma[source]
+        else:
+            scale, factor = sigma[target], alpha[target] / alpha[source]
+        table = dict(factor=factor.unbind(), m0=(scale * h_phi_1).unbind(), residual=(scale * b_h).unbind())
+        for order in range(1, config["solver_order"] + 1):
+            ratios = [(lambdas[(source - k).clamp(min=0)] - lambdas[source]) / h for k in range(1, order)]  # r_k
+            stacked = torch.stack(ratios + [torch.ones_like(h)], dim=1)  # (N, order), r_order = 1
+            ratios = [r.unbind() for r in ratios]
+            for corrector in (False, True):
+                rhos = self._rhos(stacked, hh, h_phi_1, b_h, order, corrector)  # (N, K)
+                table[order, corrector] = dict(ratios=ratios, rhos=list(rhos.unbind(1)))
+        return table
+
     def _update(self, sample, source: int, order: int, new_output=None):
         """One UniPC update of `order` from entry `source` to `source + 1` (eq. 8-9, module docstring).
 
         sample: x at `source`. The outputs m_0, m_1, ... are model_outputs[-1], [-2], ... (at source, source - 1,
         ...). new_output None: the predictor UniP, with order - 1 past differences. new_output (B, C, H, W): the
-        corrector UniC, whose last difference is new_output - m_0 at r = 1. Scalars are float32, computed in
-        diffusers' operation order.
+        corrector UniC, whose last difference is new_output - m_0 at r = 1. Scalars from `set_timesteps`
+        (`_step_coefficients`); each tensor operation as diffusers' (temporaries overwritten in place).
         """
-        target = source + 1
-        lambdas, predict_x0 = self._lambda, self.config["predict_x0"]
-        h = lambdas[target] - lambdas[source]
+        coefficients = self._coefficients
+        scalars = coefficients[order, new_output is not None]
+        rhos = [rho[source].to(sample.dtype) for rho in scalars["rhos"]]
         m0 = self.model_outputs[-1]
-        ratios, differences = [], []
-        for k in range(1, order):
-            ratio = (lambdas[source - k] - lambdas[source]) / h  # r_k
-            ratios.append(ratio)
-            differences.append((self.model_outputs[-1 - k] - m0) / ratio)  # D_k
-        ratios.append(torch.ones(()))
-        hh = -h if predict_x0 else h
-        h_phi_1 = torch.expm1(hh)  # e^hh - 1
-        b_h = hh if self.config["solver_type"] == "bh1" else torch.expm1(hh)  # B(h)
-        rhos = self._rhos(torch.stack(ratios), hh, h_phi_1, b_h, order, corrector=new_output is not None)
-        if predict_x0:
-            scale, factor = self._alpha[target], self._sigma[target] / self._sigma[source]
-        else:
-            scale, factor = self._sigma[target], self._alpha[target] / self._alpha[source]
-        first_order = factor * sample - scale * h_phi_1 * m0
+        # D_k = (m_k - m_0) / r_k
+        differences = [torch.sub(self.model_outputs[-1 - k], m0).div_(ratio[source])
+                       for k, ratio in enumerate(scalars["ratios"], start=1)]
+        first_order = sub_into(coefficients["factor"][source] * sample, coefficients["m0"][source] * m0)
         residual = None
-        if differences:
+        if len(differences) == 1 and differences[0].dtype == sample.dtype:
+            residual = differences[0].mul_(rhos[0])  # the einsum below with one term: this product, same bits
+        elif differences:
             stacked = torch.stack(differences, dim=1)  # (B, order - 1, C, H, W)
-            residual = torch.einsum("k,bk...->b...", rhos[:len(differences)].to(sample.dtype), stacked)
+            residual = torch.einsum("k,bk...->b...", torch.stack(rhos[:len(differences)]), stacked)
         if new_output is not None:
-            last = rhos[-1].to(sample.dtype) * (new_output - m0)  # rho_p D_p with r_p = 1
-            residual = last if residual is None else residual + last
-        return first_order if residual is None else first_order - scale * b_h * residual
+            last = scale_into(rhos[-1], new_output - m0)  # rho_p D_p with r_p = 1
+            residual = last if residual is None else add_into(residual, last)
+        if residual is None:
+            return first_order
+        return sub_into(first_order, scale_into(coefficients["residual"][source], residual))
 
     @staticmethod
     def _rhos(ratios, hh, h_phi_1, b_h, order: int, corrector: bool):
-        """rho (order,) float32: the solution of R rho = g (eq. 9); the predictor uses the first order - 1 rows
-        and columns (rho = 1/2 at order 2, as the paper's B(h) variant), the corrector all (rho = 1/2 at order 1)."""
+        """rho (N, K) float32 for N steps at once: the solution of R rho = g (eq. 9); the predictor uses the first
+        order - 1 rows and columns (K = order - 1; rho = 1/2 at order 2, as the paper's B(h) variant), the
+        corrector all (K = order; rho = 1/2 at order 1). ratios: (N, order) with r_order = 1; hh, h_phi_1, b_h: (N,)."""
+        steps = len(hh)
         if not corrector and order <= 2:
-            return torch.full((max(order - 1, 0),), 0.5)
+            return torch.full((steps, max(order - 1, 0)), 0.5)
         if corrector and order == 1:
-            return torch.full((1,), 0.5)
+            return torch.full((steps, 1), 0.5)
         rows, g = [], []
         h_phi_k, factorial = h_phi_1 / hh - 1, 1  # (e^hh - 1) / hh - 1 = hh phi_2(hh); next: hh phi_3(hh), ...
         for i in range(1, order + 1):
@@ -228,7 +258,8 @@ class UniPCMultistepScheduler(SigmaScheduler):
             g.append(h_phi_k * factorial / b_h)
             factorial *= i + 1
             h_phi_k = h_phi_k / hh - 1 / factorial
-        matrix, g = torch.stack(rows), torch.stack(g)
-        if corrector:
-            return torch.linalg.solve(matrix, g)
-        return torch.linalg.solve(matrix[:-1, :-1], g[:-1])
+        matrix, g = torch.stack(rows, dim=1), torch.stack(g, dim=1)  # (N, order, order), (N, order)
+        if not corrector:
+            matrix, g = matrix[:, :-1, :-1], g[:, :-1]
+        # solve_ex: no error for the singular matrices of steps that never take this order
+        return torch.linalg.solve_ex(matrix, g)[0]
