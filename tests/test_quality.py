@@ -175,6 +175,18 @@ def test_network_inputs_quantise_and_map_the_range(single_thread):
     assert quality.network_inputs(torch.zeros(2, 3, 20, 30, dtype=torch.uint8)).shape == (2, 3, 299, 299)
 
 
+def test_features_stream_from_batches_as_from_one_tensor(single_thread):
+    """A tensor, an iterable of tensors and of (images, labels) tuples give the same rows in the same order."""
+    def probe(inputs):                                        # stands in for the network: 2048 input pixels
+        return inputs.flatten(1)[:, ::131][:, :2048]
+    images = torch.randint(0, 256, (7, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    whole = quality.inception_features(images, batch_size=3, device="cpu", progress=False, network=probe)
+    streamed = quality.inception_features([images[:4], images[4:]], batch_size=3, progress=False, network=probe)
+    tuples = quality.inception_features(((images[i:i + 2], None) for i in range(0, 7, 2)), progress=False,
+                                        network=probe)
+    assert whole.shape == (7, 2048) and torch.equal(whole, streamed) and torch.equal(whole, tuples)
+
+
 # ----------------------------------------------------------------------------------------------- FID
 
 @needs_wheel
