@@ -410,20 +410,18 @@ _INLINE_MATH = re.compile(r"(\$[^$\n]+\$)")
 
 
 def _inline(text: str) -> str:
-    """Escape HTML and render `code`, **bold**, *italic* and [links](url); $...$ math is left for MathJax."""
+    """Escape HTML and render `code`, **bold**, *italic* and [links](url); $...$ math is kept verbatim (escaped)
+    for MathJax, also inside bold or italic text."""
+    maths = _INLINE_MATH.findall(text)
     parts = _INLINE_MATH.split(text)
-    out = []
-    for i, part in enumerate(parts):
-        if i % 2:
-            out.append(html.escape(part))
-            continue
-        part = html.escape(part)
-        part = re.sub(r"`([^`]+)`", r"<code>\1</code>", part)
-        part = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", part)
-        part = re.sub(r"(?<![\w*])\*([^*\s][^*]*)\*(?![\w*])", r"<em>\1</em>", part)
-        part = re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", r'<a href="\2">\1</a>', part)
-        out.append(part)
-    return "".join(out)
+    placeholder = "\x00{}\x00"
+    text = "".join(placeholder.format(i // 2) if i % 2 else part for i, part in enumerate(parts))
+    text = html.escape(text)
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+    text = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
+    text = re.sub(r"(?<![\w*])\*([^*\s][^*]*)\*(?![\w*])", r"<em>\1</em>", text)
+    text = re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", r'<a href="\2">\1</a>', text)
+    return re.sub("\x00(\\d+)\x00", lambda m: html.escape(maths[int(m.group(1))]), text)
 
 
 def markdown_to_html(text: str) -> str:

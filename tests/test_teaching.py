@@ -236,6 +236,8 @@ def test_markdown_to_html_renders_the_subset():
     assert teaching.markdown_to_html("[DDPM](https://arxiv.org/abs/2006.11239)") == \
         '<p><a href="https://arxiv.org/abs/2006.11239">DDPM</a></p>'
     assert teaching.markdown_to_html("$a * b * c$ and 2 * 3") == "<p>$a * b * c$ and 2 * 3</p>"
+    assert teaching.markdown_to_html("the **signal left at $t_0$** and `a$b`") == \
+        "<p>the <strong>signal left at $t_0$</strong> and <code>a$b</code></p>"
 
 
 def test_runner_runs_lessons_and_writes_the_index(tmp_path, monkeypatch):
