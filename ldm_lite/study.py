@@ -190,7 +190,7 @@ class Clock:
     def time(self, name: str, function, *args, **kwargs):
         start = time.monotonic()
         result = function(*args, **kwargs)
-        self.parts[name] = time.monotonic() - start
+        self.parts[name] = self.parts.get(name, 0.0) + time.monotonic() - start
         return result
 
 
@@ -500,15 +500,17 @@ def measure_speed(config: QualityStudyConfig, channels: int, network, device: to
 
 @torch.no_grad()
 def _calls_per_second(unet, batch: int, dtype) -> float:
-    """Images through the UNet per second: one warm-up call, then 2 to 10 calls for about a second."""
+    """Images through the UNet per second: two warm-up calls (a process's first calls set up its kernels and
+    memory), then 3 to 10 calls for about two seconds."""
     device, size = next(unet.parameters()).device, unet.config.sample_size
     x = torch.randn(batch, unet.config.in_channels, size, size, device=device)
     t, y = torch.full((batch,), 500, device=device), torch.full((batch,), unet.config.num_classes, device=device)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         unet(x, t, y)
+        unet(x, t, y)
         _synchronize(device)
         calls, start = 0, time.perf_counter()
-        while calls < 2 or (calls < 10 and time.perf_counter() - start < 1.0):
+        while calls < 3 or (calls < 10 and time.perf_counter() - start < 2.0):
             unet(x, t, y)
             _synchronize(device)
             calls += 1
@@ -518,7 +520,7 @@ def _calls_per_second(unet, batch: int, dtype) -> float:
 def _inception_per_second(network, device: torch.device, resolution: int) -> float:
     count = 32 if device.type == "cuda" else 4
     images = torch.zeros(count, 3, resolution, resolution, dtype=torch.uint8)
-    inception_features(images[:1], device=device, progress=False, network=network)  # warm-up
+    inception_features(images, batch_size=count, device=device, progress=False, network=network)  # warm-up
     start = time.perf_counter()
     inception_features(images, batch_size=count, device=device, progress=False, network=network)
     return count / (time.perf_counter() - start)
@@ -541,9 +543,9 @@ class Plan:
 
 def plan_study(config: QualityStudyConfig, parts: dict, speed: dict, reference_seconds: float,
                train_needed: bool, seconds_left: float) -> Plan:
-    """Fit the evaluations into what the budget leaves after the reference features, training (at least
-    TRAIN_SHARE of the budget while models still need it) and a margin, cutting the most expensive first: part
-    1's NFE levels above sample_steps (largest first), then the samples per setting (halved, down to
+    """Fit the evaluations into what the budget leaves after the reference features (0 once computed), training
+    (at least TRAIN_SHARE of the budget while models still need it) and a margin, cutting the most expensive first:
+    part 1's NFE levels above sample_steps (largest first), then the samples per setting (halved, down to
     MIN_SAMPLES). All settings keep one sample count, so their FIDs stay comparable."""
     order, samples = run_order(parts), config.unconditional_samples
     floor = min(MIN_SAMPLES, samples)
@@ -574,13 +576,25 @@ def plan_study(config: QualityStudyConfig, parts: dict, speed: dict, reference_s
 
 
 def evaluation_seconds(config: QualityStudyConfig, settings: list, samples: int, speed: dict) -> float:
-    """Planned seconds of the evaluations: the settings' model calls at the measured rate, their Inception
-    features and FID / KID, and the model calls of the eps-norm scan, the tercile samples and DC steering."""
-    per_class, steps = config.samples_per_class, config.sample_steps
-    extra = steps * (config.exposure_images * (1 + len(config.lambdas))
-                     + per_class * (3 * (1 + len(config.fix_names)) + 2))
-    calls = sum(samples * s.nfe for s in settings) + extra
-    return calls / speed["calls_per_second"] + len(settings) * (samples / speed["inception_per_second"] + FID_SECONDS)
+    """Planned seconds of the evaluations: the settings' (see `setting_seconds`) and the model calls of the extras
+    (see `extra_calls`) at the measured rate."""
+    extras = sum(extra_calls(config).values()) / speed["calls_per_second"]
+    return sum(setting_seconds(setting, samples, speed) for setting in settings) + extras
+
+
+def setting_seconds(setting: Setting, samples: int, speed: dict) -> float:
+    """Seconds of one setting: its model calls at the measured rate, then its Inception features and FID / KID
+    (speed["seconds_after_sampling"] once a setting has been measured)."""
+    after = speed.get("seconds_after_sampling", samples / speed["inception_per_second"] + FID_SECONDS)
+    return samples * setting.nfe / speed["calls_per_second"] + after
+
+
+def extra_calls(config: QualityStudyConfig) -> dict:
+    """Model calls of the evaluations that are not settings: the tercile samples of every model (part 4), DC
+    steering to two targets (part 3) and the eps-norm scan (forward pass and one chain per lambda, part 2)."""
+    steps, per_class = config.sample_steps, config.samples_per_class
+    return {"terciles": steps * per_class * 3 * (1 + len(config.fix_names)), "steering": steps * per_class * 2,
+            "scan": steps * config.exposure_images * (1 + len(config.lambdas))}
 
 
 # ----------------------------------------------------------------------------- reference, settings, models
@@ -710,7 +724,7 @@ class Evaluator:
 
     def evaluate(self, setting: Setting, trained: dict) -> dict:
         """The row of one setting: the setting, FID, KID, the bias metrics, seconds. Samples (uint8, as a PNG
-        holds them) and features land in eval/<key>.safetensors; a resumed study reuses them."""
+        holds them) and features land in eval/<key>.safetensors; a resumed study reuses them (row["reused"])."""
         path = self.out / "eval" / f"{setting.key}.safetensors"
         key = json.dumps({"setting": dataclasses.asdict(setting), "n": self.samples, "seed": self.config.seed,
                           "model_steps": trained["steps"], "autocast": str(self.autocast_dtype),
@@ -765,7 +779,7 @@ def _read_evaluation(path: Path, key: str):
         metadata = handle.metadata() or {}
         if metadata.get("key") != key:
             return None
-        return handle.get_tensor("samples"), json.loads(metadata["row"])
+        return handle.get_tensor("samples"), {**json.loads(metadata["row"]), "reused": True}
 
 
 def w1_spread(samples: torch.Tensor, data: torch.Tensor, seed: int, draws: int = 100) -> float:
@@ -783,21 +797,50 @@ def finest_octave_ratio(spectrum: dict, size: int) -> float:
     return [row for row in spectrum["rows"] if row["k_max"] < size][-1]["log10_ratio"]
 
 
-def evaluate_settings(plan: Plan, models: dict, evaluator: Evaluator, clock: Clock, results: dict) -> dict:
-    """{setting key: row} of the planned settings, in run order. A setting that no longer fits in what is left of
-    the budget (with the planned extras, eps-norm scan, tercile samples and steering, and a minute for the report
-    after it) is skipped, and the report says so; the base setting always runs."""
-    rows, speed, config = {}, results["speed"], evaluator.config
-    extras = evaluation_seconds(config, [], plan.samples, speed)
-    for i, setting in enumerate(plan.settings):
-        needed = evaluation_seconds(config, [setting], plan.samples, speed) - extras
-        if i > 0 and clock.left() < needed + extras + 60:
-            results["dropped"].append(f"{setting.label} skipped at run time: {max(clock.left(), 0) / 60:.1f} min of "
-                                      f"the budget were left and it needed about {needed / 60:.1f} min, plus "
-                                      f"{(extras + 60) / 60:.1f} min for what follows it.")
-            continue
-        rows[setting.key] = evaluator.evaluate(setting, models[setting.model])
-    return rows
+STAGES = (("fixes", "terciles", "part 4 (fixes)"), ("leak", "steering", "part 3 (signal leak)"),
+          ("eps", "scan", "part 2 (epsilon scaling)"), ("samplers", None, "part 1 (samplers)"))
+
+
+def run_evaluations(plan: Plan, parts: dict, models: dict, data, labels, evaluator: Evaluator, clock: Clock,
+                    results: dict) -> dict:
+    """The evaluations in order of importance: part 4's settings then its tercile samples, part 3's then DC
+    steering, part 2's then the eps-norm scan, part 1's by NFE. The base setting always runs; anything else that
+    no longer fits in what is left of the budget (and a minute for the report) is skipped, and the report says
+    so. The estimates follow the machine: after each setting, the rates are those it ran at.
+    Returns {"rows": {setting key: row}, "terciles": rows, "steering": rows, "scan": scan or None}."""
+    config, rates = evaluator.config, dict(results["speed"])
+    done = {"rows": {}, "terciles": [], "steering": [], "scan": None}
+    extras = {"terciles": lambda: tercile_rows(models, data, labels, evaluator, results),
+              "steering": lambda: steering_rows(models["standard"], data, labels, evaluator,
+                                                done["rows"][plan.settings[0].key]["mean"], results),
+              "scan": lambda: exposure_scan(models["standard"], data, evaluator)}
+    for part, extra, title in STAGES:
+        for setting in [s for s in plan.settings if s in parts[part] and s.key not in done["rows"]]:
+            if done["rows"] and not _fits(setting.label, setting_seconds(setting, plan.samples, rates), clock,
+                                          results):
+                continue
+            row = clock.time(f"evaluate {title}", evaluator.evaluate, setting, models[setting.model])
+            done["rows"][setting.key] = row
+            if not row.get("reused"):  # evaluated now, not read from an earlier run
+                rates["calls_per_second"] = plan.samples * setting.nfe / row["sampling_seconds"]
+                rates["seconds_after_sampling"] = row["seconds"] - row["sampling_seconds"]
+        if extra and _fits(EXTRA_NAMES[extra], extra_calls(config)[extra] / rates["calls_per_second"], clock, results):
+            done[extra] = clock.time(EXTRA_NAMES[extra], extras[extra])
+    results["speed"]["observed_calls_per_second"] = rates["calls_per_second"]
+    return done
+
+
+EXTRA_NAMES = {"terciles": "tercile samples (part 4)", "steering": "DC steering (part 3)",
+               "scan": "eps-norm scan (part 2)"}
+
+
+def _fits(label: str, seconds: float, clock: Clock, results: dict) -> bool:
+    """Whether `seconds` of work and a minute for the report fit in what is left; if not, say it was skipped."""
+    if clock.left() >= seconds + 60:
+        return True
+    results["dropped"].append(f"{label} skipped at run time: {max(clock.left(), 0) / 60:.1f} min of the budget were "
+                              f"left and it needed about {seconds / 60:.1f} min, plus a minute for the report.")
+    return False
 
 
 def exposure_scan(trained: dict, data: torch.Tensor, evaluator: Evaluator) -> dict:
@@ -867,10 +910,12 @@ def run_quality_study(config: QualityStudyConfig) -> dict:
     chosen = reference_images(dataset, config.reference_images)
     ref_path = reference_path(config, chosen)
     names, parts = ["standard", *config.fix_names], study_parts(config)
-    train_needed = any(name not in _trained_record(out) for name in names)
-    reference_seconds = 0.0 if ref_path.is_file() else len(chosen) / speed["inception_per_second"]
-    plan = plan_study(config, parts, speed, reference_seconds, train_needed, clock.left())
+    cached = ref_path.is_file()
     reference = clock.time("reference features", reference_statistics, ref_path, chosen, config, network, device)
+    if not cached:  # thousands of images measure the Inception rate better than the start-up run
+        speed["inception_per_second"] = len(chosen) / clock.parts["reference features"]
+    train_needed = any(name not in _trained_record(out) for name in names)
+    plan = plan_study(config, parts, speed, 0.0, train_needed, clock.left())
     models = train_study_models(config, names, clock, plan, device)
     leak = clock.time("leak statistics", LeakStats.fit_batches, data.split(1024), "dct+pixel", 3)
     evaluator = Evaluator(config, device, torch.bfloat16 if speed["autocast"] == "bf16" else None, network,
@@ -879,15 +924,9 @@ def run_quality_study(config: QualityStudyConfig) -> dict:
                "estimates": plan.estimates, "samples": plan.samples, "tables": {}, "figures": {}, "grids": {},
                "reference": {"path": str(ref_path), "images": len(chosen), "source": reference.source},
                "models": [model_row(name, trained) for name, trained in models.items()]}
-    rows = clock.time("evaluations (sampling, features, FID, KID)", evaluate_settings, plan, models, evaluator, clock,
-                      results)
-    scan = clock.time("eps-norm scan (part 2)", exposure_scan, models["standard"], data, evaluator)
-    terciles = clock.time("tercile samples (part 4)", tercile_rows, models, data, dataset.labels, evaluator, results)
-    base = parts["fixes"][0]
-    steering = clock.time("DC steering (part 3)", steering_rows, models["standard"], data, dataset.labels, evaluator,
-                          rows[base.key]["mean"], results)
-    results["tables"] = quality_tables(parts, rows, scan, terciles, steering)
-    clock.time("figures", quality_figures, parts, rows, scan, evaluator, results)
+    done = run_evaluations(plan, parts, models, data, dataset.labels, evaluator, clock, results)
+    results["tables"] = quality_tables(parts, done["rows"], done["scan"], done["terciles"], done["steering"])
+    clock.time("figures", quality_figures, parts, done["scan"], evaluator, results)
     results["findings"] = quality_findings(results["tables"])
     results["timings"] = clock.parts
     results["total_seconds"] = time.monotonic() - clock.start
@@ -924,7 +963,7 @@ def quality_tables(parts: dict, rows: dict, scan: dict, terciles: list, steering
         peers = [s for s in samplers if s.level == setting.level and s.key in rows]
         return next((s for s in peers if s.sampler == "ddim"), peers[0] if peers else setting)
 
-    gaps = dict(zip(scan["candidates"], scan["gap"]))
+    gaps = dict(zip(scan["candidates"], scan["gap"])) if scan else {}
     eps = comparison_rows(parts["eps"], rows, IDENTITY["eps"], lambda s: replace(s, eps_scale=1.0))
     for row in eps:
         row["eps_norm_gap"] = gaps.get(row["eps_scale"], math.nan)
@@ -961,18 +1000,21 @@ def significant(row: dict, base: dict, value: str, sd: str) -> tuple:
     return difference, abs(difference) > 2 * math.hypot(row[sd], base[sd])
 
 
-def quality_figures(parts: dict, rows: dict, scan: dict, evaluator: Evaluator, results: dict) -> None:
-    """FID against NFE, the epsilon-scaling scans, the brightness summary and one sample grid per setting."""
+def quality_figures(parts: dict, scan: dict | None, evaluator: Evaluator, results: dict) -> None:
+    """FID against NFE, the epsilon-scaling plots, the brightness summary and one sample grid per setting (each
+    figure whose evaluations ran)."""
     out, tables, figures = evaluator.out, results["tables"], results["figures"]
     if tables["samplers"]:
         figures["fid_nfe"] = plots.plot_fid_nfe(tables["samplers"], out / "fid_nfe.png").name
-    figures["eps_quality"] = plots.plot_eps_scale_quality(tables["eps"], out / "eps_scale_quality.png").name
-    figures["eps_scan"] = plots.plot_eps_scale_scan(scan, out / "eps_scale_scan.png").name
-    shown = [s for s in (*parts["leak"], *parts["fixes"][1:]) if s.key in evaluator.images]
-    luminance = {"data": metrics.image_brightness(evaluator.data)["luminance"]}
-    luminance.update({f"{s.model}, {s.start}": metrics.image_brightness(evaluator.images[s.key])["luminance"]
-                      for s in shown})
-    figures["summary"] = plots.plot_study_summary(tables["terciles"], luminance, out / "summary.png").name
+    if scan is not None:
+        figures["eps_quality"] = plots.plot_eps_scale_quality(tables["eps"], out / "eps_scale_quality.png").name
+        figures["eps_scan"] = plots.plot_eps_scale_scan(scan, out / "eps_scale_scan.png").name
+    if tables["terciles"]:
+        shown = [s for s in (*parts["leak"], *parts["fixes"][1:]) if s.key in evaluator.images]
+        luminance = {"data": metrics.image_brightness(evaluator.data)["luminance"]}
+        luminance.update({f"{s.model}, {s.start}": metrics.image_brightness(evaluator.images[s.key])["luminance"]
+                          for s in shown})
+        figures["summary"] = plots.plot_study_summary(tables["terciles"], luminance, out / "summary.png").name
     (out / "grids").mkdir(exist_ok=True)
     for setting in dict.fromkeys(s for part in parts.values() for s in part):
         if setting.key in evaluator.images:
@@ -1231,17 +1273,17 @@ def _quality_sections(results: dict) -> list:
         ("Summary", f"<p>{len(results['models'])} tiny class-conditional UNets, identical but for the fix, trained on "
          f"{html.escape(config['data'])} at {config['resolution']} px; every setting draws {results['samples']} "
          f"samples from the same seeds, compared with {results['reference']['images']} training images.</p>"
-         + _list([s for part in findings.values() for s in part]) + _img(figures["summary"])),
+         + _list([s for part in findings.values() for s in part]) + _figure(figures, "summary")),
         ("1. Samplers against the number of model calls",
          "<p>The standard model, unconditional samples from the same x_T per sampler; Heun takes 2N - 1 calls "
          "for N steps. Baseline of kid_diff: DDIM at the same NFE.</p>" + COLUMNS_NOTE
-         + (_img(figures["fid_nfe"]) if "fid_nfe" in figures else "") + _html_table(tables["samplers"])
+         + _figure(figures, "fid_nfe") + _html_table(tables["samplers"])
          + _paragraph(findings["samplers"])),
         ("2. Epsilon scaling: the lambda FID picks and the one the exposure metric picks",
          f"<p>{base}, with eps / lambda in every x0 estimate (Ning et al.); eps_norm_gap: RMS relative gap between "
          "the eps-norm along sampling (from noised training images) and on forward-noised training images.</p>"
-         + _html_table(tables["eps"]) + _paragraph(findings["eps"]) + _img(figures["eps_quality"])
-         + _img(figures["eps_scan"])),
+         + _html_table(tables["eps"]) + _paragraph(findings["eps"]) + _figure(figures, "eps_quality")
+         + _figure(figures, "eps_scan")),
         ("3. Signal leak and DC steering",
          f"<p>{base}, from plain x_T and from leak-aware x_T (dct+pixel statistics of the training images, "
          "Everaert et al.). Steering fixes the leak's DC to a tercile's mean brightness; its samples are meant to "
@@ -1275,6 +1317,11 @@ def _plan_section(results: dict) -> str:
             + "<h3>Measured time per part</h3>" + _html_table(timings)
             + f"<p>Total run time: {results['total_seconds'] / 60:.1f} of {results['config']['minutes']:g} minutes."
             "</p>")
+
+
+def _figure(figures: dict, name: str) -> str:
+    """The figure, or a line saying its evaluations did not run (see the plan's dropped list)."""
+    return _img(figures[name]) if name in figures else f"<p>({name}: not drawn, its evaluations were skipped)</p>"
 
 
 def _list(sentences: list) -> str:

