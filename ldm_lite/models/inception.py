@@ -26,6 +26,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -279,7 +280,9 @@ def convert_weights(cache_file: Path) -> dict:
     if file_sha1(source) != WEIGHTS_SHA1:
         raise ValueError(f"{source} is not the expected FID Inception file (SHA1 differs from {WEIGHTS_SHA1}); "
                          f"reinstall it: {INSTALL_COMMAND}")
-    scripted = torch.jit.load(str(source), map_location="cpu")
+    with warnings.catch_warnings():          # torch.jit.load is deprecated; this one read is all we need of it
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.load(str(source), map_location="cpu")
     fused = fuse_torchscript_state(scripted.state_dict())
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     partial = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")   # rename: other ranks never see half
