@@ -391,13 +391,16 @@ def scan_eps_scale(model, scheduler, x0: torch.Tensor, candidates, *, num_infere
     return {"candidates": candidates, "gap": gaps, "best": best, "forward": forward, "traces": traces}
 
 
-def format_table(rows: list, columns: list | None = None, float_format: str = ".4g") -> str:
-    """Plain-text table of a list of dicts (columns: keys of the first row by default)."""
+def format_table(rows: list, columns: list | None = None, float_format: str = ".4g", markdown: bool = False) -> str:
+    """Plain-text (or, with `markdown`, GitHub-markdown) table of a list of dicts (columns: keys of the first row
+    by default)."""
     if not rows:
         return "(no rows)"
     columns = columns or list(rows[0])
     cells = [[format(row[c], float_format) if isinstance(row[c], float) else str(row[c]) for c in columns]
              for row in rows]
+    if markdown:
+        return "\n".join("| " + " | ".join(line) + " |" for line in [columns, ["---"] * len(columns), *cells])
     widths = [max(len(c), *(len(line[i]) for line in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in cells]

@@ -455,8 +455,12 @@ def study_parts(config: QualityStudyConfig) -> dict:
     sample_steps from plain noise with lambda 1 (part 1's DDIM setting at that NFE too)."""
     n = config.sample_steps
     base = Setting("standard", "ddim", n, n, n)
-    return {"samplers": [Setting("standard", name, *sampler_steps(name, level), level)
-                         for level in config.nfe_levels for name in config.sampler_names],
+    samplers = {}  # by key: NFE targets that give a sampler the same steps (Heun at 9 and 10) are one setting
+    for level in config.nfe_levels:
+        for name in config.sampler_names:
+            setting = Setting("standard", name, *sampler_steps(name, level), level)
+            samplers.setdefault(setting.key, setting)
+    return {"samplers": list(samplers.values()),
             "eps": [replace(base, eps_scale=value) for value in config.lambdas],
             "leak": [base, replace(base, start=LEAK)],
             "fixes": [base] + [Setting(fix, "ddim", n, n, n, start=OWN_NOISE if fix == "offset" else PLAIN)
@@ -464,12 +468,19 @@ def study_parts(config: QualityStudyConfig) -> dict:
 
 
 def sampler_steps(name: str, nfe: int) -> tuple:
-    """(steps, model calls) of a sampler for a target number of model calls: Heun makes 2N - 1 calls for N steps
-    and gets the nearest 2N - 1 not above the target (at least one step); the others make one call a step."""
-    if scheduler_class(name) is scheduler_class("heun"):
-        steps = max(1, (nfe + 1) // 2)
-        return steps, 2 * steps - 1
-    return nfe, nfe
+    """(steps, model calls) of a sampler for a target number of model calls: the most steps whose calls do not
+    exceed the target (at least one step). A sampler calls the model once per entry of its timesteps after
+    set_timesteps(N): N for the one-step samplers, 2N - 1 for Heun (the nearest 2N - 1 not above the target),
+    N + 1 for PNDM's PLMS (the "pndm" alias), N + 9 for PNDM with its Runge-Kutta warm-up."""
+    scheduler = from_config({}, name)  # the alias's variant: PNDM as "pndm" skips the Runge-Kutta warm-up
+    for steps in range(max(nfe, 1), 0, -1):
+        try:
+            scheduler.set_timesteps(steps)
+        except ValueError:  # too few steps for the sampler (PNDM's Runge-Kutta warm-up needs 4)
+            break
+        if len(scheduler.timesteps) <= nfe or steps == 1:
+            return steps, len(scheduler.timesteps)
+    raise ValueError(f"{name} cannot sample in {nfe} model calls or fewer")
 
 
 def run_order(parts: dict) -> list:
@@ -635,6 +646,7 @@ def check_study_settings(config: QualityStudyConfig, out: Path) -> None:
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE_FIELDS}
     if config.fresh:
         (out / "trained.json").unlink(missing_ok=True)
+        (out / "choices.json").unlink(missing_ok=True)
         shutil.rmtree(out / "eval", ignore_errors=True)
     elif path.is_file():
         saved = json.loads(path.read_text())
@@ -643,6 +655,29 @@ def check_study_settings(config: QualityStudyConfig, out: Path) -> None:
             raise ValueError(f"{str(out)!r} holds a study made with other settings ({', '.join(differing)}); pass "
                              "--fresh to start over (deletes its models and evaluations) or choose another --out")
     path.write_text(json.dumps(settings, indent=2))
+
+
+def keep_first_choices(out: Path, plan: Plan, speed: dict) -> Plan:
+    """A resumed study keeps the samples per setting and the autocast choice of the run that made its first
+    evaluations (choices.json): both are part of every saved evaluation's key, and all settings share one n. The
+    plan of a resumed run, with training done, would often allow more samples, and a re-measured bf16 gain near
+    BF16_GAIN can flip; either would throw every saved evaluation away. A study with no evaluations yet records
+    this run's choices."""
+    path = out / "choices.json"
+    evaluated = (out / "eval").is_dir() and any((out / "eval").iterdir())
+    if not (evaluated and path.is_file()):
+        path.write_text(json.dumps({"samples": plan.samples, "autocast": speed["autocast"]}))
+        return plan
+    saved = json.loads(path.read_text())
+    speed["autocast"] = saved["autocast"]
+    speed["calls_per_second"] = speed["bf16_calls_per_second" if saved["autocast"] == "bf16" else
+                                      "fp32_calls_per_second"]
+    if saved["samples"] == plan.samples:
+        return plan
+    dropped = [line for line in plan.dropped if not line.startswith("Samples per setting cut")]
+    dropped.append(f"Samples per setting kept at {saved['samples']}, the count of the study's first evaluations "
+                   f"(this run's plan gave {plan.samples}); settings that no longer fit are skipped.")
+    return replace(plan, samples=saved["samples"], dropped=dropped)
 
 
 def study_device(name: str) -> torch.device:
@@ -750,7 +785,7 @@ class Evaluator:
                "seconds": time.monotonic() - started}
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({"samples": images.contiguous(), "features": features.contiguous()}, str(path),
-                  metadata={"key": key, "row": json.dumps(_jsonable(row))})
+                  metadata={"key": key, "row": json.dumps(row)})
         self.images[setting.key] = images
         return row
 
@@ -825,13 +860,49 @@ def run_evaluations(plan: Plan, parts: dict, models: dict, data, labels, evaluat
                 rates["calls_per_second"] = plan.samples * setting.nfe / row["sampling_seconds"]
                 rates["seconds_after_sampling"] = row["seconds"] - row["sampling_seconds"]
         if extra and _fits(EXTRA_NAMES[extra], extra_calls(config)[extra] / rates["calls_per_second"], clock, results):
-            done[extra] = clock.time(EXTRA_NAMES[extra], extras[extra])
+            done[extra] = clock.time(EXTRA_NAMES[extra], saved_extra, extra, extras[extra], models, evaluator,
+                                     results)
     results["speed"]["observed_calls_per_second"] = rates["calls_per_second"]
     return done
 
 
 EXTRA_NAMES = {"terciles": "tercile samples (part 4)", "steering": "DC steering (part 3)",
                "scan": "eps-norm scan (part 2)"}
+
+
+def saved_extra(name: str, compute, models: dict, evaluator: Evaluator, results: dict):
+    """An extra's result (rows, or the scan) from eval/<name>.json when an earlier run of this study computed it
+    with the same models and autocast (its sample grids are on disk already), else computed and saved there."""
+    path = evaluator.out / "eval" / f"{name}.json"
+    key = {"models": {model: trained["steps"] for model, trained in models.items()},
+           "autocast": str(evaluator.autocast_dtype)}
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    if saved.get("key") == key and all((evaluator.out / grid).is_file() for grid in saved["grids"].values()):
+        results["grids"].update(saved["grids"])
+        return _scan_from_json(saved["value"]) if name == "scan" else saved["value"]
+    before = set(results["grids"])
+    value = compute()
+    grids = {caption: grid for caption, grid in results["grids"].items() if caption not in before}
+    record = {"key": key, "grids": grids, "value": _scan_to_json(value) if name == "scan" else value}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(json.dumps(record))  # NaN stays a float (Python's json reads its NaN token back)
+    partial.replace(path)
+    return value
+
+
+def _scan_to_json(scan: dict) -> dict:
+    """What the tables and the scan plot use of `metrics.scan_eps_scale`'s result, as lists."""
+    def curve(trace):
+        return {"timesteps": trace["timesteps"].tolist(), "eps_norm": trace["eps_norm"].tolist()}
+    return {"candidates": list(scan["candidates"]), "gap": [float(g) for g in scan["gap"]], "best": scan["best"],
+            "forward": curve(scan["forward"]), "traces": [curve(trace) for trace in scan["traces"]]}
+
+
+def _scan_from_json(saved: dict) -> dict:
+    def curve(trace):
+        return {name: torch.tensor(values) for name, values in trace.items()}
+    return {**saved, "forward": curve(saved["forward"]), "traces": [curve(trace) for trace in saved["traces"]]}
 
 
 def _fits(label: str, seconds: float, clock: Clock, results: dict) -> bool:
@@ -915,7 +986,7 @@ def run_quality_study(config: QualityStudyConfig) -> dict:
     if not cached:  # thousands of images measure the Inception rate better than the start-up run
         speed["inception_per_second"] = len(chosen) / clock.parts["reference features"]
     train_needed = any(name not in _trained_record(out) for name in names)
-    plan = plan_study(config, parts, speed, 0.0, train_needed, clock.left())
+    plan = keep_first_choices(out, plan_study(config, parts, speed, 0.0, train_needed, clock.left()), speed)
     models = train_study_models(config, names, clock, plan, device)
     leak = clock.time("leak statistics", LeakStats.fit_batches, data.split(1024), "dct+pixel", 3)
     evaluator = Evaluator(config, device, torch.bfloat16 if speed["autocast"] == "bf16" else None, network,
@@ -932,6 +1003,7 @@ def run_quality_study(config: QualityStudyConfig) -> dict:
     results["total_seconds"] = time.monotonic() - clock.start
     (out / "results.json").write_text(json.dumps(_jsonable(results), indent=2))
     write_report(results, out / "report.html")
+    (out / "report.md").write_text(format_quality_results(results, markdown=True))
     return results
 
 
@@ -961,15 +1033,16 @@ def quality_tables(parts: dict, rows: dict, scan: dict, terciles: list, steering
 
     def same_level(setting):
         peers = [s for s in samplers if s.level == setting.level and s.key in rows]
-        return next((s for s in peers if s.sampler == "ddim"), peers[0] if peers else setting)
+        return next((s for s in peers if s.sampler == "ddim"), None)  # without DDIM the rows say "no baseline"
 
-    gaps = dict(zip(scan["candidates"], scan["gap"])) if scan else {}
+    scanned = [dict(eps_scale=c, eps_norm_gap=g) for c, g in zip(scan["candidates"], scan["gap"])] if scan else []
+    gaps = {row["eps_scale"]: row["eps_norm_gap"] for row in scanned}
     eps = comparison_rows(parts["eps"], rows, IDENTITY["eps"], lambda s: replace(s, eps_scale=1.0))
     for row in eps:
         row["eps_norm_gap"] = gaps.get(row["eps_scale"], math.nan)
     return {"samplers": comparison_rows(samplers, rows, IDENTITY["samplers"], same_level), "eps": eps,
             "leak": comparison_rows(parts["leak"], rows, IDENTITY["leak"], lambda s: parts["leak"][0]),
-            "steering": steering, "terciles": terciles,
+            "scan": scanned, "steering": steering, "terciles": terciles,
             "fixes": comparison_rows(parts["fixes"], rows, IDENTITY["fixes"], lambda s: parts["fixes"][0])}
 
 
@@ -981,7 +1054,8 @@ def comparison_rows(settings: list, rows: dict, identity: tuple, baseline_of) ->
     for setting in settings:
         if setting.key not in rows:
             continue
-        row, base = rows[setting.key], rows.get(baseline_of(setting).key)
+        baseline = baseline_of(setting)
+        row, base = rows[setting.key], rows.get(baseline.key) if baseline is not None else None
         entry = {name: row[name] for name in identity}
         entry.update(kid=row["kid"], kid_std=row["kid_std"], fid=row["fid"])
         if base is None:
@@ -1119,18 +1193,22 @@ def sampler_findings(rows: list) -> list:
     return sentences
 
 
-def eps_findings(rows: list) -> list:
-    """Part 2. The lambda with the lowest FID against the lambda whose eps-norm along sampling is closest to the
-    forward eps-norm (`metrics.scan_eps_scale`): whether they agree, and whether FID's pick beats lambda = 1 by
-    more than two KID standard deviations."""
-    scanned = [r for r in rows if math.isfinite(r.get("eps_norm_gap", math.nan))]
-    if not rows or not scanned:
+def eps_findings(rows: list, scan: list = ()) -> list:
+    """Part 2. The lambda with the lowest FID (among the evaluated `rows`) against the lambda whose eps-norm along
+    sampling is closest to the forward eps-norm (among every lambda of the scan, `metrics.scan_eps_scale`; rows
+    {eps_scale, eps_norm_gap}): whether they agree, and whether FID's pick beats lambda = 1 by more than two KID
+    standard deviations."""
+    if not rows:
         return []
-    by_fid, by_gap = min(rows, key=lambda r: r["fid"]), min(scanned, key=lambda r: r["eps_norm_gap"])
-    agree = "agree" if by_fid["eps_scale"] == by_gap["eps_scale"] else "disagree"
-    sentences = [f"FID picks lambda = {by_fid['eps_scale']:g} (FID {by_fid['fid']:.2f}); the exposure metric (eps-norm "
-                 f"along sampling closest to the forward eps-norm) picks lambda = {by_gap['eps_scale']:g} (gap "
-                 f"{by_gap['eps_norm_gap']:.4f}): they {agree}."]
+    by_fid = min(rows, key=lambda r: r["fid"])
+    picked = f"FID picks lambda = {by_fid['eps_scale']:g} (FID {by_fid['fid']:.2f})"
+    if scan:
+        by_gap = min(scan, key=lambda r: r["eps_norm_gap"])
+        agree = "agree" if by_fid["eps_scale"] == by_gap["eps_scale"] else "disagree"
+        sentences = [f"{picked}; the exposure metric (eps-norm along sampling closest to the forward eps-norm) picks "
+                     f"lambda = {by_gap['eps_scale']:g} (gap {by_gap['eps_norm_gap']:.4f}): they {agree}."]
+    else:
+        sentences = [f"{picked}; the eps-norm scan did not run, so the exposure metric has no pick."]
     base = next((r for r in rows if r["eps_scale"] == 1.0), None)
     if base is not None and by_fid is not base:
         difference, beyond = significant(by_fid, base, "kid", "kid_std")
@@ -1174,7 +1252,8 @@ def steering_findings(rows: list) -> list:
 
 def quality_findings(tables: dict) -> dict:
     """{part: sentences} of the study, each chosen by the numbers of its tables."""
-    return {"samplers": sampler_findings(tables["samplers"]), "eps": eps_findings(tables["eps"]),
+    return {"samplers": sampler_findings(tables["samplers"]),
+            "eps": eps_findings(tables["eps"], tables.get("scan", [])),
             "leak": change_findings(tables["leak"], lambda r: f"the standard model from {r['start']}")
             + steering_findings(tables["steering"]),
             "fixes": change_findings(tables["fixes"], lambda r: f"{r['model']} (from {r['start']})")
@@ -1328,18 +1407,25 @@ def _list(sentences: list) -> str:
     return "<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in sentences) + "</ul>"
 
 
-def format_quality_results(results: dict) -> str:
-    """The study's tables and findings as plain text."""
+def format_quality_results(results: dict, markdown: bool = False) -> str:
+    """The study's tables and findings as plain text, or as markdown (report.md)."""
     tables, findings = results["tables"], quality_findings(results["tables"])
     lead = ["kid", "kid_std", "fid", "kid_diff", "beyond_2sd", "w1", "std_ratio", "hf_log10"]
-    parts = [("1. Samplers against NFE", tables["samplers"], ["sampler", "nfe", *lead], "samplers"),
-             ("2. Epsilon scaling", tables["eps"], ["eps_scale", *lead, "eps_norm_gap"], "eps"),
-             ("3. Signal leak", tables["leak"], ["start", *lead], "leak"),
-             ("4. Fixes", tables["fixes"], ["model", "start", *lead], "fixes")]
+    parts = [("1. Samplers against NFE", [(tables["samplers"], ["sampler", "nfe", *lead])], "samplers"),
+             ("2. Epsilon scaling", [(tables["eps"], ["eps_scale", *lead, "eps_norm_gap"])], "eps"),
+             ("3. Signal leak and DC steering", [(tables["leak"], ["start", *lead]), (tables.get("steering", []), [
+                 "steered_to", "t0", "sqrt_alpha_bar_t0", "n", "target_mean", "plain_mean", "samples_mean", "share"])],
+              "leak"),
+             ("4. Fixes", [(tables["fixes"], ["model", "start", *lead]), (tables.get("terciles", []), [
+                 "model", "asked", "n", "data_mean", "samples_mean", "gap"])], "fixes")]
     lines = []
-    for title, rows, columns, key in parts:
-        lines += [title, metrics.format_table(rows, columns) if rows else "(not evaluated)", *findings[key], ""]
-    return "\n".join(lines + list(results["dropped"]))
+    for title, shown, key in parts:
+        lines += [f"### {title}", ""] if markdown else [title]
+        for rows, columns in shown:
+            lines += [metrics.format_table(rows, columns, markdown=markdown) if rows else "(not evaluated)", ""]
+        lines += [f"- {sentence}" if markdown else sentence for sentence in findings[key]] + [""]
+    dropped = [f"- {line}" if markdown else line for line in results["dropped"]]
+    return "\n".join(lines + dropped)
 
 
 _CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"

@@ -6,6 +6,7 @@ The study on real images (`python -m analysis study`) in its quick mode (8x8 syn
 DDIM at 5 steps, a 32-image reference): its report's sections, its FID / KID rows against `quality_report` on the
 saved features, its samples re-drawn, its plan's cuts against hand-computed costs, and its findings' rules."""
 import copy
+import dataclasses
 import json
 import math
 import subprocess
@@ -23,10 +24,12 @@ from ldm_lite.quality import FidStatistics, inception_features, quality_report
 from ldm_lite.runs import run_config
 from ldm_lite.sampling import initial_noise, sample, sample_generators
 from ldm_lite.schedulers import from_config
+from ldm_lite import study as study_module
 from ldm_lite.study import (Plan, QualityStudyConfig, StudyConfig, band_findings, change_findings,
-                            check_study_settings, eps_findings, evaluation_seconds, leak_findings, offset_findings,
-                            offset_training_noise, plan_study, run_evaluations, run_order, run_study, sampler_findings,
-                            sampler_steps, study_parts, write_report)
+                            check_study_settings, eps_findings, evaluation_seconds, format_quality_results,
+                            keep_first_choices, leak_findings, offset_findings, offset_training_noise, plan_study,
+                            quality_tables, run_evaluations, run_order, run_study, sampler_findings, sampler_steps,
+                            saved_extra, study_parts, write_report)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -220,15 +223,23 @@ def test_quick_study_tables_equal_an_independent_recomputation(quick_study):
 
 
 @needs_wheel
-def test_quick_study_resumes_without_retraining_or_resampling(quick_study):
+def test_quick_study_resumes_without_retraining_or_resampling(quick_study, monkeypatch):
     """A second run in the same folder loads the trained models and the evaluated settings (same rows); a changed
     setting is refused before anything runs."""
     out, results = quick_study
+
+    def recomputed(*args, **kwargs):
+        raise AssertionError("a resumed study recomputed an extra its first run saved")
+    for name in ("tercile_rows", "steering_rows", "exposure_scan"):
+        monkeypatch.setattr(study_module, name, recomputed)
     trained = json.loads((out / "trained.json").read_text())
     again = run_study(QualityStudyConfig(out=str(out), **QUICK))
     assert json.loads((out / "trained.json").read_text()) == trained
     assert "train standard + offset" not in again["timings"] and "reference features" in again["timings"]
-    assert again["tables"]["fixes"] == results["tables"]["fixes"]
+    for table in ("fixes", "terciles", "steering", "scan", "eps"):
+        assert again["tables"][table] == results["tables"][table], table
+    assert again["grids"] == results["grids"] and again["findings"] == results["findings"]
+    assert (out / "report.md").read_text() == format_quality_results(again, markdown=True)
     assert again["speed"]["observed_calls_per_second"] == again["speed"]["calls_per_second"]  # nothing sampled
     with pytest.raises(ValueError, match=r"other settings \(unconditional_samples\); pass --fresh"):
         run_study(QualityStudyConfig(out=str(out), **{**QUICK, "unconditional_samples": 32}))
@@ -252,6 +263,89 @@ def test_study_settings_refused_unless_fresh(tmp_path):
 def test_heun_gets_the_nearest_nfe_not_above():
     assert [sampler_steps("heun", nfe) for nfe in (10, 20, 50, 1)] == [(5, 9), (10, 19), (25, 49), (1, 1)]
     assert [sampler_steps(name, 20) for name in ("ddim", "dpmpp_2m", "unipc", "euler")] == [(20, 20)] * 4
+
+
+def test_pndm_gets_its_model_calls_from_diffusers_timesteps():
+    """PLMS calls the model once more than its steps (the warm-up's t_1 twice); diffusers' PNDMScheduler (the
+    same timesteps list, skip_prk_steps as Stable Diffusion) says how many."""
+    from diffusers import PNDMScheduler
+    for skip_prk_steps, name, steps in ((True, "pndm", 19), (False, "PNDMScheduler", 11)):
+        reference = PNDMScheduler(skip_prk_steps=skip_prk_steps)
+        reference.set_timesteps(steps)
+        assert sampler_steps(name, 20) == (steps, len(reference.timesteps))
+        reference.set_timesteps(steps + 1)
+        assert len(reference.timesteps) > 20
+    with pytest.raises(ValueError, match="PNDMScheduler cannot sample in 12 model calls or fewer"):
+        sampler_steps("PNDMScheduler", 12)
+
+
+def test_nfe_targets_that_give_the_same_steps_are_one_setting():
+    config = QualityStudyConfig(out="unused", data="synthetic", samplers="heun,ddim", nfes="9,10")
+    settings = study_parts(config)["samplers"]
+    assert [(s.sampler, s.steps, s.nfe, s.level) for s in settings] == [
+        ("heun", 5, 9, 9), ("ddim", 9, 9, 9), ("ddim", 10, 10, 10)]
+
+
+def test_samplers_without_ddim_have_no_baseline():
+    config = QualityStudyConfig(out="unused", data="synthetic", samplers="unipc,euler", nfes="10")
+    parts = study_parts(config)
+    rows = {s.key: {**_row(0.04), **dataclasses.asdict(s), **{c: 0.0 for c in study_module.BIAS_COLUMNS}}
+            for s in parts["samplers"] + parts["fixes"][:1]}
+    table = quality_tables(parts, rows, None, [], [])["samplers"]
+    assert [(r["sampler"], r["beyond_2sd"]) for r in table] == [("unipc", "no baseline"), ("euler", "no baseline")]
+    assert all(math.isnan(r["kid_diff"]) for r in table)
+
+
+def test_a_resumed_study_keeps_its_first_sample_count_and_autocast(tmp_path):
+    speed = {"autocast": "bf16", "fp32_calls_per_second": 100.0, "bf16_calls_per_second": 150.0,
+             "calls_per_second": 150.0}
+    first = Plan([], 250, {}, ["Samples per setting cut from 500 to 250: ..."])
+    assert keep_first_choices(tmp_path, first, dict(speed)) is first  # nothing evaluated: this run's choices
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "x.safetensors").write_bytes(b"")
+    resumed_speed = {**speed, "autocast": "off", "calls_per_second": 100.0}  # the bf16 gain re-measured lower
+    resumed = keep_first_choices(tmp_path, Plan([], 500, {}, []), resumed_speed)
+    assert resumed.samples == 250 and resumed_speed["autocast"] == "bf16"
+    assert resumed_speed["calls_per_second"] == 150.0
+    assert resumed.dropped == ["Samples per setting kept at 250, the count of the study's first evaluations (this "
+                               "run's plan gave 500); settings that no longer fit are skipped."]
+    assert keep_first_choices(tmp_path, first, dict(speed)) is first
+
+
+def test_extras_are_saved_and_read_back(tmp_path):
+    """An extra computed once is read back (rows with NaN, its grids, the scan's curves as tensors) by a run with
+    the same models and autocast, and computed again when a model's steps differ."""
+    from types import SimpleNamespace
+    evaluator = SimpleNamespace(out=tmp_path, autocast_dtype=None)
+    models = {"standard": {"steps": 10}}
+    calls = []
+
+    def terciles():
+        calls.append(1)
+        (tmp_path / "grid.png").write_bytes(b"png")
+        results["grids"]["a grid"] = "grid.png"
+        return [{"share": math.nan, "asked": "dark"}]
+    results = {"grids": {"earlier": "earlier.png"}}
+    first = saved_extra("terciles", terciles, models, evaluator, results)
+    results = {"grids": {}}
+    again = saved_extra("terciles", terciles, models, evaluator, results)
+    assert len(calls) == 1 and results["grids"] == {"a grid": "grid.png"}
+    assert again[0]["asked"] == "dark" and math.isnan(again[0]["share"]) and math.isnan(first[0]["share"])
+    saved_extra("terciles", terciles, {"standard": {"steps": 11}}, evaluator, {"grids": {}})
+    assert len(calls) == 2
+    curve = {"timesteps": torch.tensor([981, 1]), "eps_norm": torch.tensor([1.0, 0.5])}
+    scan = {"candidates": [1.0, 1.01], "gap": [0.2, 0.1], "best": 1.01, "forward": curve,
+            "traces": [{**curve, "samples": torch.zeros(2)}, curve]}
+    saved_extra("scan", lambda: scan, models, evaluator, {"grids": {}})
+    read = saved_extra("scan", lambda: pytest.fail("recomputed"), models, evaluator, {"grids": {}})
+    assert read["candidates"] == [1.0, 1.01] and read["best"] == 1.01
+    assert torch.equal(read["traces"][1]["eps_norm"], curve["eps_norm"])
+    assert torch.equal(read["forward"]["timesteps"], curve["timesteps"])
+
+
+def test_markdown_tables():
+    rows = [{"a": 1, "b": 0.123456}, {"a": 2, "b": 1.5}]
+    assert metrics.format_table(rows, markdown=True) == "| a | b |\n| --- | --- |\n| 1 | 0.1235 |\n| 2 | 1.5 |"
 
 
 def test_plan_drops_nfe_50_first_then_halves_the_samples():
@@ -342,12 +436,18 @@ def test_quality_findings_follow_the_numbers():
                         "standard deviations.")
     eps = [_row(0.040, eps_scale=1.0, eps_norm_gap=0.05), _row(0.035, eps_scale=1.01, eps_norm_gap=0.02),
            _row(0.039, eps_scale=1.02, eps_norm_gap=0.01)]
-    assert eps_findings(eps) == [
+    scanned = [dict(eps_scale=r["eps_scale"], eps_norm_gap=r["eps_norm_gap"]) for r in eps]
+    assert eps_findings(eps, scanned) == [
         "FID picks lambda = 1.01 (FID 3.50); the exposure metric (eps-norm along sampling closest to the forward "
         "eps-norm) picks lambda = 1.02 (gap 0.0100): they disagree.",
         "Against lambda = 1, FID's pick changes KID by -0.0050, beyond two standard deviations."]
-    eps[2]["eps_norm_gap"] = 0.03
-    assert eps_findings(eps)[0].endswith("picks lambda = 1.01 (gap 0.0200): they agree.")
+    scanned[2]["eps_norm_gap"] = 0.03
+    assert eps_findings(eps, scanned)[0].endswith("picks lambda = 1.01 (gap 0.0200): they agree.")
+    # the exposure metric picks over every scanned lambda, evaluated or not
+    scan = scanned + [dict(eps_scale=1.03, eps_norm_gap=0.001)]
+    assert eps_findings(eps, scan)[0].endswith("picks lambda = 1.03 (gap 0.0010): they disagree.")
+    assert eps_findings(eps, [])[0] == ("FID picks lambda = 1.01 (FID 3.50); the eps-norm scan did not run, so the "
+                                        "exposure metric has no pick.")
     fixes = [_row(0.040, model="standard", beyond_2sd="baseline"), _row(0.0405, w1=0.05, model="offset"),
              _row(0.030, w1=0.05, model="ip"), _row(0.030, w1=0.099, model="zero_snr"), _row(0.0401, model="x")]
     verdicts = [s.split(": ")[1].split(" at n")[0] for s in change_findings(fixes, lambda r: r["model"])]
