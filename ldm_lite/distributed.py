@@ -4,6 +4,7 @@ Training splits each global batch across ranks (DistributedDataParallel averages
 the images: rank r draws images [r n / size, (r + 1) n / size), each from its own generator, so the images do
 not depend on the number of processes.
 """
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -23,17 +24,31 @@ class World:
         return self.rank == 0
 
 
-def init_world(device_type: str | None = None) -> World:
+def init_world(device_type: str | None = None, timeout: datetime.timedelta | None = None) -> World:
     """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, nccl on GPU).
 
-    device_type: "cpu" or "cuda" to choose; None takes CUDA when it is available (cuda:LOCAL_RANK)."""
+    device_type: "cpu" or "cuda" to choose; None takes CUDA when it is available (cuda:LOCAL_RANK).
+    timeout: how long a collective may wait for the other ranks (torch's default: 30 minutes for gloo)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available() if device_type is None else device_type == "cuda"
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        if cuda:
+            torch.cuda.set_device(device)  # the *_object collectives of nccl use the current device
+        dist.init_process_group("nccl" if cuda else "gloo", **({"timeout": timeout} if timeout else {}))
     return World(rank=int(os.environ.get("RANK", "0")), size=size, device=device)
+
+
+TORCHRUN_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                      "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+def leave_torchrun() -> None:
+    """Forget torchrun's variables in this process (one spawned by a rank to do work of its own, such as the
+    study's training processes), so that init_world makes it a world of one instead of joining the group."""
+    for name in TORCHRUN_VARIABLES:
+        os.environ.pop(name, None)
 
 
 def share(n: int, world: World) -> range:

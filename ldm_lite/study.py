@@ -23,6 +23,7 @@ Everything lands in `<out>/report.html` (plots, sample grids, the results tables
 times); no number in the report is written by hand, and every stated finding is chosen by the numbers.
 """
 import dataclasses
+import datetime
 import html
 import json
 import math
@@ -43,10 +44,11 @@ from tqdm.auto import tqdm
 
 from ldm_lite import metrics, plots
 from ldm_lite.config import PRECISIONS, config_from_dict, config_to_dict, option
+from ldm_lite.distributed import World, init_world, leave_torchrun, share
 from ldm_lite.data import brightness_terciles, load_dataset, save_image_grid, to_float, to_uint8
 from ldm_lite.leak import LeakStats
 from ldm_lite.models import UNet, load_unet, unet_preset
-from ldm_lite.models.inception import load_fid_inception
+from ldm_lite.models.inception import FEATURE_DIM, load_fid_inception
 from ldm_lite.quality import PROTOCOL_VERSION, WEIGHTS_SHA1, FidStatistics, inception_features, quality_report
 from ldm_lite.runs import CHECKPOINT_NAME, load_checkpoint
 from ldm_lite.sampling import initial_noise, sample, sample_generators
@@ -308,6 +310,7 @@ def _train_in_processes(configs: dict, progress: bool, hide_cuda: bool = False) 
 
 
 def _train_worker(config: dict, hide_cuda: bool = False) -> str:
+    leave_torchrun()  # spawned by rank 0 of a sharded study: train on its own, not in the study's process group
     if hide_cuda:  # a fresh spawned process: CUDA is not initialised yet
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     return str(train(config_from_dict(config)))
@@ -491,10 +494,13 @@ def run_order(parts: dict) -> list:
 
 # ----------------------------------------------------------------------------- speed and plan
 
-def measure_speed(config: QualityStudyConfig, channels: int, network, device: torch.device) -> dict:
+def measure_speed(config: QualityStudyConfig, channels: int, network, device: torch.device,
+                  processes: int = 1) -> dict:
     """The rates the plan uses: model calls (images through the UNet) per second at the evaluation batch size, in
     float32 and, unless --autocast off, under bf16 autocast; Inception images per second; and the autocast
-    choice: bf16 when asked for, or under auto when measured at least BF16_GAIN times faster."""
+    choice: bf16 when asked for, or under auto when measured at least BF16_GAIN times faster. Measured in this
+    process; `calls_per_second` and `inception_per_second` count all `processes` sharing the work (the rates
+    observed while evaluating replace these estimates)."""
     unet = UNet(unet_preset("tiny", in_channels=channels, sample_size=config.resolution,
                             num_classes=len(CLASS_NAMES))).to(device).eval()
     batch = min(config.eval_batch_size, config.unconditional_samples)
@@ -503,9 +509,10 @@ def measure_speed(config: QualityStudyConfig, channels: int, network, device: to
         speed["bf16_calls_per_second"] = _calls_per_second(unet, batch, torch.bfloat16)
     faster = speed.get("bf16_calls_per_second", 0.0) > BF16_GAIN * speed["fp32_calls_per_second"]
     speed["autocast"] = "bf16" if config.autocast == "bf16" or (config.autocast == "auto" and faster) else "off"
-    speed["calls_per_second"] = speed["bf16_calls_per_second" if speed["autocast"] == "bf16" else
-                                      "fp32_calls_per_second"]
-    speed["inception_per_second"] = _inception_per_second(network, device, config.resolution)
+    speed["processes"] = processes
+    speed["calls_per_second"] = processes * speed["bf16_calls_per_second" if speed["autocast"] == "bf16" else
+                                                  "fp32_calls_per_second"]
+    speed["inception_per_second"] = processes * _inception_per_second(network, device, config.resolution)
     return speed
 
 
@@ -625,11 +632,11 @@ def reference_path(config: QualityStudyConfig, images: torch.Tensor) -> Path:
     return folder / f"fid_reference_{digest}_{len(images)}_protocol{PROTOCOL_VERSION}_{WEIGHTS_SHA1[:12]}.safetensors"
 
 
-def reference_statistics(path: Path, images: torch.Tensor, config: QualityStudyConfig, network, device):
+def reference_statistics(path: Path, images: torch.Tensor, config: QualityStudyConfig, shards: "Shards"):
     """FidStatistics (features kept, for KID) of the reference images, read from the cache or computed once."""
     if path.is_file():
         return FidStatistics.load(path)
-    features = inception_features(images, device=device, progress=config.progress, network=network)
+    features = shards.features(images)
     stats = FidStatistics.from_features(features, source=f"{config.data}: {len(images)} training images at "
                                         f"{config.resolution} px")
     partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # renamed: a killed run leaves no half file
@@ -670,8 +677,8 @@ def keep_first_choices(out: Path, plan: Plan, speed: dict) -> Plan:
         return plan
     saved = json.loads(path.read_text())
     speed["autocast"] = saved["autocast"]
-    speed["calls_per_second"] = speed["bf16_calls_per_second" if saved["autocast"] == "bf16" else
-                                      "fp32_calls_per_second"]
+    speed["calls_per_second"] = speed.get("processes", 1) * speed["bf16_calls_per_second" if saved["autocast"] ==
+                                                                  "bf16" else "fp32_calls_per_second"]
     if saved["samples"] == plan.samples:
         return plan
     dropped = [line for line in plan.dropped if not line.startswith("Samples per setting cut")]
@@ -733,15 +740,93 @@ def offset_training_noise(scheduler, shape, n: int, strength: float, seed: int) 
 
 # ----------------------------------------------------------------------------- evaluation
 
+PER_SAMPLE = ("x_T", "class_labels")  # sample() keywords that hold one row per sample
+
+
+class Shards:
+    """The study's sampling and Inception features, split over the processes of `torchrun --nproc_per_node N -m
+    analysis study` (with one process, everything runs here, unsplit).
+
+    Rank 0 runs the study. Each draw of n samples and each feature computation is a job sent to every rank; a rank
+    computes its share (`distributed.share`: a contiguous block; sample i still draws from sample_seed(seed, i),
+    so the images do not depend on the number of processes) and all_gather_object collects the shares in rank
+    order. The other ranks wait in `serve()` until `close()`. Rank 0's models are the trained ones; the others load
+    each from its run folder the first time a job names it."""
+
+    def __init__(self, world: World, device: torch.device, config: QualityStudyConfig, network=None):
+        self.world, self.device, self.config, self.network = world, device, config, network
+        self.models = {}
+
+    def draw(self, trained: dict, scheduler, n: int, steps: int, autocast_dtype, **kwargs) -> torch.Tensor:
+        """n samples (n, C, H, W) in [-1, 1] on the CPU, as `ldm_lite.sampling.sample` draws them (the study's seed
+        and evaluation batch), from `trained` (a dict of `load_trained`) with `scheduler`."""
+        self.models.setdefault(str(trained["run_dir"]), trained["model"])
+        return self._run(dict(kind="draw", run_dir=str(trained["run_dir"]), scheduler=scheduler, n=n, steps=steps,
+                              autocast_dtype=autocast_dtype, kwargs=kwargs))
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Inception features (N, 2048) of uint8 images (N, C, H, W) (`ldm_lite.quality.inception_features`)."""
+        return self._run(dict(kind="features", n=len(images), images=images))
+
+    def serve(self) -> None:
+        """Ranks other than 0: do the jobs rank 0 sends until it closes."""
+        while (job := self._broadcast(None)) is not None:
+            self._gather(self._share(job))
+
+    def close(self) -> None:
+        if self.world.size > 1:
+            self._broadcast(None)
+
+    def _run(self, job: dict) -> torch.Tensor:
+        if self.world.size == 1:
+            return self._share(job)
+        self._broadcast(job)
+        return self._gather(self._share(job))
+
+    def _broadcast(self, job):
+        box = [job]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _gather(self, part: torch.Tensor) -> torch.Tensor:
+        parts = [None] * self.world.size
+        torch.distributed.all_gather_object(parts, part)
+        return torch.cat(parts)
+
+    def _share(self, job: dict) -> torch.Tensor:
+        """This rank's block of the job's n rows, on the CPU."""
+        mine, c = share(job["n"], self.world), self.config
+        progress = c.progress and self.world.is_main
+        if job["kind"] == "features":
+            if not mine:
+                return torch.empty(0, FEATURE_DIM)
+            if self.network is None:
+                self.network = load_fid_inception(self.device)
+            return inception_features(job["images"][mine.start:mine.stop], device=self.device, progress=progress,
+                                      network=self.network)
+        model = self.models.get(job["run_dir"])
+        if model is None:
+            model = self.models[job["run_dir"]] = load_unet(job["run_dir"]).to(self.device).eval()
+        if not mine:
+            size = model.config.sample_size
+            return torch.empty(0, model.config.in_channels, size, size)
+        kwargs = {name: value[mine.start:mine.stop] if name in PER_SAMPLE and isinstance(value, torch.Tensor)
+                  and value.dim() > 0 else value for name, value in job["kwargs"].items()}
+        return sample(model, job["scheduler"], len(mine), num_inference_steps=job["steps"], seed=c.seed,
+                      first_index=mine.start, batch_size=c.eval_batch_size, progress=progress, device=self.device,
+                      autocast_dtype=job["autocast_dtype"], **kwargs).clamp(-1, 1).cpu()
+
+
 @dataclass
 class Evaluator:
-    """What the evaluated settings share: settings, device and autocast, the FID network and reference, the
+    """What the evaluated settings share: settings, device and autocast, the shards (sampling and FID network,
+    split over the torchrun processes), the FID reference, the
     reference images as float (N, C, H, W) in [-1, 1] for the bias metrics, the leak statistics, the samples per
     setting and the output folder. `images` keeps every setting's uint8 samples."""
     config: QualityStudyConfig
     device: torch.device
     autocast_dtype: torch.dtype | None
-    network: torch.nn.Module
+    shards: Shards
     reference: FidStatistics
     reference_name: str
     data: torch.Tensor
@@ -752,10 +837,7 @@ class Evaluator:
 
     def draw(self, trained: dict, scheduler, n: int, steps: int, **kwargs) -> torch.Tensor:
         """n samples (n, C, H, W) in [-1, 1] on the CPU, batched, from the study's seed."""
-        c = self.config
-        return sample(trained["model"], scheduler, n, num_inference_steps=steps, seed=c.seed,
-                      batch_size=c.eval_batch_size, progress=c.progress, device=self.device,
-                      autocast_dtype=self.autocast_dtype, **kwargs).clamp(-1, 1).cpu()
+        return self.shards.draw(trained, scheduler, n, steps, self.autocast_dtype, **kwargs)
 
     def evaluate(self, setting: Setting, trained: dict) -> dict:
         """The row of one setting: the setting, FID, KID, the bias metrics, seconds. Samples (uint8, as a PNG
@@ -779,8 +861,7 @@ class Evaluator:
                                     class_labels=trained["model"].config.num_classes,
                                     eps_scale=setting.eps_scale if setting.eps_scale != 1 else None, **start))
         sampling = time.monotonic() - started
-        features = inception_features(images, device=self.device, progress=self.config.progress,
-                                      network=self.network)
+        features = self.shards.features(images)
         row = {**dataclasses.asdict(setting), **self.measure(images, features), "sampling_seconds": sampling,
                "seconds": time.monotonic() - started}
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -967,29 +1048,45 @@ def steering_rows(trained: dict, data, labels, evaluator: Evaluator, plain_mean:
     return rows
 
 
-def run_quality_study(config: QualityStudyConfig) -> dict:
+def run_quality_study(config: QualityStudyConfig) -> dict | None:
     """The study on real images: measure the machine, plan the budget, reference features (cached), train the
-    models two at a time, evaluate every planned setting, then the tables, figures, findings and report."""
+    models two at a time, evaluate every planned setting, then the tables, figures, findings and report.
+    Under torchrun, rank 0 does all that and hands the sampling and Inception features out in shares (`Shards`);
+    the other ranks serve it and return None."""
+    device = study_device(config.device)
+    # the other ranks wait in a collective while rank 0 trains: a timeout beyond the whole budget
+    world = init_world(device.type, timeout=datetime.timedelta(minutes=2 * config.minutes + 30))
+    device = world.device if world.size > 1 else device
+    shards = Shards(world, device, config)
+    if not world.is_main:
+        return shards.serve()
+    try:
+        return _run_quality_study(config, device, shards)
+    finally:
+        shards.close()
+
+
+def _run_quality_study(config: QualityStudyConfig, device: torch.device, shards: Shards) -> dict:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     check_study_settings(config, out)
-    clock, device = Clock(config.minutes), study_device(config.device)
+    clock = Clock(config.minutes)
     dataset = clock.time("load data", load_study_data, config)
     data = to_float(dataset.images)
-    network = clock.time("load the FID network", load_fid_inception, device)
-    speed = clock.time("measure speed", measure_speed, config, data.shape[1], network, device)
+    network = shards.network = clock.time("load the FID network", load_fid_inception, device)
+    speed = clock.time("measure speed", measure_speed, config, data.shape[1], network, device, shards.world.size)
     chosen = reference_images(dataset, config.reference_images)
     ref_path = reference_path(config, chosen)
     names, parts = ["standard", *config.fix_names], study_parts(config)
     cached = ref_path.is_file()
-    reference = clock.time("reference features", reference_statistics, ref_path, chosen, config, network, device)
+    reference = clock.time("reference features", reference_statistics, ref_path, chosen, config, shards)
     if not cached:  # thousands of images measure the Inception rate better than the start-up run
         speed["inception_per_second"] = len(chosen) / clock.parts["reference features"]
     train_needed = any(name not in _trained_record(out) for name in names)
     plan = keep_first_choices(out, plan_study(config, parts, speed, 0.0, train_needed, clock.left()), speed)
     models = train_study_models(config, names, clock, plan, device)
     leak = clock.time("leak statistics", LeakStats.fit_batches, data.split(1024), "dct+pixel", 3)
-    evaluator = Evaluator(config, device, torch.bfloat16 if speed["autocast"] == "bf16" else None, network,
+    evaluator = Evaluator(config, device, torch.bfloat16 if speed["autocast"] == "bf16" else None, shards,
                           reference, ref_path.name, to_float(chosen), leak, plan.samples, out)
     results = {"study": "quality", "config": dataclasses.asdict(config), "speed": speed, "dropped": list(plan.dropped),
                "estimates": plan.estimates, "samples": plan.samples, "tables": {}, "figures": {}, "grids": {},

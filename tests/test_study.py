@@ -9,8 +9,11 @@ import copy
 import dataclasses
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import fid_weights_installed
@@ -31,6 +34,7 @@ from ldm_lite.study import (Plan, QualityStudyConfig, StudyConfig, band_findings
                             quality_tables, run_evaluations, run_order, run_study, sampler_findings, sampler_steps,
                             saved_extra, study_parts, write_report)
 
+ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -243,6 +247,37 @@ def test_quick_study_resumes_without_retraining_or_resampling(quick_study, monke
     assert again["speed"]["observed_calls_per_second"] == again["speed"]["calls_per_second"]  # nothing sampled
     with pytest.raises(ValueError, match=r"other settings \(unconditional_samples\); pass --fresh"):
         run_study(QualityStudyConfig(out=str(out), **{**QUICK, "unconditional_samples": 32}))
+
+
+@needs_wheel
+def test_torchrun_study_shares_sampling_and_features(quick_study, tmp_path):
+    """`torchrun --nproc_per_node 2 -m analysis study` on a copy of the quick study's trained models (so nothing
+    trains): each rank draws its block of every setting's samples, from their own generators, and computes their
+    features; rank 0 gets one process's samples (within one uint8 level: CPU kernels round by batch size), features
+    and rows. The other rank prints nothing."""
+    out, results = quick_study
+    two = tmp_path / "two"
+    shutil.copytree(out, two, ignore=shutil.ignore_patterns("eval", "choices.json", "report.*", "results.json"))
+    flags = [f"--{name.replace('_', '-')}={value}" for name, value in QUICK.items() if name != "progress"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "analysis",
+               "study", *flags, "--no-progress", "--out", str(two)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("report: ") == 1
+    again = json.loads((two / "results.json").read_text())
+    assert again["speed"]["processes"] == 2 and "train standard + offset" not in again["timings"]
+    from safetensors.torch import load_file
+    for path in sorted((out / "eval").glob("*.safetensors")):
+        one, shared = load_file(str(path)), load_file(str(two / "eval" / path.name))
+        assert (one["samples"].int() - shared["samples"].int()).abs().max() <= 1, path.name
+        if torch.equal(one["samples"], shared["samples"]):
+            assert torch.allclose(one["features"], shared["features"], atol=1e-4), path.name
+    for table in ("fixes", "leak", "eps"):
+        for row, expected in zip(again["tables"][table], results["tables"][table]):
+            assert row["fid"] == pytest.approx(expected["fid"], rel=1e-3), table
+    for row, expected in zip(again["tables"]["terciles"], results["tables"]["terciles"]):
+        assert row["samples_mean"] == pytest.approx(expected["samples_mean"], abs=1e-3)
 
 
 def test_study_settings_refused_unless_fresh(tmp_path):

@@ -1,6 +1,7 @@
 """`python -m analysis study --data PATH|cifar10:ROOT --minutes M`: the bias study on real images, with FID and KID
 beside the bias metrics (ldm_lite/study.py, the same pipeline and report as `demo`); flags from
-`QualityStudyConfig`."""
+`QualityStudyConfig`. `torchrun --nproc_per_node N -m analysis study ...` splits its sampling and Inception features
+over N processes."""
 from ldm_lite.cli.options import add_dataclass_arguments, dataclass_from_args
 from ldm_lite.study import QualityStudyConfig, format_results, run_study
 
@@ -15,6 +16,8 @@ def add_arguments(parser):
 def run(args):
     config = dataclass_from_args(QualityStudyConfig, args)
     results = run_study(config)
+    if results is None:  # a torchrun rank other than 0: it sampled its shares; rank 0 reports
+        return 0
     print(format_results(results))
     print(f"\nreport: {config.out}/report.html ({results['total_seconds'] / 60:.1f} minutes)")
     return 0
