@@ -560,17 +560,21 @@ class Plan:
 
 
 def plan_study(config: QualityStudyConfig, parts: dict, speed: dict, reference_seconds: float,
-               train_needed: bool, seconds_left: float) -> Plan:
+               train_needed: bool, seconds_left: float, samples: int | None = None) -> Plan:
     """Fit the evaluations into what the budget leaves after the reference features (0 once computed), training
     (at least TRAIN_SHARE of the budget while models still need it) and a margin, cutting the most expensive first:
     part 1's NFE levels above sample_steps (largest first), then the samples per setting (halved, down to
-    MIN_SAMPLES). All settings keep one sample count, so their FIDs stay comparable."""
-    order, samples = run_order(parts), config.unconditional_samples
+    MIN_SAMPLES). All settings keep one sample count, so their FIDs stay comparable: a resumed study passes its
+    first evaluations' `samples` (see `first_choices`), which then stays as it is."""
+    order, fixed = run_order(parts), samples is not None
+    samples = samples if fixed else config.unconditional_samples
     floor = min(MIN_SAMPLES, samples)
     margin = 0.03 * 60 * config.minutes + 60
     training = TRAIN_SHARE * 60 * config.minutes if train_needed else 0.0
     allowed = seconds_left - reference_seconds - training - margin
     dropped = []
+    if fixed and samples != config.unconditional_samples:
+        dropped.append(f"Samples per setting kept at {samples}, the count of the study's first evaluations.")
     while (cost := evaluation_seconds(config, order, samples, speed)) > allowed:
         why = (f"the evaluations were estimated at {cost / 60:.1f} min ({speed['calls_per_second']:.0f} model "
                f"calls/s, {speed['inception_per_second']:.1f} Inception images/s measured) but the budget left "
@@ -581,7 +585,7 @@ def plan_study(config: QualityStudyConfig, parts: dict, speed: dict, reference_s
             gone = [s for s in order if s.level == levels[0]]
             order = [s for s in order if s.level != levels[0]]
             dropped.append(f"Part 1 at NFE {levels[0]} ({len(gone)} settings) dropped: {why}.")
-        elif samples // 2 >= floor:
+        elif not fixed and samples // 2 >= floor:
             dropped.append(f"Samples per setting cut from {samples} to {samples // 2}: {why}.")
             samples //= 2
         else:
@@ -664,27 +668,25 @@ def check_study_settings(config: QualityStudyConfig, out: Path) -> None:
     path.write_text(json.dumps(settings, indent=2))
 
 
-def keep_first_choices(out: Path, plan: Plan, speed: dict) -> Plan:
-    """A resumed study keeps the samples per setting and the autocast choice of the run that made its first
-    evaluations (choices.json): both are part of every saved evaluation's key, and all settings share one n. The
-    plan of a resumed run, with training done, would often allow more samples, and a re-measured bf16 gain near
-    BF16_GAIN can flip; either would throw every saved evaluation away. A study with no evaluations yet records
-    this run's choices."""
+def first_choices(out: Path, speed: dict) -> int | None:
+    """The samples per setting of the run that made this study's first evaluations (choices.json), or None when
+    there are none yet; its autocast choice replaces the one just measured in `speed`. Both are part of every
+    saved evaluation's key, and all settings share one n: a resumed run, with training done, would often plan
+    more samples, and a re-measured bf16 gain near BF16_GAIN can flip; either would make every saved evaluation
+    stale."""
     path = out / "choices.json"
     evaluated = (out / "eval").is_dir() and any((out / "eval").iterdir())
     if not (evaluated and path.is_file()):
-        path.write_text(json.dumps({"samples": plan.samples, "autocast": speed["autocast"]}))
-        return plan
+        return None
     saved = json.loads(path.read_text())
     speed["autocast"] = saved["autocast"]
     speed["calls_per_second"] = speed.get("processes", 1) * speed["bf16_calls_per_second" if saved["autocast"] ==
                                                                   "bf16" else "fp32_calls_per_second"]
-    if saved["samples"] == plan.samples:
-        return plan
-    dropped = [line for line in plan.dropped if not line.startswith("Samples per setting cut")]
-    dropped.append(f"Samples per setting kept at {saved['samples']}, the count of the study's first evaluations "
-                   f"(this run's plan gave {plan.samples}); settings that no longer fit are skipped.")
-    return replace(plan, samples=saved["samples"], dropped=dropped)
+    return saved["samples"]
+
+
+def record_choices(out: Path, plan: Plan, speed: dict) -> None:
+    (out / "choices.json").write_text(json.dumps({"samples": plan.samples, "autocast": speed["autocast"]}))
 
 
 def study_device(name: str) -> torch.device:
@@ -740,7 +742,17 @@ def offset_training_noise(scheduler, shape, n: int, strength: float, seed: int) 
 
 # ----------------------------------------------------------------------------- evaluation
 
-PER_SAMPLE = ("x_T", "class_labels")  # sample() keywords that hold one row per sample
+PER_SAMPLE = ("x_T", "class_labels", "leak")  # sample() keywords that may hold one row per sample
+
+
+def _rows(value, rows: range):
+    """A sample() keyword's rows for samples `rows`: a list or a tensor with one row per sample is sliced (a leak
+    only as (n, C, H, W) images); one value for all (an int label, LeakStats, a (C, H, W) leak) stays whole."""
+    if isinstance(value, (list, tuple)):
+        value = torch.as_tensor(value)
+    if not isinstance(value, torch.Tensor) or value.dim() in (0, 3):
+        return value
+    return value[rows.start:rows.stop]
 
 
 class Shards:
@@ -761,8 +773,10 @@ class Shards:
         """n samples (n, C, H, W) in [-1, 1] on the CPU, as `ldm_lite.sampling.sample` draws them (the study's seed
         and evaluation batch), from `trained` (a dict of `load_trained`) with `scheduler`."""
         self.models.setdefault(str(trained["run_dir"]), trained["model"])
-        return self._run(dict(kind="draw", run_dir=str(trained["run_dir"]), scheduler=scheduler, n=n, steps=steps,
-                              autocast_dtype=autocast_dtype, kwargs=kwargs))
+        # its config, not the object: a multistep scheduler holds the last batch's outputs (on the device)
+        scheduler_config = {"_class_name": type(scheduler).__name__, **scheduler.config}
+        return self._run(dict(kind="draw", run_dir=str(trained["run_dir"]), scheduler=scheduler_config, n=n,
+                              steps=steps, autocast_dtype=autocast_dtype, kwargs=kwargs))
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Inception features (N, 2048) of uint8 images (N, C, H, W) (`ldm_lite.quality.inception_features`)."""
@@ -810,9 +824,8 @@ class Shards:
         if not mine:
             size = model.config.sample_size
             return torch.empty(0, model.config.in_channels, size, size)
-        kwargs = {name: value[mine.start:mine.stop] if name in PER_SAMPLE and isinstance(value, torch.Tensor)
-                  and value.dim() > 0 else value for name, value in job["kwargs"].items()}
-        return sample(model, job["scheduler"], len(mine), num_inference_steps=job["steps"], seed=c.seed,
+        kwargs = {name: _rows(value, mine) if name in PER_SAMPLE else value for name, value in job["kwargs"].items()}
+        return sample(model, from_config(job["scheduler"]), len(mine), num_inference_steps=job["steps"], seed=c.seed,
                       first_index=mine.start, batch_size=c.eval_batch_size, progress=progress, device=self.device,
                       autocast_dtype=job["autocast_dtype"], **kwargs).clamp(-1, 1).cpu()
 
@@ -1060,10 +1073,10 @@ def run_quality_study(config: QualityStudyConfig) -> dict | None:
     shards = Shards(world, device, config)
     if not world.is_main:
         return shards.serve()
-    try:
-        return _run_quality_study(config, device, shards)
-    finally:
-        shards.close()
+    # no collective after an error (the other ranks may be inside a job): rank 0 exits, and torchrun stops them
+    results = _run_quality_study(config, device, shards)
+    shards.close()
+    return results
 
 
 def _run_quality_study(config: QualityStudyConfig, device: torch.device, shards: Shards) -> dict:
@@ -1083,7 +1096,10 @@ def _run_quality_study(config: QualityStudyConfig, device: torch.device, shards:
     if not cached:  # thousands of images measure the Inception rate better than the start-up run
         speed["inception_per_second"] = len(chosen) / clock.parts["reference features"]
     train_needed = any(name not in _trained_record(out) for name in names)
-    plan = keep_first_choices(out, plan_study(config, parts, speed, 0.0, train_needed, clock.left()), speed)
+    kept = first_choices(out, speed)
+    plan = plan_study(config, parts, speed, 0.0, train_needed, clock.left(), samples=kept)
+    if kept is None:
+        record_choices(out, plan, speed)
     models = train_study_models(config, names, clock, plan, device)
     leak = clock.time("leak statistics", LeakStats.fit_batches, data.split(1024), "dct+pixel", 3)
     evaluator = Evaluator(config, device, torch.bfloat16 if speed["autocast"] == "bf16" else None, shards,
@@ -1299,6 +1315,7 @@ def eps_findings(rows: list, scan: list = ()) -> list:
         return []
     by_fid = min(rows, key=lambda r: r["fid"])
     picked = f"FID picks lambda = {by_fid['eps_scale']:g} (FID {by_fid['fid']:.2f})"
+    scan = [r for r in scan if math.isfinite(r["eps_norm_gap"])]  # a chain that blew up picks nothing
     if scan:
         by_gap = min(scan, key=lambda r: r["eps_norm_gap"])
         agree = "agree" if by_fid["eps_scale"] == by_gap["eps_scale"] else "disagree"
