@@ -599,8 +599,8 @@ def plan_study(config: QualityStudyConfig, parts: dict, speed: dict, reference_s
 
 def evaluation_seconds(config: QualityStudyConfig, settings: list, samples: int, speed: dict) -> float:
     """Planned seconds of the evaluations: the settings' (see `setting_seconds`) and the model calls of the extras
-    (see `extra_calls`) at the measured rate."""
-    extras = sum(extra_calls(config).values()) / speed["calls_per_second"]
+    (see `extra_seconds`)."""
+    extras = sum(extra_seconds(config, speed).values())
     return sum(setting_seconds(setting, samples, speed) for setting in settings) + extras
 
 
@@ -609,6 +609,14 @@ def setting_seconds(setting: Setting, samples: int, speed: dict) -> float:
     (speed["seconds_after_sampling"] once a setting has been measured)."""
     after = speed.get("seconds_after_sampling", samples / speed["inception_per_second"] + FID_SECONDS)
     return samples * setting.nfe / speed["calls_per_second"] + after
+
+
+def extra_seconds(config: QualityStudyConfig, speed: dict) -> dict:
+    """Seconds of each extra: its model calls at the measured rate, the scan's at one process's share of it (the
+    scan is not split over torchrun processes)."""
+    one_process = speed["calls_per_second"] / speed.get("processes", 1)
+    return {name: calls / (one_process if name == "scan" else speed["calls_per_second"])
+            for name, calls in extra_calls(config).items()}
 
 
 def extra_calls(config: QualityStudyConfig) -> dict:
@@ -953,7 +961,7 @@ def run_evaluations(plan: Plan, parts: dict, models: dict, data, labels, evaluat
             if not row.get("reused"):  # evaluated now, not read from an earlier run
                 rates["calls_per_second"] = plan.samples * setting.nfe / row["sampling_seconds"]
                 rates["seconds_after_sampling"] = row["seconds"] - row["sampling_seconds"]
-        if extra and _fits(EXTRA_NAMES[extra], extra_calls(config)[extra] / rates["calls_per_second"], clock, results):
+        if extra and _fits(EXTRA_NAMES[extra], extra_seconds(config, rates)[extra], clock, results):
             done[extra] = clock.time(EXTRA_NAMES[extra], saved_extra, extra, extras[extra], models, evaluator,
                                      results)
     results["speed"]["observed_calls_per_second"] = rates["calls_per_second"]

@@ -292,6 +292,14 @@ def test_torchrun_study_shares_sampling_and_features(quick_study, tmp_path):
     assert refused.returncode != 0 and "holds a study made with other settings (seed)" in refused.stderr
 
 
+def test_the_unsplit_scan_is_planned_at_one_process_rate():
+    config = QualityStudyConfig(out="unused", data="synthetic", exposure_images=10, samples_per_class=10)
+    calls = study_module.extra_calls(config)  # 20 steps x 10 images x (1 + 5 lambdas); 20 x 10 x 3 x 4 models; ...
+    assert calls == {"terciles": 2400, "steering": 400, "scan": 1200}
+    seconds = study_module.extra_seconds(config, {"calls_per_second": 200.0, "processes": 2})
+    assert seconds == {"terciles": 12.0, "steering": 2.0, "scan": 12.0}
+
+
 def test_a_share_gets_its_rows_of_per_sample_keywords():
     rows = range(2, 4)
     images = torch.arange(5 * 3 * 2 * 2).reshape(5, 3, 2, 2)
