@@ -18,6 +18,11 @@ from ldm_lite.schedules import BETA_SCHEDULES, default_steps_offset
 PRECISIONS = ("fp32", "bf16", "fp16")
 DATA_LABELS = ("dataset", "brightness")
 UNET_PRESETS = ("ddpm_cifar10", "small", "tiny")
+TIMESTEP_SAMPLINGS = ("uniform", "lognormal")
+LR_SCHEDULES = ("constant", "cosine")
+EMA_KINDS = ("decay", "power")
+BUDGET_CLOCKS = ("wall", "cpu")
+EVAL_AUTOCASTS = ("auto", "bf16", "off")
 
 # Short command-line aliases for the options changed most often.
 ALIASES = {"data": "data.source", "steps": "train.steps", "out": "run.out", "batch-size": "train.batch_size",
@@ -63,9 +68,14 @@ class ModelConfig:
     class_conditional: bool = False
     null_label_prob: float = 0.1   # share of labels replaced by the null class (classifier-free guidance)
     dropout: float | None = None   # None: the preset's value
+    base_channels: int | None = None   # width: channels of the first level (None: the preset's)
+    num_res_blocks: int | None = None  # depth: residual blocks per level (None: the preset's)
 
     def __post_init__(self):
         _check(self.preset in UNET_PRESETS, "model.preset", f"must be one of {UNET_PRESETS}", self.preset)
+        for name in ("base_channels", "num_res_blocks"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, f"model.{name}", "must be >= 1 (or unset: the preset's)", value)
         _check(0.0 <= self.null_label_prob <= 1.0, "model.null_label_prob", "must be in [0, 1]", self.null_label_prob)
         _check(self.dropout is None or 0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)", self.dropout)
 
@@ -82,6 +92,9 @@ class DiffusionConfig:
     prediction_type: str = "epsilon"
     min_snr: bool = False
     min_snr_gamma: float | None = None
+    timestep_sampling: str = "uniform"   # "lognormal": t drawn by EDM's log-normal density of sigma (below)
+    lognormal_mean: float | None = None  # P_mean of ln sigma (None: Karras et al. 2022's -1.2)
+    lognormal_std: float | None = None   # P_std of ln sigma (None: Karras et al. 2022's 1.2)
 
     def __post_init__(self):
         _check(self.num_train_timesteps >= 2, "diffusion.num_train_timesteps", "must be >= 2", self.num_train_timesteps)
@@ -93,6 +106,22 @@ class DiffusionConfig:
                f"must be one of {PREDICTION_TYPES}", self.prediction_type)
         _check_switched("diffusion", "min_snr", self.min_snr, "min_snr_gamma", self.min_snr_gamma, lambda v: v > 0,
                         "must be > 0")
+        _check(self.timestep_sampling in TIMESTEP_SAMPLINGS, "diffusion.timestep_sampling",
+               f"must be one of {TIMESTEP_SAMPLINGS}", self.timestep_sampling)
+        lognormal, why = self.timestep_sampling == "lognormal", "t is sampled uniformly"
+        remedy = "use --diffusion.timestep_sampling=lognormal or drop it"
+        _check_option("diffusion", "lognormal_mean", self.lognormal_mean, lognormal, why, remedy, math.isfinite,
+                      "must be a finite number")
+        _check_option("diffusion", "lognormal_std", self.lognormal_std, lognormal, why, remedy,
+                      lambda v: 0 < v < math.inf, "must be > 0")
+
+    @property
+    def lognormal(self) -> tuple[float, float] | None:
+        """(P_mean, P_std) of the log-normal timestep density in force, or None for uniform t."""
+        if self.timestep_sampling != "lognormal":
+            return None
+        return (-1.2 if self.lognormal_mean is None else self.lognormal_mean,
+                1.2 if self.lognormal_std is None else self.lognormal_std)
 
     @property
     def snr_gamma(self) -> float | None:
@@ -136,11 +165,18 @@ class NoiseConfig:
 
 
 def _check_switched(section: str, switch: str, on: bool, key: str, value, valid, message: str) -> None:
+    _check_option(section, key, value, on, f"{section}.{switch} is off",
+                  f"switch it on (--{section}.{switch}=true) or drop the strength", valid, message)
+
+
+def _check_option(section: str, key: str, value, in_force: bool, why_not: str, remedy: str, valid,
+                  message: str) -> None:
+    """A strength or parameter left at None is fine; set while it has no effect (`why_not`), it is an error
+    saying how to give it one (`remedy`); set and in force, it must be `valid`."""
     if value is None:
         return
-    if not on:
-        raise ValueError(f"{section}.{key} = {value!r} is set but {section}.{switch} is off; switch it on "
-                         f"(--{section}.{switch}=true) or drop the strength")
+    if not in_force:
+        raise ValueError(f"{section}.{key} = {value!r} is set but {why_not}; {remedy}")
     _check(valid(value), f"{section}.{key}", message, value)
 
 
@@ -151,6 +187,9 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 2e-4
     warmup_steps: int = 0          # linear warmup from lr / warmup_steps to lr
+    lr_schedule: str = "constant"  # after warmup: "constant", or "cosine" decay to 0 at lr_horizon_steps
+    lr_horizon_steps: int = 0      # cosine: 0 = train.steps, or with max_minutes the steps the budget allows,
+                                   # measured early in the run and then stored here (resumes keep it)
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -158,11 +197,14 @@ class TrainConfig:
     grad_clip: float = 1.0         # max global gradient norm; 0 disables clipping
     ema_decay: float = 0.9999      # 0 disables the EMA model
     ema_warmup: bool = True        # decay_t = min(ema_decay, (1 + t) / (10 + t))
+    ema_kind: str = "decay"        # "decay": the above; "power": EDM2's beta_t = (1 - 1/t)^(gamma + 1)
+    ema_gamma: float | None = None  # power EMA's gamma (None: 6.94, EDM2's sigma_rel = 0.10)
     precision: str = "fp32"        # "bf16": autocast of the model (CPU, GPU); "fp16": autocast + gradient scaler
     channels_last: bool = True
     compile: bool = False          # torch.compile the model
     seed: int = 0
-    max_minutes: float = 0.0       # stop (with a checkpoint) after this wall time; 0 = no limit
+    max_minutes: float = 0.0       # stop (with a checkpoint) after this much time; 0 = no limit
+    budget_clock: str = "wall"     # what max_minutes counts: "wall" time, or "cpu" time of this process
     num_threads: int = 0           # CPU threads for this process during training; 0 = torch's default
     keep_freed_memory: bool = False  # python -m train: glibc keeps freed memory (ldm_lite/allocator.py)
 
@@ -179,6 +221,19 @@ class TrainConfig:
         _check(0 <= self.ema_decay < 1, "train.ema_decay", "must be in [0, 1) (0 disables)", self.ema_decay)
         _check(self.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}", self.precision)
         _check(self.max_minutes >= 0, "train.max_minutes", "must be >= 0 (0 = no limit)", self.max_minutes)
+        _check(self.budget_clock in BUDGET_CLOCKS, "train.budget_clock", f"must be one of {BUDGET_CLOCKS}",
+               self.budget_clock)
+        _check(self.lr_schedule in LR_SCHEDULES, "train.lr_schedule", f"must be one of {LR_SCHEDULES}",
+               self.lr_schedule)
+        _check(self.lr_horizon_steps >= 0, "train.lr_horizon_steps", "must be >= 0 (0 = from the run's length)",
+               self.lr_horizon_steps)
+        _check(self.ema_kind in EMA_KINDS, "train.ema_kind", f"must be one of {EMA_KINDS}", self.ema_kind)
+        _check_option("train", "ema_gamma", self.ema_gamma, self.ema_kind == "power", "train.ema_kind is not "
+                      "'power'", "use --train.ema_kind=power or drop it", lambda v: 0 < v < math.inf, "must be > 0")
+
+    @property
+    def power_ema_gamma(self) -> float:
+        return 6.94 if self.ema_gamma is None else self.ema_gamma
         _check(self.num_threads >= 0, "train.num_threads", "must be >= 0 (0 = torch's default)", self.num_threads)
 
 
@@ -194,11 +249,27 @@ class RunConfig:
     progress: bool = True
     resume: bool = True            # continue from <out>/checkpoint.pt when present
     fresh: bool = False            # delete <out>/checkpoint.pt and the log first, and start over
+    eval_every: int = 0            # KID / FID of the EMA model's samples every N steps, and at the end; 0 = off
+    eval_samples: int = 500        # unconditional samples per evaluation (fixed seeds)
+    eval_class_samples: int = 100  # class-conditional models: samples asked for each extreme tercile / class
+    eval_sampler: str = "ddim"     # sampler alias (python -m sample --scheduler), on the run's own schedule
+    eval_steps: int = 20           # its steps
+    eval_reference_images: int = 10_000  # training images of the reference (cached; ldm_lite.fid_reference)
+    eval_autocast: str = "auto"    # sampling precision: "auto" (bf16 where measured faster), "bf16" or "off"
+    eval_batch_size: int = 100     # images per model call while evaluating
+    eval_cache: str = ""           # reference-feature cache folder ('' = $LDM_LITE_CACHE, else runs/cache)
 
     def __post_init__(self):
         _check(bool(self.out), "run.out", "must be a folder path", self.out)
         _check(self.log_every >= 1, "run.log_every", "must be >= 1", self.log_every)
-        for name in ("checkpoint_every", "sample_every"):
+        _check(self.eval_autocast in EVAL_AUTOCASTS, "run.eval_autocast", f"must be one of {EVAL_AUTOCASTS}",
+               self.eval_autocast)
+        for name in ("eval_samples", "eval_reference_images"):
+            _check(getattr(self, name) >= 4, f"run.{name}", "must be >= 4 (KID draws two subsets of n // 2)",
+                   getattr(self, name))
+        for name in ("eval_steps", "eval_batch_size", "eval_class_samples"):
+            _check(getattr(self, name) >= 1, f"run.{name}", "must be >= 1", getattr(self, name))
+        for name in ("checkpoint_every", "sample_every", "eval_every"):
             _check(getattr(self, name) >= 0, f"run.{name}", "must be >= 0 (0 disables)", getattr(self, name))
         _check(self.sample_steps >= 1, "run.sample_steps", "must be >= 1", self.sample_steps)
         _check(self.samples_per_class >= 1, "run.samples_per_class", "must be >= 1", self.samples_per_class)

@@ -313,3 +313,34 @@ def plot_pca_explained(explained: dict, path) -> Path:
            title="h-space PCA: explained variance")
     ax.legend(fontsize=7, ncol=2)
     return _save(fig, path)
+
+
+def plot_training_curves(curves: dict, path) -> Path:
+    """KID (with a +-1 std band) and FID against training minutes and against images seen, one line per run.
+    curves: {label: [eval rows of `ldm_lite.training_eval.read_eval_rows`]}; floor: an optional {"kid", "fid"}
+    under the key None, drawn as a horizontal line (real data scored at the same n)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharey="row")
+    floor = curves.get(None)
+    for label, rows in curves.items():
+        if label is None or not rows:
+            continue
+        for column, x_key in enumerate(("train_minutes", "images_seen")):
+            x = [r[x_key] for r in rows]
+            kid, std = [r["kid"] for r in rows], [r["kid_std"] for r in rows]
+            line, = axes[0, column].plot(x, kid, marker="o", label=label)
+            axes[0, column].fill_between(x, [k - s for k, s in zip(kid, std)], [k + s for k, s in zip(kid, std)],
+                                         color=line.get_color(), alpha=0.15)
+            axes[1, column].plot(x, [r["fid"] for r in rows], marker="o", label=label)
+    for row, metric in enumerate(("kid", "fid")):
+        for column, x_label in enumerate(("training minutes", "images seen")):
+            ax = axes[row, column]
+            if floor is not None:
+                ax.axhline(floor[metric], color="black", linestyle=":", label="real data, same n")
+            ax.set_yscale("log")
+            ax.set_xlabel(x_label)
+            ax.set_ylabel(metric.upper())
+            ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle("sample quality while training (EMA model)")
+    return _save(fig, path)

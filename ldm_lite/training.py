@@ -38,6 +38,8 @@ from ldm_lite.noise import min_snr_weights, perturb_noise, training_noise
 from ldm_lite.sampling import sample
 from ldm_lite.schedulers import DDPMScheduler, from_config
 from ldm_lite.schedules import snr
+from ldm_lite.training_budget import HORIZON_PROBE, Budget, fixed_horizon, needs_horizon, with_stored_horizon
+from ldm_lite.training_eval import TrainingEvaluator, eval_record
 
 LATENT_CACHE_FORMAT = "ldm_lite.latents.v1"
 
@@ -133,8 +135,9 @@ def build_model(config: Config, dataset: InMemoryImages) -> UNet:
     channels, size = dataset.images.shape[1], dataset.images.shape[-1]
     overrides = dict(in_channels=channels, sample_size=size,
                      num_classes=dataset.num_classes if config.model.class_conditional else None)
-    if config.model.dropout is not None:
-        overrides["dropout"] = config.model.dropout
+    for key in ("dropout", "base_channels", "num_res_blocks"):
+        if getattr(config.model, key) is not None:
+            overrides[key] = getattr(config.model, key)
     unet_config = unet_preset(config.model.preset, **overrides)
     if size % 2 ** (len(unet_config.channel_mult) - 1):
         raise ValueError(f"data.resolution {size} must be divisible by {2 ** (len(unet_config.channel_mult) - 1)} "
@@ -145,6 +148,26 @@ def build_model(config: Config, dataset: InMemoryImages) -> UNet:
 def make_scheduler(config: Config, name: str = "ddpm", **overrides):
     """A scheduler with the run's schedule and prediction type (DDPM for training, DDIM for sample grids)."""
     return from_config(config, name, **overrides)
+
+
+def timestep_probabilities(config: Config, alphas_cumprod: torch.Tensor) -> torch.Tensor | None:
+    """Training-timestep distribution (T,) float64, or None for uniform t.
+
+    lognormal: EDM's density of the noise level, ln sigma ~ N(P_mean, P_std^2) (Karras et al. 2022,
+    arXiv:2206.00364, sec. 5 and Table 1), on the discrete VP schedule's sigma_t = sqrt((1 - ab_t) / ab_t): t gets the
+    probability of the ln sigma interval it stands for, between the midpoints to its neighbours (the tails go to
+    t = 0 and t = T - 1). With epsilon prediction this re-weights the objective toward the middle noise levels.
+    """
+    lognormal = config.diffusion.lognormal
+    if lognormal is None:
+        return None
+    mean, std = lognormal
+    ab = alphas_cumprod.double().clamp(1e-20, 1.0)
+    log_sigma = 0.5 * (torch.log1p(-ab.clamp(max=1 - 1e-16)) - torch.log(ab))   # increasing in t
+    edges = torch.cat([torch.tensor([-math.inf], dtype=torch.float64), (log_sigma[1:] + log_sigma[:-1]) / 2,
+                       torch.tensor([math.inf], dtype=torch.float64)])
+    cdf = torch.special.ndtr((edges - mean) / std)
+    return (cdf[1:] - cdf[:-1]).clamp(min=0)
 
 
 def loss_weights(config: Config, alphas_cumprod: torch.Tensor) -> torch.Tensor | None:
@@ -185,14 +208,19 @@ def batch_indices(step: int, batch_size: int, num_items: int, seed: int) -> torc
     return indices
 
 
-def draw_batch(dataset: InMemoryImages, config: Config, step: int, world: World, null_label: int | None) -> Batch:
-    """Draw step `step`'s global batch from its own generator and keep this process's slice."""
+def draw_batch(dataset: InMemoryImages, config: Config, step: int, world: World, null_label: int | None,
+               t_probabilities: torch.Tensor | None = None) -> Batch:
+    """Draw step `step`'s global batch from its own generator and keep this process's slice; t uniform, or drawn
+    from `t_probabilities` (T,) (`timestep_probabilities`)."""
     train, noise_cfg = config.train, config.noise
     B, b = train.batch_size, train.batch_size // world.size
     g = torch.Generator().manual_seed(step_seed(train.seed, step))
     shape = (B,) + tuple(dataset.images.shape[1:])
     flip = torch.rand(B, generator=g) < 0.5 if config.data.random_flip else None
-    timesteps = torch.randint(config.diffusion.num_train_timesteps, (B,), generator=g)
+    if t_probabilities is None:
+        timesteps = torch.randint(config.diffusion.num_train_timesteps, (B,), generator=g)
+    else:
+        timesteps = torch.multinomial(t_probabilities, B, replacement=True, generator=g)
     noise = training_noise(shape, g, offset_strength=noise_cfg.strength("offset_noise_strength"),
                            pyramid_discount=noise_cfg.strength("pyramid_discount"))
     input_noise = (perturb_noise(noise, noise_cfg.strength("input_perturbation_gamma"), g)
@@ -230,16 +258,28 @@ def diffusion_loss(model, scheduler, batch: Batch, weights: torch.Tensor | None,
 
 
 def learning_rate(config: Config, step: int) -> float:
-    """Linear warmup over train.warmup_steps, then constant (Ho et al. use 5,000 warmup steps)."""
-    warmup = config.train.warmup_steps
-    return config.train.lr * min(1.0, (step + 1) / warmup) if warmup else config.train.lr
+    """Linear warmup over train.warmup_steps (Ho et al. use 5,000), then constant, or with lr_schedule = cosine
+    lr (1 + cos(pi s / H)) / 2 at step s of the horizon H = train.lr_horizon_steps (or train.steps while it is 0),
+    and 0 past it (Loshchilov & Hutter 2017, arXiv:1608.03983, without restarts)."""
+    t = config.train
+    lr = t.lr * min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else t.lr
+    if t.lr_schedule == "cosine":
+        horizon = t.lr_horizon_steps or t.steps
+        lr *= 0.5 * (1 + math.cos(math.pi * min(step, horizon) / horizon))
+    return lr
 
 
 def ema_decay(config: Config, step: int) -> float:
-    """EMA decay at update `step`: min(decay, (1 + step) / (10 + step)) with warmup, so early averages
-    do not remember the random initialisation."""
-    decay = config.train.ema_decay
-    return min(decay, (1 + step) / (10 + step)) if config.train.ema_warmup else decay
+    """EMA decay at update `step` (0-based).
+
+    decay: min(decay, (1 + step) / (10 + step)) with ema_warmup, so early averages do not remember the random
+    initialisation. power: EDM2's power-function EMA (Karras et al. 2024, arXiv:2312.02696, eq. 3),
+    beta_t = (1 - 1/t)^(gamma + 1) at t = step + 1: the average weighs the past as t^gamma, so its length grows
+    with the run and needs no horizon."""
+    t = config.train
+    if t.ema_kind == "power":
+        return (1 - 1 / (step + 1)) ** (t.power_ema_gamma + 1)
+    return min(t.ema_decay, (1 + step) / (10 + step)) if t.ema_warmup else t.ema_decay
 
 
 @torch.no_grad()
@@ -252,14 +292,18 @@ def update_ema(ema_params: list, params: list, decay: float) -> None:
 
 @dataclass
 class TrainState:
-    """Everything a step changes: the model, its EMA copy (or None), the optimizer and the step count."""
+    """Everything a step changes: the model, its EMA copy (or None), the optimizer, the step count and the
+    training time so far on the budget's clock (all invocations, evaluations excluded)."""
     model: UNet
     ema: UNet | None
     optimizer: torch.optim.Optimizer
     step: int = 0
+    train_seconds: float = 0.0
 
-    def payload(self, config: Config) -> dict:
-        return runs.checkpoint_payload(config, self.model, self.ema, self.optimizer, self.step)
+    def payload(self, config: Config, train_seconds: float | None = None) -> dict:
+        """The checkpoint; train_seconds: the training time to record, when it differs from the stored one."""
+        return {**runs.checkpoint_payload(config, self.model, self.ema, self.optimizer, self.step),
+                "train_seconds": self.train_seconds if train_seconds is None else train_seconds}
 
     def restore(self, checkpoint: dict, config: Config, path: Path) -> None:
         """Load a checkpoint trained with the same settings (ValueError naming the differing keys otherwise)."""
@@ -269,6 +313,7 @@ class TrainState:
             self.ema.load_state_dict(checkpoint["ema"] if checkpoint["ema"] is not None else checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.step = int(checkpoint["step"])
+        self.train_seconds = float(checkpoint.get("train_seconds", 0.0))
         if "rng" in checkpoint and "torch" in checkpoint["rng"]:
             torch.set_rng_state(checkpoint["rng"]["torch"])
 
@@ -281,8 +326,9 @@ def new_state(config: Config, model: UNet) -> TrainState:
     return TrainState(model, ema, optimizer)
 
 
-def open_run(config: Config, world: World) -> dict | None:
-    """Create run.out and return the checkpoint to resume from, or None for a new run.
+def open_run(config: Config, world: World) -> tuple[Config, dict | None]:
+    """Create run.out and return (config, the checkpoint to resume from or None for a new run); a resumed cosine
+    run keeps the learning-rate horizon it stored.
 
     With run.fresh an existing checkpoint and log are deleted first. A checkpoint trained with other settings
     is refused (`runs.check_resume`) before any data is loaded.
@@ -300,13 +346,14 @@ def open_run(config: Config, world: World) -> dict | None:
     if world.size > 1:
         dist.barrier()
     if not path.exists():
-        return None
+        return config, None
     if not config.run.resume:
         raise ValueError(f"{str(run_dir)!r} already holds a checkpoint; pass --run.resume=true to continue it, "
                          "--fresh to start over, or choose another --out")
     checkpoint = runs.load_checkpoint(path)
+    config = with_stored_horizon(config, checkpoint["config"])
     runs.check_resume(checkpoint, config, path)
-    return checkpoint
+    return config, checkpoint
 
 
 def start_run(config: Config, state: TrainState, checkpoint: dict | None, world: World) -> Path:
@@ -315,11 +362,15 @@ def start_run(config: Config, state: TrainState, checkpoint: dict | None, world:
     if checkpoint is not None:
         state.restore(checkpoint, config, run_dir / runs.CHECKPOINT_NAME)
     if world.is_main:
-        # fresh is a one-off request: a config.toml reused later must not delete this run
-        kept = dataclasses.replace(config, run=dataclasses.replace(config.run, fresh=False))
-        (run_dir / runs.RUN_CONFIG_FILE).write_text(to_toml(kept))
+        (run_dir / runs.RUN_CONFIG_FILE).write_text(to_toml(_kept(config)))
         _truncate_metrics(run_dir / runs.METRICS_FILE, state.step)
     return run_dir
+
+
+def _kept(config: Config) -> Config:
+    """The config as config.toml keeps it: fresh is a one-off request, so a config.toml reused later must not
+    delete this run."""
+    return dataclasses.replace(config, run=dataclasses.replace(config.run, fresh=False))
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -419,7 +470,7 @@ def _train(config: Config, world: World) -> Path:
     if config.train.batch_size % world.size:
         raise ValueError(f"train.batch_size {config.train.batch_size} must be divisible by the number of "
                          f"processes {world.size}")
-    checkpoint = open_run(config, world)
+    config, checkpoint = open_run(config, world)
     if checkpoint is not None and int(checkpoint["step"]) >= config.train.steps:
         print(f"{config.run.out}: the run is finished (step {int(checkpoint['step'])} of train.steps = "
               f"{config.train.steps}); raise --steps to train further")
@@ -438,8 +489,11 @@ def _train(config: Config, world: World) -> Path:
     if config.train.compile:
         forward = torch.compile(forward)
     scaler = torch.amp.GradScaler(world.device.type) if config.train.precision == "fp16" else None
+    evaluator = TrainingEvaluator(config, dataset, world.device, config.run.progress) \
+        if config.run.eval_every and world.is_main else None
     run = Run(config, world, run_dir, dataset, vae, make_scheduler(config), forward,
-              null_label=dataset.num_classes if config.model.class_conditional else None, scaler=scaler)
+              null_label=dataset.num_classes if config.model.class_conditional else None, scaler=scaler,
+              evaluator=evaluator)
     _loop(run, state)
     return run_dir
 
@@ -448,7 +502,9 @@ def _train(config: Config, world: World) -> Path:
 class Run:
     """What stays fixed during a run: config, processes, folder, data, VAE (latent runs), training scheduler,
     the model as called for training (DDP / compiled wrapper), the null label (None if unconditional) and the
-    fp16 gradient scaler (None otherwise; its scale is not checkpointed and re-calibrates after a resume)."""
+    fp16 gradient scaler (None otherwise; its scale is not checkpointed and re-calibrates after a resume), the
+    evaluator of run.eval_every (rank 0 only) and the training-timestep distribution (None: uniform).
+    `config` is replaced once when a budgeted cosine run fixes its horizon."""
     config: Config
     world: World
     run_dir: Path
@@ -458,6 +514,11 @@ class Run:
     forward: torch.nn.Module
     null_label: int | None
     scaler: torch.amp.GradScaler | None = None
+    evaluator: TrainingEvaluator | None = None
+    t_probabilities: torch.Tensor | None = None
+
+    def __post_init__(self):
+        self.t_probabilities = timestep_probabilities(self.config, self.scheduler.alphas_cumprod)
 
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -471,7 +532,7 @@ def train_step(run: Run, state: TrainState, weights: torch.Tensor | None):
     """
     t, step = run.config.train, state.step
     torch.manual_seed(step_seed(t.seed * 131 + run.world.rank, step, stream=1))  # dropout masks
-    batch = draw_batch(run.dataset, run.config, step, run.world, run.null_label)
+    batch = draw_batch(run.dataset, run.config, step, run.world, run.null_label, run.t_probabilities)
     for group in state.optimizer.param_groups:
         group["lr"] = learning_rate(run.config, step)
     loss = diffusion_loss(run.forward, run.scheduler, batch, weights, AUTOCAST_DTYPES[t.precision])
@@ -494,35 +555,69 @@ def train_step(run: Run, state: TrainState, weights: torch.Tensor | None):
 
 
 def _loop(run: Run, state: TrainState) -> None:
-    """Steps until train.steps or the time budget; logs, sample grids and checkpoints at their intervals."""
+    """Steps until train.steps or the time budget; logs, evaluations, sample grids and checkpoints at their
+    intervals (an evaluation also when the run stops, unless it just had one)."""
     t, every, world = run.config.train, run.config.run, run.world
     weights = loss_weights(run.config, run.scheduler.alphas_cumprod)
     bar = tqdm(total=t.steps, initial=state.step, desc="training", unit="step",
                disable=not (every.progress and world.is_main), dynamic_ncols=True)
     logger = Logger(run.run_dir, world, bar, t.batch_size)
-    deadline = time.monotonic() + 60 * t.max_minutes if t.max_minutes else math.inf
+    budget, first_step, probe_started = Budget(run.config), state.step, None
     state.model.train()
     while state.step < t.steps:
         loss, grad_norm = train_step(run, state, weights)
         logger.add(state.step - 1, loss)
         bar.update(1)
         step, lr = state.step, learning_rate(run.config, state.step - 1)
+        if needs_horizon(run.config) and step - first_step in HORIZON_PROBE:
+            if step - first_step == HORIZON_PROBE[0]:
+                probe_started = budget.spent()
+            else:
+                run.config = _fix_horizon(run, step, (budget.spent() - probe_started) / (HORIZON_PROBE[1] -
+                                                                                      HORIZON_PROBE[0]), budget)
         # one process checks the clock every step; several agree on it at log steps (a collective call)
         check_clock = world.size == 1 or _due(step, every.log_every)
-        out_of_time = check_clock and _decide(time.monotonic() > deadline, world)
-        save = out_of_time or step == t.steps or _due(step, every.checkpoint_every)
+        out_of_time = check_clock and _decide(budget.exhausted(), world)
+        stopping = out_of_time or step == t.steps
+        save = stopping or _due(step, every.checkpoint_every)
         if save or _due(step, every.log_every):
             logger.flush(step, lr, grad_norm)  # raises TrainingDiverged before a NaN model could be saved
+        if run.evaluator is not None and (_due(step, every.eval_every) or stopping):
+            with budget.excluding():
+                _evaluate(run, state, budget, step)
+        if world.size > 1 and every.eval_every and (_due(step, every.eval_every) or stopping):
+            dist.barrier()  # the other processes wait for rank 0's evaluation
         if _due(step, every.sample_every) and world.is_main:
             model = state.ema if state.ema is not None else state.model
             write_sample_grid(run.config, model, run.vae, run.dataset.num_classes,
                               run.run_dir / "samples" / f"step_{step:07d}.png")
         if save and world.is_main:
-            runs.atomic_save(state.payload(run.config), run.run_dir / runs.CHECKPOINT_NAME)
+            runs.atomic_save(state.payload(run.config, state.train_seconds + budget.spent()),
+                             run.run_dir / runs.CHECKPOINT_NAME)
         if out_of_time:
-            bar.write(f"stopping at step {step}: train.max_minutes={t.max_minutes} reached")
+            bar.write(f"stopping at step {step}: train.max_minutes={t.max_minutes} reached "
+                      f"({t.budget_clock} clock)")
             break
+    state.train_seconds += budget.spent()
     bar.close()
+
+
+def _fix_horizon(run: Run, step: int, seconds_per_step: float, budget: Budget) -> Config:
+    """The config with the cosine horizon the budget allows, written to config.toml (rank 0)."""
+    config = fixed_horizon(run.config, step, seconds_per_step, budget)
+    if run.world.is_main:
+        (run.run_dir / runs.RUN_CONFIG_FILE).write_text(to_toml(_kept(config)))
+    return config
+
+
+def _evaluate(run: Run, state: TrainState, budget: Budget, step: int) -> None:
+    """One evaluation of the EMA model (the model itself without EMA), logged to metrics.jsonl."""
+    model = state.ema if state.ema is not None else state.model
+    row = run.evaluator.evaluate(model, step, state.train_seconds + budget.spent())
+    with open(run.run_dir / runs.METRICS_FILE, "a") as file:
+        file.write(json.dumps(eval_record(row)) + "\n")
+    tqdm.write(f"step {step}: KID {row.kid:.4f} +- {row.kid_std:.4f}, FID {row.fid:.2f} (n = {row.n}), "
+               f"brightness std ratio {row.std_ratio:.2f}, {row.eval_seconds:.0f} s")
 
 
 def _due(step: int, every: int) -> bool:

@@ -21,6 +21,7 @@ COMMANDS = {
     "demo": "the one-command bias study (make demo)",
     "study": "the bias study on real images: FID/KID of samplers, eps scaling, signal leak and fixes",
     "export": "write a run as a diffusers folder (unet/, scheduler/, vae/, model_index.json)",
+    "curves": "KID / FID logged while training (run.eval_every), against minutes and images seen",
     "invert": "DDIM inversion: reconstruction error of images vs step count (table, CSV, grid)",
 }
 

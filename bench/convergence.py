@@ -1,0 +1,262 @@
+"""Quality per CPU-minute: train training recipes side by side for a fixed budget and compare their KID / FID.
+
+    .venv/bin/python bench/convergence.py --minutes 15 --recipes baseline,bf16,power_ema
+    .venv/bin/python bench/convergence.py --minutes 45 --samples 1000 --recipes baseline,best --seeds 0,1
+
+Every recipe trains the study's standard model (brightness-tercile classes, 10 % null labels, epsilon, linear
+schedule) on ../shared/data/cifar10-jpeg/train at 32 x 32, in its own process on one thread, `--jobs` at a time,
+and logs KID / FID of its EMA model against the training data's cached reference (run.eval_every, and always at
+the end). The budget counts each process's CPU time by default (train.budget_clock = cpu): on one thread that is
+the wall time of a quiet machine, and a busy machine does not shorten a run's compute. Evaluation time is not
+charged to it.
+
+Also printed: the real-data floor, n held-out images (the test split) scored against the same reference at the
+same n; FID at small n is biased upward, so no model can be expected below it.
+
+Resumable: a finished (recipe, seed) is skipped, an interrupted one resumes from its checkpoint with the rest of
+its budget. The settings that make runs comparable (budget, n, reference, evaluation precision) are stored in
+OUT/settings.json, and a resumed comparison must use the same.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ldm_lite import fid_reference, runs  # noqa: E402
+from ldm_lite.cli.analysis.curves import format_curve_table  # noqa: E402
+from ldm_lite.config import config_from_dict, to_toml  # noqa: E402
+from ldm_lite.data import brightness_terciles, load_dataset  # noqa: E402
+from ldm_lite.models import UNet, unet_preset  # noqa: E402
+from ldm_lite.models.inception import load_fid_inception  # noqa: E402
+from ldm_lite.plots import plot_training_curves, write_csv  # noqa: E402
+from ldm_lite.quality import FidStatistics, inception_features, quality_report  # noqa: E402
+from ldm_lite.training_eval import BF16_MIN_GAIN, bf16_gain, read_eval_rows  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
+
+# The study's standard model today; every other recipe changes the named keys only.
+BASELINE = {
+    "model": {"preset": "tiny", "class_conditional": True, "null_label_prob": 0.1},
+    "diffusion": {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02, "prediction_type": "epsilon"},
+    "train": {"batch_size": 64, "lr": 1e-3, "warmup_steps": 100, "ema_decay": 0.999, "precision": "fp32",
+              "steps": 1_000_000, "num_threads": 1},
+}
+RECIPES = {
+    "baseline": {},
+    "bf16": {"train.precision": "bf16"},
+    "power_ema": {"train.ema_kind": "power"},
+    "beta2_099": {"train.adam_beta2": 0.99},
+    "min_snr": {"diffusion.min_snr": True},
+    "lognormal_t": {"diffusion.timestep_sampling": "lognormal"},
+    "cosine_lr": {"train.lr_schedule": "cosine"},
+    "lr_2e-3": {"train.lr": 2e-3},
+    "lr_5e-4": {"train.lr": 5e-4},
+    "wide": {"model.base_channels": 64},
+    "small_depth1": {"model.preset": "small", "model.num_res_blocks": 1},
+    "input_perturbation": {"noise.input_perturbation": True},
+}
+COMPARED = ("minutes", "samples", "reference_images", "clock", "eval_autocast", "eval_every", "data")
+
+
+def recipe_overrides(spec: str) -> dict:
+    """A named recipe, or names joined by '+' (their overrides combined, later names winning)."""
+    overrides = {}
+    for name in spec.split("+"):
+        if name not in RECIPES:
+            raise ValueError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)} (combine with '+')")
+        overrides.update(RECIPES[name])
+    return overrides
+
+
+def recipe_config(spec: str, seed: int, args, autocast: str):
+    tree = json.loads(json.dumps(BASELINE))
+    tree["data"] = {"source": str(args.data), "resolution": 32, "labels": "brightness"}
+    tree["train"].update(seed=seed, max_minutes=args.minutes, budget_clock=args.clock)
+    tree["run"] = {"out": str(Path(args.out) / f"{spec}_seed{seed}"), "log_every": 25, "checkpoint_every": 250,
+                   "progress": False, "eval_every": args.eval_every or 10 ** 9, "eval_samples": args.samples,
+                   "eval_reference_images": args.reference_images, "eval_autocast": autocast,
+                   "eval_cache": str(Path(args.out) / "cache")}
+    for dotted, value in recipe_overrides(spec).items():
+        section, key = dotted.split(".")
+        tree.setdefault(section, {})[key] = value
+    return config_from_dict(tree)
+
+
+def training_data(args):
+    """The training images exactly as every run loads them (so the reference cache is shared)."""
+    return brightness_terciles(load_dataset(str(args.data), 32, progress=False))
+
+
+def reference_and_floor(args, network) -> tuple:
+    """(reference FidStatistics, floor row): the cached reference of the training data, and n test images
+    (spread evenly over the split) scored against it."""
+    images = fid_reference.reference_images(training_data(args).images, args.reference_images)
+    path = fid_reference.reference_path(images, str(Path(args.out) / "cache"))
+    features = lambda x: inception_features(x, network=network, progress=True)  # noqa: E731
+    reference = fid_reference.reference_statistics(path, images, features, f"{args.data}: {len(images)} images")
+    floor_file = Path(args.out) / f"floor_n{args.samples}.json"
+    if floor_file.is_file():
+        return reference, json.loads(floor_file.read_text())
+    test = load_dataset(str(args.test), 32, progress=False).images
+    held_out = fid_reference.reference_images(test, args.samples)
+    row = quality_report(FidStatistics.from_features(features(held_out)), reference, kid=True)
+    floor = {"kid": row["kid_mean"], "kid_std": row["kid_std"], "fid": row["fid"], "n": row["n_samples"],
+             "source": str(args.test)}
+    floor_file.write_text(json.dumps(floor))
+    return reference, floor
+
+
+def comparison_settings(args) -> dict:
+    """The settings every run of the comparison shares; OUT/settings.json keeps the first choice."""
+    path = Path(args.out) / "settings.json"
+    wanted = {"minutes": args.minutes, "samples": args.samples, "reference_images": args.reference_images,
+              "clock": args.clock, "eval_every": args.eval_every, "data": str(args.data)}
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        differing = [k for k in wanted if stored.get(k) != wanted[k]]
+        if differing:
+            raise ValueError(f"{path} holds a comparison with other settings ({', '.join(differing)}); use "
+                             f"another --out")
+        return stored
+    model = UNet(unet_preset("tiny", sample_size=32, num_classes=3)).eval()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the training processes evaluate
+    with torch.no_grad():
+        gain = bf16_gain(model, (3, 32, 32), torch.device("cpu"))
+    torch.set_num_threads(threads)
+    wanted["eval_autocast"] = "bf16" if gain >= BF16_MIN_GAIN else "off"
+    wanted["bf16_sampling_gain"] = gain
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(wanted, indent=1))
+    return wanted
+
+
+class Jobs:
+    """The (spec, seed) training jobs, `args.jobs` at a time, each `python -m train` on one thread."""
+
+    def __init__(self, jobs: list, args, settings: dict):
+        self.pending, self.running, self.codes = list(jobs), {}, {}
+        self.args, self.settings = args, settings
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+    def config(self, spec: str, seed: int):
+        return recipe_config(spec, seed, self.args, self.settings["eval_autocast"])
+
+    def fill(self) -> None:
+        """Start pending jobs up to the limit; finished ones (a `done` mark, or no budget left) are skipped."""
+        while self.pending and len(self.running) < self.args.jobs:
+            spec, seed = self.pending.pop(0)
+            config = self.config(spec, seed)
+            run_dir = Path(config.run.out)
+            remaining = self.args.minutes - _trained_seconds(run_dir) / 60
+            if (run_dir / "done").is_file() or remaining <= 0.01:
+                self.codes[(spec, seed)] = 0
+                continue
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "requested.toml").write_text(to_toml(config))
+            command = [sys.executable, "-m", "train", "--config", str(run_dir / "requested.toml"),
+                       f"--train.max_minutes={remaining:.4f}"]
+            log = open(run_dir / "train.log", "a")
+            _say(f"start {spec} seed {seed}: {remaining:.1f} of {self.args.minutes} min left")
+            process = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log, stderr=log)
+            self.running[(spec, seed)] = (process, log, run_dir)
+
+    def wait(self) -> dict:
+        """Run every job to its end; {(spec, seed): exit code}."""
+        self.fill()
+        while self.running:
+            time.sleep(5)
+            for key, (process, log, run_dir) in list(self.running.items()):
+                if process.poll() is None:
+                    continue
+                log.close()
+                self.codes[key] = process.returncode
+                del self.running[key]
+                if process.returncode == 0:
+                    (run_dir / "done").write_text("")
+                _say(f"{key[0]} seed {key[1]} exited {process.returncode}" +
+                     ("" if process.returncode == 0 else f" (see {run_dir / 'train.log'})"))
+            self.fill()
+        return self.codes
+
+
+def _say(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def _trained_seconds(run_dir: Path) -> float:
+    """Training time a run's checkpoint records (0 without one)."""
+    path = run_dir / runs.CHECKPOINT_NAME
+    if not path.is_file():
+        return 0.0
+    return float(torch.load(path, map_location="cpu", weights_only=False).get("train_seconds", 0.0))
+
+
+def report(jobs: list, args, floor: dict) -> None:
+    curves, rows = {}, []
+    for spec, seed in jobs:
+        run_dir = Path(args.out) / f"{spec}_seed{seed}"
+        try:
+            curves[f"{spec} (seed {seed})"] = read_eval_rows(run_dir)
+        except ValueError:
+            continue
+    curves[None] = floor
+    for label, evals in curves.items():
+        if label is not None:
+            rows += [{"run": label, **r} for r in evals]
+    print(format_curve_table(rows))
+    print(f"real-data floor: {args.test} at n = {floor['n']}: KID {floor['kid']:.4f} +- {floor['kid_std']:.4f}, "
+          f"FID {floor['fid']:.2f}")
+    out = Path(args.out)
+    if rows:
+        write_csv(rows, out / "curves.csv")
+        plot_training_curves(curves, out / "curves.png")
+    (out / "results.json").write_text(json.dumps({"floor": floor, "curves": {k: v for k, v in curves.items()
+                                                                            if k is not None}}, indent=1))
+    print(f"wrote {out / 'curves.csv'}, {out / 'curves.png'} and {out / 'results.json'}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--recipes", default="baseline,bf16", help="recipe names (combine with '+'): "
+                        + ", ".join(RECIPES))
+    parser.add_argument("--seeds", default="0", help="training seeds of every recipe")
+    parser.add_argument("--extra", default="", help="more spec:seed jobs, e.g. baseline:1")
+    parser.add_argument("--minutes", type=float, default=15.0, help="training budget of each run")
+    parser.add_argument("--clock", default="cpu", choices=("cpu", "wall"), help="what the budget counts")
+    parser.add_argument("--samples", type=int, default=500, help="samples per evaluation (n)")
+    parser.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: at the end only)")
+    parser.add_argument("--reference-images", type=int, default=10_000, help="training images of the reference")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    parser.add_argument("--data", type=Path, default=DATA / "train")
+    parser.add_argument("--test", type=Path, default=DATA / "test", help="held-out images for the floor")
+    parser.add_argument("--out", default=str(ROOT / "runs" / "convergence"))
+    args = parser.parse_args(argv)
+    for folder in (args.data, args.test):
+        if not folder.is_dir():
+            parser.error(f"{folder} is not a folder")
+    jobs = [(spec, int(seed)) for spec in args.recipes.split(",") for seed in args.seeds.split(",")]
+    jobs += [(item.split(":")[0], int(item.split(":")[1])) for item in args.extra.split(",") if item]
+    for spec, _ in jobs:
+        recipe_overrides(spec)
+    settings = comparison_settings(args)
+    print(f"evaluation sampling precision: {settings['eval_autocast']} (bf16 gain {settings['bf16_sampling_gain']:.2f})")
+    runner = Jobs(jobs, args, settings)
+    runner.fill()  # training starts at once; the reference (needed at the runs' first evaluation) meanwhile
+    _, floor = reference_and_floor(args, load_fid_inception("cpu"))
+    codes = runner.wait()
+    report(jobs, args, floor)
+    return 0 if all(code == 0 for code in codes.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""The FID / KID reference of a dataset: Inception features of an evenly spread subset of its images, computed once
+and cached on disk, for every tool that scores samples against the data (the study, evaluation while training,
+bench/convergence.py).
+
+The cache file is named by the images' content (so by the data, resolution and count), the FID protocol version
+and the network's weights, so a changed dataset or protocol never reads stale features.
+"""
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+from ldm_lite.models.inception import WEIGHTS_SHA1
+from ldm_lite.quality import PROTOCOL_VERSION, FidStatistics
+
+CACHE_ENV = "LDM_LITE_CACHE"
+DEFAULT_CACHE = "runs/cache"
+
+
+def reference_images(images: torch.Tensor, count: int) -> torch.Tensor:
+    """Up to `count` of `images` (uint8 (N, C, H, W)) spread evenly over them: (min(count, N), C, H, W)."""
+    if count >= len(images):
+        return images
+    return images[torch.linspace(0, len(images) - 1, count).round().long()]
+
+
+def cache_folder(cache: str = "") -> Path:
+    """The feature cache: `cache`, else $LDM_LITE_CACHE, else runs/cache (relative to the working folder)."""
+    return Path(cache or os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
+
+
+def reference_path(images: torch.Tensor, cache: str = "") -> Path:
+    """The cache file of the reference features of `images` (uint8 (N, C, H, W))."""
+    digest = hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()[:20]
+    name = f"fid_reference_{digest}_{len(images)}_protocol{PROTOCOL_VERSION}_{WEIGHTS_SHA1[:12]}.safetensors"
+    return cache_folder(cache) / name
+
+
+def reference_statistics(path: Path, images: torch.Tensor, features, source: str) -> FidStatistics:
+    """FidStatistics (features kept, for KID) of the reference `images`: read from `path`, or computed with
+    `features(images) -> (N, 2048)` and saved there (atomically: a killed run leaves no half file)."""
+    if path.is_file():
+        return FidStatistics.load(path)
+    stats = FidStatistics.from_features(features(images), source=source)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    stats.save(partial)
+    partial.replace(path)
+    return stats
