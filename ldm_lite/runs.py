@@ -29,7 +29,8 @@ CHECKPOINT_NAME, RUN_CONFIG_FILE, CLASSES_FILE, METRICS_FILE = "checkpoint.pt", 
     "metrics.jsonl"
 RESUME_ENTRIES = ("unet_config", "model", "ema", "optimizer", "step", "config")
 # [train] keys that may change when a run resumes: when to stop, how often to report, how fast to run.
-RESUMABLE_TRAIN_KEYS = ("steps", "max_minutes", "num_threads", "keep_freed_memory", "compile", "channels_last")
+RESUMABLE_TRAIN_KEYS = ("steps", "max_minutes", "budget_clock", "num_threads", "keep_freed_memory", "compile",
+                        "channels_last")
 
 
 # ----------------------------------------------------------------------------- saving

@@ -13,7 +13,7 @@ import time
 
 from ldm_lite.config import Config
 
-HORIZON_PROBE = (10, 40)   # steps between which a budgeted cosine run measures its speed (the first are slow)
+HORIZON_PROBE = (5, 25)   # steps between which a budgeted cosine run measures its speed (the first are slow)
 
 
 class Budget:
