@@ -19,6 +19,7 @@ OUT/settings.json, and a resumed comparison must use the same.
 """
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -59,6 +60,7 @@ RECIPES = {
     "cosine_lr": {"train.lr_schedule": "cosine"},
     "lr_2e-3": {"train.lr": 2e-3},
     "lr_5e-4": {"train.lr": 5e-4},
+    "batch_32": {"train.batch_size": 32},
     "wide": {"model.base_channels": 64},
     "small_depth1": {"model.preset": "small", "model.num_res_blocks": 1},
     "input_perturbation": {"noise.input_perturbation": True},
@@ -95,23 +97,23 @@ def training_data(args):
     return brightness_terciles(load_dataset(str(args.data), 32, progress=False))
 
 
-def reference_and_floor(args, network) -> tuple:
-    """(reference FidStatistics, floor row): the cached reference of the training data, and n test images
-    (spread evenly over the split) scored against it."""
-    images = fid_reference.reference_images(training_data(args).images, args.reference_images)
-    path = fid_reference.reference_path(images, str(Path(args.out) / "cache"))
-    features = lambda x: inception_features(x, network=network, progress=True)  # noqa: E731
-    reference = fid_reference.reference_statistics(path, images, features, f"{args.data}: {len(images)} images")
+def real_data_floor(args) -> dict:
+    """n test images (spread evenly over the split) scored against the cached reference of the training data
+    (computed here once, with both threads, while the first runs train; they read it at their first evaluation)."""
     floor_file = Path(args.out) / f"floor_n{args.samples}.json"
     if floor_file.is_file():
-        return reference, json.loads(floor_file.read_text())
-    test = load_dataset(str(args.test), 32, progress=False).images
-    held_out = fid_reference.reference_images(test, args.samples)
+        return json.loads(floor_file.read_text())
+    network = load_fid_inception("cpu")
+    features = lambda x: inception_features(x, network=network, progress=True)  # noqa: E731
+    images = fid_reference.reference_images(training_data(args).images, args.reference_images)
+    path = fid_reference.reference_path(images, str(Path(args.out) / "cache"))
+    reference = fid_reference.reference_statistics(path, images, features, f"{args.data}: {len(images)} images")
+    held_out = fid_reference.reference_images(load_dataset(str(args.test), 32, progress=False).images, args.samples)
     row = quality_report(FidStatistics.from_features(features(held_out)), reference, kid=True)
     floor = {"kid": row["kid_mean"], "kid_std": row["kid_std"], "fid": row["fid"], "n": row["n_samples"],
              "source": str(args.test)}
     floor_file.write_text(json.dumps(floor))
-    return reference, floor
+    return floor
 
 
 def comparison_settings(args) -> dict:
@@ -200,28 +202,47 @@ def _trained_seconds(run_dir: Path) -> float:
     return float(torch.load(path, map_location="cpu", weights_only=False).get("train_seconds", 0.0))
 
 
-def report(jobs: list, args, floor: dict) -> None:
-    curves, rows = {}, []
-    for spec, seed in jobs:
-        run_dir = Path(args.out) / f"{spec}_seed{seed}"
+def report(args, floor: dict) -> None:
+    """Every run of the comparison folder (this invocation's and earlier ones'): curves.csv, curves.png,
+    results.json, and report.md with each run's last evaluation beside the baseline's and the real-data floor."""
+    out, curves = Path(args.out), {}
+    for run_dir in sorted(p.parent for p in out.glob(f"*/{runs.METRICS_FILE}")):
         try:
-            curves[f"{spec} (seed {seed})"] = read_eval_rows(run_dir)
+            curves[run_dir.name] = read_eval_rows(run_dir)
         except ValueError:
             continue
-    curves[None] = floor
-    for label, evals in curves.items():
-        if label is not None:
-            rows += [{"run": label, **r} for r in evals]
-    print(format_curve_table(rows))
+    rows = [{"run": label, **r} for label, evals in curves.items() for r in evals]
+    if rows:
+        print(format_curve_table(rows))
+        write_csv(rows, out / "curves.csv")
+        plot_training_curves({**curves, None: floor}, out / "curves.png")
+    (out / "results.json").write_text(json.dumps({"floor": floor, "curves": curves}, indent=1))
+    (out / "report.md").write_text(final_table(curves, floor, args))
     print(f"real-data floor: {args.test} at n = {floor['n']}: KID {floor['kid']:.4f} +- {floor['kid_std']:.4f}, "
           f"FID {floor['fid']:.2f}")
-    out = Path(args.out)
-    if rows:
-        write_csv(rows, out / "curves.csv")
-        plot_training_curves(curves, out / "curves.png")
-    (out / "results.json").write_text(json.dumps({"floor": floor, "curves": {k: v for k, v in curves.items()
-                                                                            if k is not None}}, indent=1))
-    print(f"wrote {out / 'curves.csv'}, {out / 'curves.png'} and {out / 'results.json'}")
+    print(f"wrote {out / 'report.md'}, {out / 'curves.png'}, {out / 'curves.csv'} and {out / 'results.json'}")
+
+
+def final_table(curves: dict, floor: dict, args) -> str:
+    """Markdown: per run its last evaluation, KID / the baseline's (seed 0) and the KID difference in units of
+    the two standard deviations combined (|z| > 2: beyond the subset noise)."""
+    base = curves.get("baseline_seed0", [None])[-1]
+    lines = [f"Budget {args.minutes:g} min of one thread ({args.clock} clock) per run; n = {floor['n']} samples; "
+             f"real-data floor (held-out images, same n): KID {floor['kid']:.4f} +- {floor['kid_std']:.4f}, "
+             f"FID {floor['fid']:.2f}.", "",
+             "| run | steps | images seen | KID | FID | KID / baseline | z vs baseline | std ratio | tercile share |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for label, evals in curves.items():
+        r = evals[-1]
+        ratio = z = ""
+        if base is not None:
+            ratio = f"{r['kid'] / base['kid']:.2f}"
+            z = f"{(r['kid'] - base['kid']) / math.hypot(r['kid_std'], base['kid_std']):+.1f}"
+        share = r.get("tercile_share")
+        lines.append(f"| {label} | {r['step']} | {r['images_seen']:,} | {r['kid']:.4f} +- {r['kid_std']:.4f} | "
+                     f"{r['fid']:.2f} | {ratio} | {z} | {r['std_ratio']:.2f} | "
+                     f"{'' if share is None or math.isnan(share) else format(share, '.0%')} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
@@ -240,6 +261,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data", type=Path, default=DATA / "train")
     parser.add_argument("--test", type=Path, default=DATA / "test", help="held-out images for the floor")
     parser.add_argument("--out", default=str(ROOT / "runs" / "convergence"))
+    parser.add_argument("--report-only", action="store_true", help="tabulate the runs already in --out, train none")
     args = parser.parse_args(argv)
     for folder in (args.data, args.test):
         if not folder.is_dir():
@@ -251,10 +273,11 @@ def main(argv=None) -> int:
     settings = comparison_settings(args)
     print(f"evaluation sampling precision: {settings['eval_autocast']} (bf16 gain {settings['bf16_sampling_gain']:.2f})")
     runner = Jobs(jobs, args, settings)
-    runner.fill()  # training starts at once; the reference (needed at the runs' first evaluation) meanwhile
-    _, floor = reference_and_floor(args, load_fid_inception("cpu"))
-    codes = runner.wait()
-    report(jobs, args, floor)
+    if not args.report_only:
+        runner.fill()  # training starts at once; the reference (needed at the runs' first evaluation) meanwhile
+    floor = real_data_floor(args)
+    codes = runner.wait() if not args.report_only else {}
+    report(args, floor)
     return 0 if all(code == 0 for code in codes.values()) else 1
 
 
