@@ -28,6 +28,7 @@ from ldm_lite.runs import run_config
 from ldm_lite.sampling import initial_noise, sample, sample_generators
 from ldm_lite.schedulers import from_config
 from ldm_lite import study as study_module
+from ldm_lite.study import real, shards
 from ldm_lite.study import (Plan, QualityStudyConfig, StudyConfig, band_findings, change_findings,
                             check_study_settings, eps_findings, evaluation_seconds, first_choices,
                             format_quality_results, leak_findings, offset_findings, offset_training_noise, plan_study,
@@ -235,7 +236,7 @@ def test_quick_study_resumes_without_retraining_or_resampling(quick_study, monke
     def recomputed(*args, **kwargs):
         raise AssertionError("a resumed study recomputed an extra its first run saved")
     for name in ("tercile_rows", "steering_rows", "exposure_scan"):
-        monkeypatch.setattr(study_module, name, recomputed)
+        monkeypatch.setattr(real, name, recomputed)
     trained = json.loads((out / "trained.json").read_text())
     again = run_study(QualityStudyConfig(out=str(out), **QUICK))
     assert json.loads((out / "trained.json").read_text()) == trained
@@ -303,12 +304,12 @@ def test_the_unsplit_scan_is_planned_at_one_process_rate():
 def test_a_share_gets_its_rows_of_per_sample_keywords():
     rows = range(2, 4)
     images = torch.arange(5 * 3 * 2 * 2).reshape(5, 3, 2, 2)
-    assert torch.equal(study_module._rows(images, rows), images[2:4])
-    assert torch.equal(study_module._rows([0, 1, 2, 1, 0], rows), torch.tensor([2, 1]))
-    assert study_module._rows(3, rows) == 3
+    assert torch.equal(shards._rows(images, rows), images[2:4])
+    assert torch.equal(shards._rows([0, 1, 2, 1, 0], rows), torch.tensor([2, 1]))
+    assert shards._rows(3, rows) == 3
     leak = images[0]
-    assert study_module._rows(leak, rows) is leak  # one (C, H, W) leak for every sample
-    assert torch.equal(study_module._rows(torch.tensor(7), rows), torch.tensor(7))
+    assert shards._rows(leak, rows) is leak  # one (C, H, W) leak for every sample
+    assert torch.equal(shards._rows(torch.tensor(7), rows), torch.tensor(7))
 
 
 def test_study_settings_refused_unless_fresh(tmp_path):
