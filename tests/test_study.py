@@ -468,17 +468,15 @@ def test_run_time_skips_follow_the_rates_the_settings_ran_at():
         def evaluate(self, setting, trained):
             return {"sampling_seconds": 100.0, "seconds": 100.0}
 
-    class Clock:
+    class Clock(study_module.Clock):
         def left(self):
             return 150.0
-
-        def time(self, name, function, *args):
-            return function(*args)
 
     evaluator, results = Evaluator(), {"speed": {"calls_per_second": 1000.0, "inception_per_second": 1e9},
                                        "dropped": []}
     evaluator.config = config
-    done = run_evaluations(plan, parts, {"standard": None, "offset": None}, None, None, evaluator, Clock(), results)
+    done = run_evaluations(plan, parts, {"standard": None, "offset": None}, None, None, evaluator, Clock(60),
+                           results)
     assert list(done["rows"]) == ["standard_ddim_20_eps_1_plain_noise"] and done["scan"] is None
     assert results["speed"]["observed_calls_per_second"] == 2
     assert results["dropped"] == [

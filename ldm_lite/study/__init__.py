@@ -11,7 +11,7 @@ from ldm_lite.study.demo import run_demo
 from ldm_lite.study.evaluate import Evaluator, offset_training_noise
 from ldm_lite.study.findings import (band_findings, change_findings, eps_findings, leak_findings, offset_findings,
                                      quality_findings, sampler_findings, steering_findings)
-from ldm_lite.study.plan import (Plan, Setting, evaluation_seconds, extra_calls, extra_seconds, plan_study,
+from ldm_lite.study.plan import (Clock, Plan, Setting, evaluation_seconds, extra_calls, extra_seconds, plan_study,
                                  run_order, sampler_steps, study_parts)
 from ldm_lite.study.real import BIAS_COLUMNS, quality_tables, run_evaluations, run_quality_study
 from ldm_lite.study.reference import reference_images, reference_path, reference_statistics

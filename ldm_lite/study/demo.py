@@ -33,23 +33,29 @@ def run_demo(config: StudyConfig) -> dict:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     clock = Clock(config.minutes)
-    dataset = clock.time("load data", load_study_data, config)
+    with clock("load data"):
+        dataset = load_study_data(config)
     data = to_float(dataset.images)
     results = {"config": dataclasses.asdict(config), "tables": {}, "figures": {}, "grids": {}}
-    clock.time("bands", study_bands, data, out, results, config.seed)
+    with clock("bands"):
+        study_bands(data, out, results, config.seed)
     # the two compared models train side by side, one core each: small convolutions scale poorly across
     # threads, so two single-threaded runs finish sooner than two runs one after the other
     pair_minutes = (clock.left() - 0.25 * clock.budget) / 60
-    models = clock.time("train standard + offset", train_models, config, ["standard", "offset"], pair_minutes)
+    with clock("train standard + offset"):
+        models = train_models(config, ["standard", "offset"], pair_minutes)
     if config.zero_snr_model:
         minutes = (clock.left() - 0.15 * clock.budget) / 60
         if minutes < 0.25 * config.minutes:
             results["skipped"] = (f"zero-SNR model (part 4) skipped: {clock.left() / 60:.1f} of {config.minutes} "
                                   "minutes left; a larger --minutes budget includes it")
         else:
-            models.update(clock.time("train zero_snr", train_models, config, ["zero_snr"], minutes))
-    clock.time("offset noise", study_offset_noise, models, data, dataset.labels, config, out, results)
-    leak_reports = clock.time("signal leak", study_signal_leak, models, data, config, out, results)
+            with clock("train zero_snr"):
+                models.update(train_models(config, ["zero_snr"], minutes))
+    with clock("offset noise"):
+        study_offset_noise(models, data, dataset.labels, config, out, results)
+    with clock("signal leak"):
+        leak_reports = study_signal_leak(models, data, config, out, results)
     study_summary(leak_reports, out, results)
     results["timings"] = clock.parts
     results["total_seconds"] = time.monotonic() - clock.start

@@ -2,6 +2,7 @@
 parts, the machine's measured rates, and the plan that fits the evaluations into `--minutes`, dropping the most
 expensive first."""
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
@@ -23,11 +24,12 @@ class Clock:
     def left(self) -> float:
         return self.budget - (time.monotonic() - self.start)
 
-    def time(self, name: str, function, *args, **kwargs):
+    @contextmanager
+    def __call__(self, name: str):
+        """`with clock("train"):` adds the block's wall time to part `name` (nothing when the block raises)."""
         start = time.monotonic()
-        result = function(*args, **kwargs)
+        yield
         self.parts[name] = self.parts.get(name, 0.0) + time.monotonic() - start
-        return result
 
 
 PLAIN, LEAK, OWN_NOISE = "plain noise", "signal leak (dct+pixel)", "own offset noise"

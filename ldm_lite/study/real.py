@@ -63,14 +63,15 @@ def run_evaluations(plan: Plan, parts: dict, models: dict, data, labels, evaluat
             if done["rows"] and not _fits(setting.label, setting_seconds(setting, plan.samples, rates), clock,
                                           results):
                 continue
-            row = clock.time(f"evaluate {title}", evaluator.evaluate, setting, models[setting.model])
+            with clock(f"evaluate {title}"):
+                row = evaluator.evaluate(setting, models[setting.model])
             done["rows"][setting.key] = row
             if not row.get("reused"):  # evaluated now, not read from an earlier run
                 rates["calls_per_second"] = plan.samples * setting.nfe / row["sampling_seconds"]
                 rates["seconds_after_sampling"] = row["seconds"] - row["sampling_seconds"]
         if extra and _fits(EXTRA_NAMES[extra], extra_seconds(config, rates)[extra], clock, results):
-            done[extra] = clock.time(EXTRA_NAMES[extra], saved_extra, extra, extras[extra], models, evaluator,
-                                     results)
+            with clock(EXTRA_NAMES[extra]):
+                done[extra] = saved_extra(extra, extras[extra], models, evaluator, results)
     results["speed"]["observed_calls_per_second"] = rates["calls_per_second"]
     return done
 
@@ -164,15 +165,19 @@ def _run_quality_study(config: QualityStudyConfig, device: torch.device, shards:
     out.mkdir(parents=True, exist_ok=True)
     check_study_settings(config, out)
     clock = Clock(config.minutes)
-    dataset = clock.time("load data", load_study_data, config)
+    with clock("load data"):
+        dataset = load_study_data(config)
     data = to_float(dataset.images)
-    network = shards.network = clock.time("load the FID network", load_fid_inception, device)
-    speed = clock.time("measure speed", measure_speed, config, data.shape[1], network, device, shards.world.size)
+    with clock("load the FID network"):
+        network = shards.network = load_fid_inception(device)
+    with clock("measure speed"):
+        speed = measure_speed(config, data.shape[1], network, device, shards.world.size)
     chosen = reference_images(dataset, config.reference_images)
     ref_path = reference_path(config, chosen)
     names, parts = ["standard", *config.fix_names], study_parts(config)
     cached = ref_path.is_file()
-    reference = clock.time("reference features", reference_statistics, ref_path, chosen, config, shards)
+    with clock("reference features"):
+        reference = reference_statistics(ref_path, chosen, config, shards)
     if not cached:  # thousands of images measure the Inception rate better than the start-up run
         speed["inception_per_second"] = len(chosen) / clock.parts["reference features"]
     train_needed = any(name not in trained_record(out) for name in names)
@@ -181,7 +186,8 @@ def _run_quality_study(config: QualityStudyConfig, device: torch.device, shards:
     if kept is None:
         record_choices(out, plan, speed)
     models = train_study_models(config, names, clock, plan, device)
-    leak = clock.time("leak statistics", LeakStats.fit_batches, data.split(1024), "dct+pixel", 3)
+    with clock("leak statistics"):
+        leak = LeakStats.fit_batches(data.split(1024), "dct+pixel", 3)
     evaluator = Evaluator(config, device, torch.bfloat16 if speed["autocast"] == "bf16" else None, shards,
                           reference, ref_path.name, to_float(chosen), leak, plan.samples, out)
     results = {"study": "quality", "config": dataclasses.asdict(config), "speed": speed, "dropped": list(plan.dropped),
@@ -190,7 +196,8 @@ def _run_quality_study(config: QualityStudyConfig, device: torch.device, shards:
                "models": [model_row(name, trained) for name, trained in models.items()]}
     done = run_evaluations(plan, parts, models, data, dataset.labels, evaluator, clock, results)
     results["tables"] = quality_tables(parts, done["rows"], done["scan"], done["terciles"], done["steering"])
-    clock.time("figures", quality_figures, parts, done["scan"], evaluator, results)
+    with clock("figures"):
+        quality_figures(parts, done["scan"], evaluator, results)
     results["findings"] = quality_findings(results["tables"])
     results["timings"] = clock.parts
     results["total_seconds"] = time.monotonic() - clock.start

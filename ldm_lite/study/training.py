@@ -114,7 +114,8 @@ def train_study_models(config: QualityStudyConfig, names: list, clock: Clock, pl
         steps = record.get("steps", config.steps)
         minutes = min(share * (1.25 if "steps" in record else 1.0), (clock.left() - plan.estimates["margin"]) / 60)
         configs = {name: train_config(config, name, minutes, 1 if len(pair) > 1 else 0, steps) for name in pair}
-        clock.time(f"train {' + '.join(pair)}", _train_in_processes, configs, config.progress, device.type == "cpu")
+        with clock(f"train {' + '.join(pair)}"):
+            _train_in_processes(configs, config.progress, device.type == "cpu")
         for name in pair:
             record[name] = int(load_checkpoint(Path(configs[name].run.out) / CHECKPOINT_NAME)["step"])
         record.setdefault("steps", min(record[name] for name in pair))
