@@ -3,8 +3,8 @@
 
 A reader finds each concern in its file: `config.py` the two configs; `plan.py` the settings, speed measurement and
 budget plan; `training.py` the study's models; `reference.py` the FID reference; `evaluate.py` one setting's
-samples, features and row; `shards.py` torchrun sharding; `resume.py` what a resumed study reuses; `findings.py` the
-sentences, chosen by the numbers; `report.py` HTML and markdown.
+samples, features and row; `shards.py` torchrun sharding; `resume.py` what a resumed study reuses; `results.py` the
+typed results and results.json; `findings.py` the sentences, chosen by the numbers; `report.py` HTML and markdown.
 """
 from ldm_lite.study.config import CLASS_NAMES, FIXES, QualityStudyConfig, StudyConfig
 from ldm_lite.study.demo import run_demo
@@ -16,11 +16,12 @@ from ldm_lite.study.plan import (Clock, Plan, Setting, evaluation_seconds, extra
 from ldm_lite.study.real import BIAS_COLUMNS, quality_tables, run_evaluations, run_quality_study
 from ldm_lite.study.reference import reference_images, reference_path, reference_statistics
 from ldm_lite.study.report import format_quality_results, format_results, write_report
+from ldm_lite.study.results import FORMAT_VERSION, DemoResults, QualityResults, load_results, save_results
 from ldm_lite.study.resume import check_study_settings, first_choices, record_choices, saved_extra
 from ldm_lite.study.training import study_scheduler
 
 
-def run_study(config: StudyConfig) -> dict | None:
+def run_study(config: StudyConfig) -> DemoResults | QualityResults | None:
     """Run the demo, or the study for a `QualityStudyConfig`; returns the results (also written as results.json
     and report.html in config.out; None on a torchrun rank other than 0)."""
     if isinstance(config, QualityStudyConfig):

@@ -11,7 +11,6 @@ it, on one dataset.
    the schedule-side fix, when the time budget allows a third model.
 """
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -24,11 +23,12 @@ from ldm_lite.sampling import initial_noise, sample
 from ldm_lite.schedules import named_alphas_cumprod
 from ldm_lite.study.config import CLASS_NAMES, StudyConfig, grid_scale
 from ldm_lite.study.plan import Clock, slug
-from ldm_lite.study.report import jsonable, write_report
+from ldm_lite.study.report import write_report
+from ldm_lite.study.results import DemoResults, save_results
 from ldm_lite.study.training import schedule_name, study_scheduler, train_models
 
 
-def run_demo(config: StudyConfig) -> dict:
+def run_demo(config: StudyConfig) -> DemoResults:
     """Run the demo; returns the results (also written as results.json and report.html in config.out)."""
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -36,7 +36,7 @@ def run_demo(config: StudyConfig) -> dict:
     with clock("load data"):
         dataset = load_study_data(config)
     data = to_float(dataset.images)
-    results = {"config": dataclasses.asdict(config), "tables": {}, "figures": {}, "grids": {}}
+    results = DemoResults(config=dataclasses.asdict(config))
     with clock("bands"):
         study_bands(data, out, results, config.seed)
     # the two compared models train side by side, one core each: small convolutions scale poorly across
@@ -47,7 +47,7 @@ def run_demo(config: StudyConfig) -> dict:
     if config.zero_snr_model:
         minutes = (clock.left() - 0.15 * clock.budget) / 60
         if minutes < 0.25 * config.minutes:
-            results["skipped"] = (f"zero-SNR model (part 4) skipped: {clock.left() / 60:.1f} of {config.minutes} "
+            results.skipped = (f"zero-SNR model (part 4) skipped: {clock.left() / 60:.1f} of {config.minutes} "
                                   "minutes left; a larger --minutes budget includes it")
         else:
             with clock("train zero_snr"):
@@ -57,9 +57,9 @@ def run_demo(config: StudyConfig) -> dict:
     with clock("signal leak"):
         leak_reports = study_signal_leak(models, data, config, out, results)
     study_summary(leak_reports, out, results)
-    results["timings"] = clock.parts
-    results["total_seconds"] = time.monotonic() - clock.start
-    (out / "results.json").write_text(json.dumps(jsonable(results), indent=2))
+    results.timings = clock.parts
+    results.total_seconds = time.monotonic() - clock.start
+    save_results(results, out / "results.json")
     write_report(results, out / "report.html")
     return results
 
@@ -73,23 +73,23 @@ def load_study_data(config: StudyConfig):
 
 # ----------------------------------------------------------------------------- 1. bands
 
-def study_bands(data, out: Path, results: dict, seed: int) -> None:
+def study_bands(data, out: Path, results: DemoResults, seed: int) -> None:
     schedules = named_alphas_cumprod(["linear", "scaled_linear", "scaled_linear_zero_snr"])
     analysis = metrics.band_analysis(data[:2048], schedules=schedules, measure_schedule="scaled_linear",
                                      generator=torch.Generator().manual_seed(seed))
-    results["figures"]["bands"] = {k: str(p.relative_to(out)) for k, p in plots.plot_bands(analysis, out).items()}
+    results.figures["bands"] = {k: str(p.relative_to(out)) for k, p in plots.plot_bands(analysis, out).items()}
     tables = metrics.band_tables(analysis)
     for name, rows in tables.items():
         plots.write_csv(rows, out / f"bands_{name}.csv")
-    results["tables"]["destruction"] = [r for r in tables["destruction"] if r["channel"] == "all"]
-    results["tables"]["band_leak"] = [r for r in tables["leak"] if r["channel"] == "all" and r["noise"] == "white"]
+    results.tables["destruction"] = [r for r in tables["destruction"] if r["channel"] == "all"]
+    results.tables["band_leak"] = [r for r in tables["leak"] if r["channel"] == "all" and r["noise"] == "white"]
     worst = max(abs(r["measured"] - r["theory"]) for r in tables["correlation"])
-    results["band_correlation_max_error"] = worst
+    results.band_correlation_max_error = worst
 
 
 # ----------------------------------------------------------------------------- 2. offset noise
 
-def study_offset_noise(models: dict, data, labels, config: StudyConfig, out: Path, results: dict) -> None:
+def study_offset_noise(models: dict, data, labels, config: StudyConfig, out: Path, results: DemoResults) -> None:
     """Per class: mean brightness of conditional samples vs the data's class mean, for each model."""
     rows, n = [], config.samples_per_class
     class_labels = torch.arange(len(CLASS_NAMES)).repeat_interleave(n)
@@ -98,9 +98,9 @@ def study_offset_noise(models: dict, data, labels, config: StudyConfig, out: Pat
         images = sample(trained["model"], scheduler, len(class_labels), num_inference_steps=config.sample_steps,
                         class_labels=class_labels, seed=config.seed, progress=config.progress)
         save_class_grid(images, class_labels, out / f"grid_{name}_classes.png", config)
-        results["grids"][f"{name}: dark / mid / bright rows"] = f"grid_{name}_classes.png"
+        results.grids[f"{name}: dark / mid / bright rows"] = f"grid_{name}_classes.png"
         rows += class_rows(name, trained, scheduler, images, class_labels, data, labels, config.seed)
-    results["tables"]["offset_noise"] = rows
+    results.tables["offset_noise"] = rows
 
 
 def save_class_grid(images, class_labels, path: Path, config: StudyConfig) -> None:
@@ -124,7 +124,7 @@ def class_rows(name: str, trained: dict, scheduler, images, class_labels, data, 
 
 # ----------------------------------------------------------------------------- 3. signal leak
 
-def study_signal_leak(models: dict, data, config: StudyConfig, out: Path, results: dict) -> dict:
+def study_signal_leak(models: dict, data, config: StudyConfig, out: Path, results: DemoResults) -> dict:
     """Unconditional samples vs the data's brightness distribution, from plain noise and with a signal leak.
     Returns the brightness report of each setting, keyed "model, initial noise"."""
     stats = LeakStats.fit(data, kind="dct+pixel", n_components=3)
@@ -151,7 +151,7 @@ def study_signal_leak(models: dict, data, config: StudyConfig, out: Path, result
                         seed=config.seed, progress=config.progress).clamp(-1, 1)
         key = f"{name}, {start}"
         save_image_grid(images[:64], out / f"grid_{name}_{slug(start)}.png", nrow=16, scale=grid_scale(config))
-        results["grids"][f"{key} (unconditional)"] = f"grid_{name}_{slug(start)}.png"
+        results.grids[f"{key} (unconditional)"] = f"grid_{name}_{slug(start)}.png"
         report = metrics.brightness_report(images, data)
         reports[key] = report
         luminance = next(r for r in report["rows"] if r["quantity"] == "luminance")
@@ -163,15 +163,15 @@ def study_signal_leak(models: dict, data, config: StudyConfig, out: Path, result
     for key, report in reports.items():
         path = out / f"brightness_{slug(key)}.png"
         plots.plot_brightness(report, path)
-        results["figures"][f"brightness: {key}"] = path.name
-    results["tables"]["signal_leak"] = rows
+        results.figures[f"brightness: {key}"] = path.name
+    results.tables["signal_leak"] = rows
     return reports
 
 
-def study_summary(leak_reports: dict, out: Path, results: dict) -> None:
+def study_summary(leak_reports: dict, out: Path, results: DemoResults) -> None:
     """One figure for parts 2 and 3: class means per model, and the spread of unconditional brightness."""
     shown = [key for key in leak_reports if key.startswith(("standard", "zero_snr")) or "own offset" in key]
     luminance = {"data": leak_reports[shown[0]]["data"]["luminance"]}
     luminance.update({key: leak_reports[key]["samples"]["luminance"] for key in shown})
-    plots.plot_study_summary(results["tables"]["offset_noise"], luminance, out / "summary.png")
-    results["figures"]["summary"] = "summary.png"
+    plots.plot_study_summary(results.tables["offset_noise"], luminance, out / "summary.png")
+    results.figures["summary"] = "summary.png"

@@ -6,7 +6,6 @@ picked by FID and by the eps-norm, the signal leak, and the fixes. A plan fitted
 expensive evaluations first and says so."""
 import dataclasses
 import datetime
-import json
 import math
 import time
 from dataclasses import replace
@@ -27,7 +26,8 @@ from ldm_lite.study.findings import quality_findings, significant
 from ldm_lite.study.plan import (Clock, Plan, extra_seconds, measure_speed, plan_study, setting_seconds,
                                  study_parts)
 from ldm_lite.study.reference import reference_images, reference_path, reference_statistics
-from ldm_lite.study.report import format_quality_results, jsonable, write_report
+from ldm_lite.study.report import format_quality_results, write_report
+from ldm_lite.study.results import QualityResults, save_results
 from ldm_lite.study.resume import check_study_settings, first_choices, record_choices, saved_extra
 from ldm_lite.study.shards import Shards
 from ldm_lite.study.training import model_row, train_study_models, trained_record
@@ -46,13 +46,13 @@ STAGES = (("fixes", "terciles", "part 4 (fixes)"), ("leak", "steering", "part 3 
 
 
 def run_evaluations(plan: Plan, parts: dict, models: dict, data, labels, evaluator: Evaluator, clock: Clock,
-                    results: dict) -> dict:
+                    results: QualityResults) -> dict:
     """The evaluations in order of importance: part 4's settings then its tercile samples, part 3's then DC
     steering, part 2's then the eps-norm scan, part 1's by NFE. The base setting always runs; anything else that
     no longer fits in what is left of the budget (and a minute for the report) is skipped, and the report says
     so. The estimates follow the machine: after each setting, the rates are those it ran at.
     Returns {"rows": {setting key: row}, "terciles": rows, "steering": rows, "scan": scan or None}."""
-    config, rates = evaluator.config, dict(results["speed"])
+    config, rates = evaluator.config, dict(results.speed)
     done = {"rows": {}, "terciles": [], "steering": [], "scan": None}
     extras = {"terciles": lambda: tercile_rows(models, data, labels, evaluator, results),
               "steering": lambda: steering_rows(models["standard"], data, labels, evaluator,
@@ -71,8 +71,8 @@ def run_evaluations(plan: Plan, parts: dict, models: dict, data, labels, evaluat
                 rates["seconds_after_sampling"] = row["seconds"] - row["sampling_seconds"]
         if extra and _fits(EXTRA_NAMES[extra], extra_seconds(config, rates)[extra], clock, results):
             with clock(EXTRA_NAMES[extra]):
-                done[extra] = saved_extra(extra, extras[extra], models, evaluator, results)
-    results["speed"]["observed_calls_per_second"] = rates["calls_per_second"]
+                done[extra] = saved_extra(extra, extras[extra], models, evaluator, results.grids)
+    results.speed["observed_calls_per_second"] = rates["calls_per_second"]
     return done
 
 
@@ -80,11 +80,11 @@ EXTRA_NAMES = {"terciles": "tercile samples (part 4)", "steering": "DC steering 
                "scan": "eps-norm scan (part 2)"}
 
 
-def _fits(label: str, seconds: float, clock: Clock, results: dict) -> bool:
+def _fits(label: str, seconds: float, clock: Clock, results: QualityResults) -> bool:
     """Whether `seconds` of work and a minute for the report fit in what is left; if not, say it was skipped."""
     if clock.left() >= seconds + 60:
         return True
-    results["dropped"].append(f"{label} skipped at run time: {max(clock.left(), 0) / 60:.1f} min of the budget were "
+    results.dropped.append(f"{label} skipped at run time: {max(clock.left(), 0) / 60:.1f} min of the budget were "
                               f"left and it needed about {seconds / 60:.1f} min, plus a minute for the report.")
     return False
 
@@ -100,7 +100,7 @@ def exposure_scan(trained: dict, data: torch.Tensor, evaluator: Evaluator) -> di
                                   progress=config.progress, autocast_dtype=evaluator.autocast_dtype)
 
 
-def tercile_rows(models: dict, data, labels, evaluator: Evaluator, results: dict) -> list:
+def tercile_rows(models: dict, data, labels, evaluator: Evaluator, results: QualityResults) -> list:
     """Part 4's conditional view: per model and brightness tercile, samples_per_class samples asked for it (DDIM,
     sample_steps; the offset model from its own training noise), their mean brightness vs the tercile's."""
     config, rows = evaluator.config, []
@@ -113,12 +113,13 @@ def tercile_rows(models: dict, data, labels, evaluator: Evaluator, results: dict
         images = evaluator.draw(trained, scheduler, len(class_labels), config.sample_steps,
                                 class_labels=class_labels, x_T=x_T)
         save_class_grid(images, class_labels, evaluator.out / f"grid_{name}_classes.png", config)
-        results["grids"][f"{name}: asked for dark / mid / bright (rows)"] = f"grid_{name}_classes.png"
+        results.grids[f"{name}: asked for dark / mid / bright (rows)"] = f"grid_{name}_classes.png"
         rows += class_rows(name, trained, scheduler, images, class_labels, data, labels, config.seed)
     return rows
 
 
-def steering_rows(trained: dict, data, labels, evaluator: Evaluator, plain_mean: float, results: dict) -> list:
+def steering_rows(trained: dict, data, labels, evaluator: Evaluator, plain_mean: float,
+                  results: QualityResults) -> list:
     """Part 3's DC steering (Everaert et al. 2024): the leak's DC coefficient of every channel fixed to the dark,
     then the bright tercile's channel mean; samples' mean brightness against that target and plain noise's."""
     config, rows, (channels, height, width) = evaluator.config, [], data.shape[1:]
@@ -134,7 +135,7 @@ def steering_rows(trained: dict, data, labels, evaluator: Evaluator, plain_mean:
         target, got = float(means.mean()), float(images.mean())
         name = f"grid_steered_{CLASS_NAMES[c]}.png"
         save_image_grid(images[:64], evaluator.out / name, nrow=16, scale=grid_scale(config))
-        results["grids"][f"standard, leak DC steered to the {CLASS_NAMES[c]} tercile"] = name
+        results.grids[f"standard, leak DC steered to the {CLASS_NAMES[c]} tercile"] = name
         rows.append(dict(model="standard", steered_to=CLASS_NAMES[c], t0=t0,
                          sqrt_alpha_bar_t0=float(scheduler.alphas_cumprod[t0]) ** 0.5, n=len(images),
                          target_mean=target, plain_mean=plain_mean, samples_mean=got,
@@ -142,7 +143,7 @@ def steering_rows(trained: dict, data, labels, evaluator: Evaluator, plain_mean:
     return rows
 
 
-def run_quality_study(config: QualityStudyConfig) -> dict | None:
+def run_quality_study(config: QualityStudyConfig) -> QualityResults | None:
     """The study on real images: measure the machine, plan the budget, reference features (cached), train the
     models two at a time, evaluate every planned setting, then the tables, figures, findings and report.
     Under torchrun, rank 0 does all that and hands the sampling and Inception features out in shares (`Shards`);
@@ -160,7 +161,7 @@ def run_quality_study(config: QualityStudyConfig) -> dict | None:
     return results
 
 
-def _run_quality_study(config: QualityStudyConfig, device: torch.device, shards: Shards) -> dict:
+def _run_quality_study(config: QualityStudyConfig, device: torch.device, shards: Shards) -> QualityResults:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     check_study_settings(config, out)
@@ -190,18 +191,18 @@ def _run_quality_study(config: QualityStudyConfig, device: torch.device, shards:
         leak = LeakStats.fit_batches(data.split(1024), "dct+pixel", 3)
     evaluator = Evaluator(config, device, torch.bfloat16 if speed["autocast"] == "bf16" else None, shards,
                           reference, ref_path.name, to_float(chosen), leak, plan.samples, out)
-    results = {"study": "quality", "config": dataclasses.asdict(config), "speed": speed, "dropped": list(plan.dropped),
-               "estimates": plan.estimates, "samples": plan.samples, "tables": {}, "figures": {}, "grids": {},
-               "reference": {"path": str(ref_path), "images": len(chosen), "source": reference.source},
-               "models": [model_row(name, trained) for name, trained in models.items()]}
+    results = QualityResults(config=dataclasses.asdict(config), speed=speed, dropped=list(plan.dropped),
+                             estimates=plan.estimates, samples=plan.samples,
+                             reference={"path": str(ref_path), "images": len(chosen), "source": reference.source},
+                             models=[model_row(name, trained) for name, trained in models.items()])
     done = run_evaluations(plan, parts, models, data, dataset.labels, evaluator, clock, results)
-    results["tables"] = quality_tables(parts, done["rows"], done["scan"], done["terciles"], done["steering"])
+    results.tables = quality_tables(parts, done["rows"], done["scan"], done["terciles"], done["steering"])
     with clock("figures"):
         quality_figures(parts, done["scan"], evaluator, results)
-    results["findings"] = quality_findings(results["tables"])
-    results["timings"] = clock.parts
-    results["total_seconds"] = time.monotonic() - clock.start
-    (out / "results.json").write_text(json.dumps(jsonable(results), indent=2))
+    results.findings = quality_findings(results.tables)
+    results.timings = clock.parts
+    results.total_seconds = time.monotonic() - clock.start
+    save_results(results, out / "results.json")
     write_report(results, out / "report.html")
     (out / "report.md").write_text(format_quality_results(results, markdown=True))
     return results
@@ -256,10 +257,10 @@ def comparison_rows(settings: list, rows: dict, identity: tuple, baseline_of) ->
     return table
 
 
-def quality_figures(parts: dict, scan: dict | None, evaluator: Evaluator, results: dict) -> None:
+def quality_figures(parts: dict, scan: dict | None, evaluator: Evaluator, results: QualityResults) -> None:
     """FID against NFE, the epsilon-scaling plots, the brightness summary and one sample grid per setting (each
     figure whose evaluations ran)."""
-    out, tables, figures = evaluator.out, results["tables"], results["figures"]
+    out, tables, figures = evaluator.out, results.tables, results.figures
     if tables["samplers"]:
         figures["fid_nfe"] = plots.plot_fid_nfe(tables["samplers"], out / "fid_nfe.png").name
     if scan is not None:
@@ -277,4 +278,4 @@ def quality_figures(parts: dict, scan: dict | None, evaluator: Evaluator, result
             path = out / "grids" / f"{setting.key}.png"
             save_image_grid(to_float(evaluator.images[setting.key][:64]), path, nrow=16,
                             scale=grid_scale(evaluator.config))
-            results["grids"][setting.label] = f"grids/{path.name}"
+            results.grids[setting.label] = f"grids/{path.name}"

@@ -1,25 +1,23 @@
-"""The study's report: report.html (both studies), the plain-text and markdown tables (report.md), and results.json's
-values made JSON-safe. Everything lands in `<out>/report.html` (plots, sample grids, the results tables with
-settings, seeds and run times); no number in the report is written by hand."""
+"""The study's report: report.html (both studies) and the plain-text and markdown tables (report.md), from the typed
+results (`load_results` reads them back from any results.json). Everything lands in `<out>/report.html` (plots,
+sample grids, the results tables with settings, seeds and run times); no number in the report is written by hand."""
 import html
-import math
 from pathlib import Path
-
-import torch
 
 from ldm_lite import metrics
 from ldm_lite.study.findings import band_findings, leak_findings, offset_findings, quality_findings
+from ldm_lite.study.results import DemoResults, QualityResults
 
 
 def _paragraph(sentences: list) -> str:
     return "<p>" + " ".join(html.escape(s) for s in sentences) + "</p>" if sentences else ""
 
 
-def format_results(results: dict) -> str:
+def format_results(results: DemoResults | QualityResults) -> str:
     """The study's result tables, and the findings computed from them, as plain text."""
-    if results.get("study") == "quality":
+    if isinstance(results, QualityResults):
         return format_quality_results(results)
-    tables = results["tables"]
+    tables = results.tables
     parts = ["Offset noise: class-conditional samples, mean brightness (data in [-1, 1])",
              metrics.format_table(tables["offset_noise"],
                                   ["model", "asked", "data_mean", "samples_mean", "gap", "steps", "n"]),
@@ -28,14 +26,14 @@ def format_results(results: dict) -> str:
              metrics.format_table(tables["signal_leak"],
                                   ["model", "initial_noise", "t0", "std_ratio", "wasserstein", "ks", "n"]),
              *leak_findings(tables["signal_leak"])]
-    if results.get("skipped"):
-        parts += ["", results["skipped"]]
+    if results.skipped:
+        parts += ["", results.skipped]
     return "\n".join(parts)
 
 
-def write_report(results: dict, path: Path) -> None:
+def write_report(results: DemoResults | QualityResults, path: Path) -> None:
     """A self-contained HTML page (images referenced next to it) with every section of the demo or the study."""
-    if results.get("study") == "quality":
+    if isinstance(results, QualityResults):
         return _write_page("ldm_lite bias and quality study", _quality_sections(results), path)
     return _write_page("ldm_lite bias study", _demo_sections(results), path)
 
@@ -46,38 +44,38 @@ def _write_page(title: str, sections: list, path: Path) -> None:
                     f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>")
 
 
-def _demo_sections(results: dict) -> list:
-    config = results["config"]
+def _demo_sections(results: DemoResults) -> list:
+    config = results.config
     sections = [
         ("Summary", "<p>Left: mean brightness of class-conditional samples per asked class (part 2). Right: "
          "spread of the per-image brightness of unconditional samples against the data (part 3).</p>" +
-         _img(results["figures"]["summary"])),
+         _img(results.figures["summary"])),
         ("Settings", _html_table([{"setting": k, "value": v} for k, v in config.items()]) +
-         _html_table([{"part": k, "seconds": round(v, 1)} for k, v in results["timings"].items()]) +
-         f"<p>Total run time: {results['total_seconds'] / 60:.1f} minutes.</p>"),
+         _html_table([{"part": k, "seconds": round(v, 1)} for k, v in results.timings.items()]) +
+         f"<p>Total run time: {results.total_seconds / 60:.1f} minutes.</p>"),
         ("1. How the forward process destroys each DCT band",
          "<p>SNR per octave band of the data, SNR_b(t) = alpha_bar_t P_b / (1 - alpha_bar_t); a band is destroyed "
          "once its SNR falls below 1. Measured correlation of x0 and x_t per band vs the theory sqrt(S / (1 + S)); "
-         f"largest deviation {results['band_correlation_max_error']:.3f}.</p>" +
-         _paragraph(band_findings(results["tables"]["destruction"], results["tables"]["band_leak"])) +
-         "".join(_img(p) for p in results["figures"]["bands"].values()) +
-         "<h3>Destruction timestep per band (all channels)</h3>" + _html_table(results["tables"]["destruction"]) +
-         "<h3>SNR left at the first sampled step</h3>" + _html_table(results["tables"]["band_leak"])),
+         f"largest deviation {results.band_correlation_max_error:.3f}.</p>" +
+         _paragraph(band_findings(results.tables["destruction"], results.tables["band_leak"])) +
+         "".join(_img(p) for p in results.figures["bands"].values()) +
+         "<h3>Destruction timestep per band (all channels)</h3>" + _html_table(results.tables["destruction"]) +
+         "<h3>SNR left at the first sampled step</h3>" + _html_table(results.tables["band_leak"])),
         ("2. Offset noise: asked for dark or bright",
          "<p>Class-conditional samples per brightness class, mean brightness vs the data's class mean "
          "(gap = samples - data; near-zero gaps for dark and bright mean the model reaches the extremes).</p>" +
-         _html_table(results["tables"]["offset_noise"]) +
-         _paragraph(offset_findings(results["tables"]["offset_noise"])) +
-         "".join(_img(p, k) for k, p in results["grids"].items() if "rows" in k)),
+         _html_table(results.tables["offset_noise"]) +
+         _paragraph(offset_findings(results.tables["offset_noise"])) +
+         "".join(_img(p, k) for k, p in results.grids.items() if "rows" in k)),
         ("3. Signal leak: unconditional brightness",
          "<p>Per-image luminance of unconditional samples vs the data: std ratio below 1 means squeezed toward "
-         "mid-grey; W1 and KS compare the distributions.</p>" + _html_table(results["tables"]["signal_leak"]) +
-         _paragraph(leak_findings(results["tables"]["signal_leak"])) +
-         "".join(_img(p, k) for k, p in results["figures"].items() if k.startswith("brightness")) +
-         "".join(_img(p, k) for k, p in results["grids"].items() if "unconditional" in k)),
+         "mid-grey; W1 and KS compare the distributions.</p>" + _html_table(results.tables["signal_leak"]) +
+         _paragraph(leak_findings(results.tables["signal_leak"])) +
+         "".join(_img(p, k) for k, p in results.figures.items() if k.startswith("brightness")) +
+         "".join(_img(p, k) for k, p in results.grids.items() if "unconditional" in k)),
     ]
-    if results.get("skipped"):
-        sections.append(("4. Zero terminal SNR", f"<p>{html.escape(results['skipped'])}</p>"))
+    if results.skipped:
+        sections.append(("4. Zero terminal SNR", f"<p>{html.escape(results.skipped)}</p>"))
     return sections
 
 
@@ -91,16 +89,16 @@ COLUMNS_NOTE = ("<p>Columns: <b>kid</b>, KID mean over 100 random subsets of n /
                 "complete DCT octave (below 0: blurred); <b>seconds</b>: sampling, features and metrics.</p>")
 
 
-def _quality_sections(results: dict) -> list:
+def _quality_sections(results: QualityResults) -> list:
     """The study's report: the findings first, then one section per evaluation, the plan and the settings."""
-    tables, figures, config = results["tables"], results["figures"], results["config"]
+    tables, figures, config = results.tables, results.figures, results.config
     findings = quality_findings(tables)
     base = (f"the standard model, DDIM with {config['sample_steps']} steps from plain noise, unconditional (the null "
             "label)")
     return [
-        ("Summary", f"<p>{len(results['models'])} tiny class-conditional UNets, identical but for the fix, trained on "
-         f"{html.escape(config['data'])} at {config['resolution']} px; every setting draws {results['samples']} "
-         f"samples from the same seeds, compared with {results['reference']['images']} training images.</p>"
+        ("Summary", f"<p>{len(results.models)} tiny class-conditional UNets, identical but for the fix, trained on "
+         f"{html.escape(config['data'])} at {config['resolution']} px; every setting draws {results.samples} "
+         f"samples from the same seeds, compared with {results.reference['images']} training images.</p>"
          + _list([s for part in findings.values() for s in part]) + _figure(figures, "summary")),
         ("1. Samplers against the number of model calls",
          "<p>The standard model, unconditional samples from the same x_T per sampler; Heun takes 2N - 1 calls "
@@ -123,27 +121,27 @@ def _quality_sections(results: dict) -> list:
          "brightness tercile.</p>" + _html_table(tables["fixes"]) + _html_table(tables["terciles"])
          + _paragraph(findings["fixes"])),
         ("Plan, budget and timings", _plan_section(results)),
-        ("Sample grids", "".join(_img(path, label) for label, path in results["grids"].items())),
+        ("Sample grids", "".join(_img(path, label) for label, path in results.grids.items())),
         ("Settings", _html_table([{"setting": k, "value": v} for k, v in config.items()])
-         + _html_table(results["models"])
-         + f"<p>Reference: {html.escape(results['reference']['source'])}, features cached in "
-         f"{html.escape(results['reference']['path'])}. Seed {config['seed']}: training batches and sample i's noise "
+         + _html_table(results.models)
+         + f"<p>Reference: {html.escape(results.reference['source'])}, features cached in "
+         f"{html.escape(results.reference['path'])}. Seed {config['seed']}: training batches and sample i's noise "
          "(sample_seed(seed, i)), the same for every setting.</p>"),
     ]
 
 
-def _plan_section(results: dict) -> str:
-    speed, dropped = results["speed"], results["dropped"]
+def _plan_section(results: QualityResults) -> str:
+    speed, dropped = results.speed, results.dropped
     autocast = (f"<p>Evaluation sampling runs with bf16 autocast {'on' if speed['autocast'] == 'bf16' else 'off'} "
-                f"(--autocast {results['config']['autocast']}; measured {speed['fp32_calls_per_second']:.0f} model "
+                f"(--autocast {results.config['autocast']}; measured {speed['fp32_calls_per_second']:.0f} model "
                 f"calls/s in float32" + (f", {speed['bf16_calls_per_second']:.0f} under bf16"
                                          if "bf16_calls_per_second" in speed else "") + ").</p>")
-    estimates = [{"part": k, "planned minutes": v / 60} for k, v in results["estimates"].items()]
-    timings = [{"part": k, "minutes": v / 60} for k, v in results["timings"].items()]
+    estimates = [{"part": k, "planned minutes": v / 60} for k, v in results.estimates.items()]
+    timings = [{"part": k, "minutes": v / 60} for k, v in results.timings.items()]
     cut = _list(dropped) if dropped else "<p>Nothing was dropped: every planned evaluation fit the budget.</p>"
     return (_html_table([speed]) + autocast + "<h3>Plan</h3>" + _html_table(estimates) + "<h3>Dropped</h3>" + cut
             + "<h3>Measured time per part</h3>" + _html_table(timings)
-            + f"<p>Total run time: {results['total_seconds'] / 60:.1f} of {results['config']['minutes']:g} minutes."
+            + f"<p>Total run time: {results.total_seconds / 60:.1f} of {results.config['minutes']:g} minutes."
             "</p>")
 
 
@@ -156,9 +154,9 @@ def _list(sentences: list) -> str:
     return "<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in sentences) + "</ul>"
 
 
-def format_quality_results(results: dict, markdown: bool = False) -> str:
+def format_quality_results(results: QualityResults, markdown: bool = False) -> str:
     """The study's tables and findings as plain text, or as markdown (report.md)."""
-    tables, findings = results["tables"], quality_findings(results["tables"])
+    tables, findings = results.tables, quality_findings(results.tables)
     lead = ["kid", "kid_std", "fid", "kid_diff", "beyond_2sd", "w1", "std_ratio", "hf_log10"]
     parts = [("1. Samplers against NFE", [(tables["samplers"], ["sampler", "nfe", *lead])], "samplers"),
              ("2. Epsilon scaling", [(tables["eps"], ["eps_scale", *lead, "eps_norm_gap"])], "eps"),
@@ -173,7 +171,7 @@ def format_quality_results(results: dict, markdown: bool = False) -> str:
         for rows, columns in shown:
             lines += [metrics.format_table(rows, columns, markdown=markdown) if rows else "(not evaluated)", ""]
         lines += [f"- {sentence}" if markdown else sentence for sentence in findings[key]] + [""]
-    dropped = [f"- {line}" if markdown else line for line in results["dropped"]]
+    dropped = [f"- {line}" if markdown else line for line in results.dropped]
     return "\n".join(lines + dropped)
 
 
@@ -202,14 +200,3 @@ def _format(value) -> str:
         return f"{value:.4g}"
     return str(value)
 
-
-def jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items() if not isinstance(v, torch.nn.Module)}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)

@@ -55,20 +55,21 @@ def record_choices(out: Path, plan: Plan, speed: dict) -> None:
     (out / "choices.json").write_text(json.dumps({"samples": plan.samples, "autocast": speed["autocast"]}))
 
 
-def saved_extra(name: str, compute, models: dict, evaluator: Evaluator, results: dict):
+def saved_extra(name: str, compute, models: dict, evaluator: Evaluator, grids: dict):
     """An extra's result (rows, or the scan) from eval/<name>.json when an earlier run of this study computed it
-    with the same models and autocast (its sample grids are on disk already), else computed and saved there."""
+    with the same models and autocast (its sample grids are on disk already), else computed and saved there. The
+    grids the computation adds to `grids` ({caption: path}) are saved with it and added back when it is read."""
     path = evaluator.out / "eval" / f"{name}.json"
     key = {"models": {model: trained["steps"] for model, trained in models.items()},
            "autocast": str(evaluator.autocast_dtype)}
     saved = json.loads(path.read_text()) if path.is_file() else {}
     if saved.get("key") == key and all((evaluator.out / grid).is_file() for grid in saved["grids"].values()):
-        results["grids"].update(saved["grids"])
+        grids.update(saved["grids"])
         return _scan_from_json(saved["value"]) if name == "scan" else saved["value"]
-    before = set(results["grids"])
+    before = set(grids)
     value = compute()
-    grids = {caption: grid for caption, grid in results["grids"].items() if caption not in before}
-    record = {"key": key, "grids": grids, "value": _scan_to_json(value) if name == "scan" else value}
+    drawn = {caption: grid for caption, grid in grids.items() if caption not in before}
+    record = {"key": key, "grids": drawn, "value": _scan_to_json(value) if name == "scan" else value}
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".tmp")
     partial.write_text(json.dumps(record))  # NaN stays a float (Python's json reads its NaN token back)
