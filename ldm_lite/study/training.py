@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from ldm_lite.config import config_from_dict, config_to_dict
 from ldm_lite.distributed import leave_torchrun
 from ldm_lite.models import load_unet
-from ldm_lite.runs import CHECKPOINT_NAME, load_checkpoint
+from ldm_lite.runs import CHECKPOINT_NAME, METRICS_FILE, load_checkpoint
 from ldm_lite.schedulers import from_config
 from ldm_lite.study.config import QualityStudyConfig, StudyConfig
 from ldm_lite.study.plan import Clock, Plan
@@ -84,7 +84,7 @@ def _train_worker(config: dict, hide_cuda: bool = False) -> str:
 def _logged_step(run_dir: Path) -> int:
     """The last step written to a run's metrics log (0 before the first line)."""
     try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        lines = (run_dir / METRICS_FILE).read_text().splitlines()
         return json.loads(lines[-1])["step"] if lines else 0
     except (FileNotFoundError, ValueError, KeyError):
         return 0
