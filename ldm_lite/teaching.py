@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from ldm_lite import html_page
+
 OUT_ENV = "LDM_LITE_LESSON_OUT"
 CACHE_ENV = "LDM_LITE_LESSON_CACHE"
 QUICK_ENV = "LDM_LITE_LESSON_QUICK"
@@ -466,14 +468,8 @@ def markdown_to_html(text: str) -> str:
     return "\n".join(blocks)
 
 
-_STYLE = """body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;line-height:1.5;
-color:#222}h1,h2{border-bottom:1px solid #ddd}img{max-width:100%;border:1px solid #eee}figure{margin:1em 0}
-figcaption{color:#555;font-size:.9em}.pass{color:#176f2c;font-weight:bold}.fail{color:#b00020;font-weight:bold}
-table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;
-vertical-align:top}.math{overflow-x:auto;margin:.8em 0;text-align:center}code{background:#f4f4f4;padding:0 .2em}
+_CSS = """.math{overflow-x:auto;margin:.8em 0;text-align:center}
 .findings{background:#f6f8fa;border-left:4px solid #8ab;padding:.5em 1em}"""
-_MATHJAX = ('<script>window.MathJax={tex:{inlineMath:[["$","$"]],displayMath:[["$$","$$"]]}};</script>\n'
-            '<script async src="https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex-chtml.js"></script>')
 
 
 def _lesson_results(out_root: Path, number: int) -> dict | None:
@@ -505,21 +501,13 @@ def lesson_section(path: Path, out_root: Path) -> str:
                          + "".join(f"<p>{html.escape(s)}</p>" for s in results["findings"]) + "</div>")
         if results["figures"]:
             parts.append("<h3>Figures</h3>")
-        for figure in results["figures"]:
-            source = f"{number:02d}/{html.escape(figure['file'])}"
-            parts.append(f'<figure><img src="{source}" alt="{html.escape(figure["file"])}">'
-                         f"<figcaption>{html.escape(figure['caption'])}</figcaption></figure>")
-        rows = "".join(f'<tr><td class="{"pass" if c["passed"] else "fail"}">{"PASS" if c["passed"] else "FAIL"}'
-                       f'</td><td>{html.escape(c["claim"])}</td><td>{html.escape(c["measured"])}</td></tr>'
-                       for c in results["checks"])
-        parts.append(f"<h3>Checks</h3><table><tr><th></th><th>claim</th><th>measured</th></tr>{rows}</table>")
+        parts += [html_page.figure(f"{number:02d}/{f['file']}", f["caption"]) for f in results["figures"]]
+        rows = [{"result": html_page.Html(f'<span class="{"pass" if c["passed"] else "fail"}">'
+                                          f'{"PASS" if c["passed"] else "FAIL"}</span>'),
+                 "claim": c["claim"], "measured": c["measured"]} for c in results["checks"]]
+        parts.append("<h3>Checks</h3>" + html_page.table(rows, headers={"result": ""}))
     parts.append("</section>")
     return "\n".join(parts)
-
-
-def _page(title: str, body: str) -> str:
-    return (f'<!doctype html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>\n'
-            f"<style>{_STYLE}</style>\n{_MATHJAX}</head><body>\n{body}\n</body></html>\n")
 
 
 def write_index(folder=None, out_root=None) -> Path:
@@ -533,17 +521,17 @@ def write_index(folder=None, out_root=None) -> Path:
         number = int(path.name[:2])
         section = lesson_section(path, out_root)
         title = _lesson_title(path)
-        (out_root / f"{number:02d}.html").write_text(_page(title, f'<p><a href="index.html">All lessons</a></p>'
-                                                           f"\n{section}"))
-        rows.append(f'<tr><td><a href="#lesson-{number:02d}">{html.escape(title)}</a> '
-                    f'(<a href="{number:02d}.html">page</a>)</td>'
-                    f"<td>{_status(_lesson_results(out_root, number))}</td></tr>")
+        html_page.write_page(out_root / f"{number:02d}.html", title,
+                             f'<p><a href="index.html">All lessons</a></p>\n{section}', heading=False, css=_CSS)
+        rows.append({"lesson": html_page.Html(f'<a href="#lesson-{number:02d}">{html.escape(title)}</a> '
+                                              f'(<a href="{number:02d}.html">page</a>)'),
+                     "result": html_page.Html(_status(_lesson_results(out_root, number)))})
         sections.append(section)
     body = ("<h1>ldm_lite lessons</h1><p>Executable lessons from <code>docs/lessons/</code>; every number below "
             "was computed by the run that wrote this page (<code>make lessons</code>).</p>"
-            f"<table><tr><th>lesson</th><th>result</th></tr>{''.join(rows)}</table>\n" + "\n".join(sections))
+            + html_page.table(rows) + "\n" + "\n".join(sections))
     index = out_root / "index.html"
-    index.write_text(_page("ldm_lite lessons", body))
+    html_page.write_page(index, "ldm_lite lessons", body, heading=False, css=_CSS)
     return index
 
 

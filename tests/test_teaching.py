@@ -255,7 +255,7 @@ def test_runner_runs_lessons_and_writes_the_index(tmp_path, monkeypatch):
     assert json.loads((out / "01" / teaching.RESULTS_FILE).read_text())["mode"] == "quick"
     index = (out / "index.html").read_text()
     assert index.count("<section") == 2 and "1/1 checks passed" in index and "0/1 checks passed" in index
-    assert "<h1>01 A title</h1>" in index and '<td class="fail">FAIL</td><td>works</td>' in index
+    assert "<h1>01 A title</h1>" in index and '<td><span class="fail">FAIL</span></td><td>works</td>' in index
     assert "&lt;tag&gt;" in index and "<tag>" not in index
     page = (out / "02.html").read_text()
     assert "<h1>02 Failing</h1>" in page and "01 A title" not in page
