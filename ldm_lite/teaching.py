@@ -17,30 +17,32 @@ Environment: LDM_LITE_LESSON_OUT (output root, default runs/lessons under the re
 notebook). Tests point both folders at a temporary directory, so every run starts from an empty cache.
 """
 import argparse
+import codecs
 import dataclasses
 import hashlib
 import html
 import json
 import math
-import multiprocessing
 import os
 import re
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ldm_lite import html_page
+from ldm_lite.processes import process_seconds, train_in_processes
+from ldm_lite.training import train
 
 OUT_ENV = "LDM_LITE_LESSON_OUT"
 CACHE_ENV = "LDM_LITE_LESSON_CACHE"
 QUICK_ENV = "LDM_LITE_LESSON_QUICK"
 RESULTS_FILE = "results.json"
 CACHE_RECORD = "cache.json"
+RUN_RECORD = "run.json"  # written by the runner: exit code, seconds, the reason of a failure
 LESSON_PATTERN = re.compile(r"^(\d\d)_[A-Za-z0-9_]+\.py$")
 
 
@@ -258,8 +260,8 @@ def cached_runs(configs: dict, cache=None, processes: int = 2) -> dict:
     """{name: Config} -> {name: CachedRun}: each model trained once into <cache>/<name>-<key>/ and reused.
 
     A folder counts as finished when its cache.json records the key; an interrupted run resumes from its
-    checkpoint. Missing models train in up to `processes` spawned processes of one thread each (in this
-    process, with torch's thread setting, when only one is missing).
+    checkpoint. Missing models train in child processes (`ldm_lite.processes`), up to `processes` at a time,
+    sharing torch's thread count between them (a single missing model trains in this process).
     """
     cache = Path(cache) if cache is not None else cache_root()
     found, missing = {}, {}
@@ -282,24 +284,23 @@ def _cache_record(run_dir: Path) -> dict:
 
 
 def _train_missing(configs: dict, processes: int) -> dict:
-    """Train {name: Config (run.out set)}, writing each folder's cache.json as soon as it is done; {name: CachedRun}."""
+    """Train {name: Config (run.out set)} in child processes that never import the lesson (a lesson script has
+    no __main__ guard), writing each folder's cache.json once all are done; {name: CachedRun}."""
     if not configs:
         return {}
     print(f"  training {', '.join(configs)} into the lesson cache (once; reused afterwards)")
     started = time.monotonic()
-    if len(configs) == 1 or processes <= 1:
-        result = {name: _finished(name, config, _train_timed(config)) for name, config in configs.items()}
+    at_once = max(1, min(processes, len(configs)))
+    if len(configs) == 1:  # in this process: nothing to run in parallel
+        (name, config), = configs.items()
+        train(config)
+        seconds = {name: time.monotonic() - started}
     else:
-        from .config import config_to_dict
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(processes, len(configs)), mp_context=context) as pool:
-            futures = {pool.submit(_train_worker, config_to_dict(config)): name for name, config in configs.items()}
-            result = {}
-            for future in as_completed(futures):
-                name = futures[future]
-                result[name] = _finished(name, configs[name], future.result())
+        run_dirs = train_in_processes(configs, progress=True, threads=max(1, torch.get_num_threads() // at_once),
+                                      processes=at_once)
+        seconds = {name: process_seconds(run_dirs[name]) or 0.0 for name in configs}
     print(f"  trained in {time.monotonic() - started:.0f} s")
-    return result
+    return {name: _finished(name, configs[name], seconds[name]) for name in configs}
 
 
 def _finished(name: str, config, seconds: float) -> CachedRun:
@@ -308,20 +309,6 @@ def _finished(name: str, config, seconds: float) -> CachedRun:
     record = {"key": key, "name": name, "seconds": round(seconds, 2), "steps": config.train.steps}
     (run_dir / CACHE_RECORD).write_text(json.dumps(record, indent=2))
     return CachedRun(name, key, run_dir, True, seconds)
-
-
-def _train_timed(config) -> float:
-    from .training import train
-    started = time.monotonic()
-    train(config)
-    return time.monotonic() - started
-
-
-def _train_worker(tree: dict) -> float:
-    from .config import config_from_dict
-    config = config_from_dict(tree)
-    config = dataclasses.replace(config, train=dataclasses.replace(config.train, num_threads=1))
-    return _train_timed(config)
 
 
 def load_cached(run: CachedRun):
@@ -472,14 +459,20 @@ _CSS = """.math{overflow-x:auto;margin:.8em 0;text-align:center}
 .findings{background:#f6f8fa;border-left:4px solid #8ab;padding:.5em 1em}"""
 
 
-def _lesson_results(out_root: Path, number: int) -> dict | None:
+def _read_json(path: Path) -> dict | None:
     try:
-        return json.loads((out_root / f"{number:02d}" / RESULTS_FILE).read_text())
+        return json.loads(path.read_text())
     except (FileNotFoundError, ValueError):
         return None
 
 
-def _status(results: dict | None) -> str:
+def _status(out_root: Path, number: int) -> str:
+    """The lesson's result in one line: checks passed, or failed with the reason the runner recorded."""
+    results = _read_json(out_root / f"{number:02d}" / RESULTS_FILE)
+    run = _read_json(out_root / f"{number:02d}" / RUN_RECORD)
+    if run is not None and run["returncode"] != 0:
+        return (f'<span class="fail">failed</span>: {html.escape(run["reason"])} '
+                f'(exit {run["returncode"]}, {run["seconds"]:.0f} s)')
     if results is None:
         return '<span class="fail">not run</span>'
     passed = sum(c["passed"] for c in results["checks"])
@@ -491,8 +484,8 @@ def _status(results: dict | None) -> str:
 def lesson_section(path: Path, out_root: Path) -> str:
     """HTML of one lesson: its text cells, then its findings, figures and checks from NN/results.json."""
     number = int(path.name[:2])
-    results = _lesson_results(out_root, number)
-    parts = [f'<section id="lesson-{number:02d}">', f"<p>{_status(results)} &middot; source "
+    results = _read_json(out_root / f"{number:02d}" / RESULTS_FILE)
+    parts = [f'<section id="lesson-{number:02d}">', f"<p>{_status(out_root, number)} &middot; source "
              f"<code>docs/lessons/{html.escape(path.name)}</code></p>"]
     parts += [markdown_to_html(text) for kind, text in percent_cells(path) if kind == "markdown"]
     if results is not None:
@@ -525,7 +518,7 @@ def write_index(folder=None, out_root=None) -> Path:
                              f'<p><a href="index.html">All lessons</a></p>\n{section}', heading=False, css=_CSS)
         rows.append({"lesson": html_page.Html(f'<a href="#lesson-{number:02d}">{html.escape(title)}</a> '
                                               f'(<a href="{number:02d}.html">page</a>)'),
-                     "result": html_page.Html(_status(_lesson_results(out_root, number)))})
+                     "result": html_page.Html(_status(out_root, number))})
         sections.append(section)
     body = ("<h1>ldm_lite lessons</h1><p>Executable lessons from <code>docs/lessons/</code>; every number below "
             "was computed by the run that wrote this page (<code>make lessons</code>).</p>"
@@ -547,16 +540,52 @@ def _lesson_title(path: Path) -> str:
 
 # ----------------------------------------------------------------------------- runner
 
-def run_lessons(files, quick: bool = False, python: str | None = None) -> list[dict]:
-    """Run lesson scripts one after the other as subprocesses; [{"lesson", "returncode", "seconds"}]."""
-    results = []
+def run_lessons(files, quick: bool = False, python: str | None = None, out_root=None) -> list[dict]:
+    """Run lesson scripts one after the other as subprocesses; [{"lesson", "returncode", "seconds", "reason"}].
+
+    Each row is also written to <out_root>/NN/run.json for the index page; `reason` (when the lesson failed) is
+    its first failed check, else the last line it wrote on stderr (shown live as it runs).
+    """
+    out_root = Path(out_root) if out_root is not None else output_root()
+    rows = []
     for path in files:
+        folder = out_root / Path(path).name[:2]
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in (RESULTS_FILE, RUN_RECORD):
+            (folder / stale).unlink(missing_ok=True)
         command = [python or sys.executable, str(path)] + (["--quick"] if quick else [])
         started = time.monotonic()
-        returncode = subprocess.run(command, cwd=repo_root()).returncode
-        results.append({"lesson": Path(path).name, "returncode": returncode,
-                        "seconds": round(time.monotonic() - started, 1)})
-    return results
+        returncode, last_line = _run_showing_stderr(command)
+        row = {"lesson": Path(path).name, "returncode": returncode, "seconds": round(time.monotonic() - started, 1),
+               "reason": "" if returncode == 0 else _failure_reason(folder, last_line, returncode)}
+        (folder / RUN_RECORD).write_text(json.dumps(row, indent=2))
+        rows.append(row)
+    return rows
+
+
+def _run_showing_stderr(command: list) -> tuple[int, str]:
+    """Run `command` in the repository root, passing its stderr through; (exit code, last non-empty stderr line)."""
+    process = subprocess.Popen(command, cwd=repo_root(), stderr=subprocess.PIPE)
+    decoder, tail = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""
+    for chunk in iter(lambda: process.stderr.read1(65536), b""):
+        text = decoder.decode(chunk)
+        sys.stderr.write(text)
+        sys.stderr.flush()
+        tail = (tail + text)[-8192:]
+    lines = [line.strip() for line in re.split(r"[\r\n]", tail) if line.strip()]
+    return process.wait(), lines[-1] if lines else ""
+
+
+def _failure_reason(folder: Path, last_line: str, returncode: int) -> str:
+    """One line on why a lesson failed: its failed checks, else its last stderr line, else its exit code."""
+    results = _read_json(folder / RESULTS_FILE)
+    if results is not None:
+        failed = [c["claim"] for c in results["checks"] if not c["passed"]]
+        if failed:
+            return f"{len(failed)} of {len(results['checks'])} checks failed, first: {failed[0]}"
+        if not results["checks"]:
+            return "the lesson made no checks"
+    return last_line or f"exit code {returncode}"
 
 
 def main(argv=None) -> int:
@@ -573,10 +602,10 @@ def main(argv=None) -> int:
     if not files:
         print("no lessons to run", file=sys.stderr)
         return 2
-    results = run_lessons(files, args.quick)
+    results = run_lessons(files, args.quick, out_root=output_root())
     index = write_index(args.lessons, output_root())
     for row in results:
-        status = "ok" if row["returncode"] == 0 else f"FAILED (exit {row['returncode']})"
+        status = "ok" if row["returncode"] == 0 else f"FAILED (exit {row['returncode']}): {row['reason']}"
         print(f"{row['lesson']:<32} {row['seconds']:>7.1f} s  {status}")
     print(f"total {sum(r['seconds'] for r in results):.1f} s; index: {index}")
     return 0 if all(r["returncode"] == 0 for r in results) else 1

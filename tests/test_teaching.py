@@ -2,6 +2,9 @@
 the percent-format reader, the index page and the runner), each against an independent computation."""
 import json
 import math
+import os
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -123,16 +126,36 @@ def test_cached_runs_train_once_and_rebuild_when_the_config_changes(tmp_path):
     assert [row["step"] for row in teaching.training_log(again)][-1] == 2
 
 
-def test_cached_runs_train_several_models_in_parallel_processes(tmp_path):
-    configs = {"a": _tiny(), "b": _tiny(lr=5e-4)}
-    first = teaching.cached_runs(configs, cache=tmp_path, processes=2)
-    assert all(run.trained for run in first.values()) and len({run.run_dir for run in first.values()}) == 2
-    for name, run in first.items():
-        record = json.loads((run.run_dir / teaching.CACHE_RECORD).read_text())
-        assert record["key"] == teaching.config_key(configs[name]) and record["steps"] == 2
-    again = teaching.cached_runs(configs, cache=tmp_path, processes=2)
-    assert not any(run.trained for run in again.values())
-    assert list(again) == ["a", "b"]
+LESSON_LIKE_SCRIPT = """
+import json, os
+from pathlib import Path
+from ldm_lite import teaching
+with open(Path(os.environ["LDM_LITE_LESSON_CACHE"]) / "script_runs.txt", "a") as handle:
+    handle.write("ran\\n")  # top-level code, no __main__ guard: it must run once, not once per model
+config = teaching.lesson_config("eps", steps=2, batch_size=4, synthetic_size=8, resolution=8, grids=0)
+configs = {"a": config, "b": teaching.lesson_config("v", steps=3, batch_size=4, synthetic_size=8, resolution=8,
+                                                      grids=0)}
+first, again = teaching.cached_runs(configs), teaching.cached_runs(configs)
+print(json.dumps({name: [first[name].trained, again[name].trained, teaching.training_log(run)[-1]["step"],
+                         first[name].seconds > 0] for name, run in again.items()}))
+"""
+
+
+def test_a_lesson_script_run_as_main_trains_its_models_in_processes(tmp_path):
+    """Issue 24: run as `python lesson.py`, the cache trained its missing models in a spawn-based pool whose
+    children re-ran the script and crashed ("bootstrapping phase", BrokenProcessPool)."""
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "lesson.py").write_text(LESSON_LIKE_SCRIPT)
+    env = {**os.environ, teaching.CACHE_ENV: str(tmp_path / "cache"), "PYTHONPATH": str(teaching.repo_root()),
+           "OMP_NUM_THREADS": "2"}
+    done = subprocess.run([sys.executable, "lesson.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == {"a": [True, False, 2, True], "b": [True, False, 3, True]}
+    assert (tmp_path / "cache" / "script_runs.txt").read_text() == "ran\n"
+    for name, steps in (("a", 2), ("b", 3)):
+        folder = next((tmp_path / "cache").glob(f"{name}-*"))
+        assert json.loads((folder / teaching.CACHE_RECORD).read_text())["steps"] == steps
 
 
 def test_lesson_config_kinds():
@@ -246,15 +269,18 @@ def test_runner_runs_lessons_and_writes_the_index(tmp_path, monkeypatch):
     (folder / "01_pass.py").write_text(LESSON_TEXT)
     (folder / "02_fail.py").write_text(LESSON_TEXT.replace("Lesson(1, ", "Lesson(2, ").replace(
         '"--fail" not in sys.argv', "False").replace("# # 01 A title", "# # 02 Failing"))
+    (folder / "03_crash.py").write_text('# %% [markdown]\n# # 03 Crashing\n# %%\nraise RuntimeError("boom")\n')
     (folder / "notes.py").write_text("raise SystemExit(3)\n")  # not a lesson: no NN_ prefix
     out = tmp_path / "out"
     monkeypatch.setenv(teaching.OUT_ENV, str(out))
     monkeypatch.setenv("PYTHONPATH", str(teaching.repo_root()))
-    assert [p.name for p in teaching.lesson_files(folder)] == ["01_pass.py", "02_fail.py"]
+    assert [p.name for p in teaching.lesson_files(folder)] == ["01_pass.py", "02_fail.py", "03_crash.py"]
     assert teaching.main(["--quick", "--lessons", str(folder)]) == 1
     assert json.loads((out / "01" / teaching.RESULTS_FILE).read_text())["mode"] == "quick"
     index = (out / "index.html").read_text()
-    assert index.count("<section") == 2 and "1/1 checks passed" in index and "0/1 checks passed" in index
+    assert index.count("<section") == 3 and "1/1 checks passed" in index
+    assert '<span class="fail">failed</span>: 1 of 1 checks failed, first: works (exit 1' in index
+    assert '<span class="fail">failed</span>: RuntimeError: boom (exit 1' in index
     assert "<h1>01 A title</h1>" in index and '<td><span class="fail">FAIL</span></td><td>works</td>' in index
     assert "&lt;tag&gt;" in index and "<tag>" not in index
     page = (out / "02.html").read_text()
