@@ -19,6 +19,7 @@ notebook). Tests point both folders at a temporary directory, so every run start
 import argparse
 import codecs
 import dataclasses
+import functools
 import hashlib
 import html
 import json
@@ -34,6 +35,13 @@ from pathlib import Path
 import torch
 
 from ldm_lite import html_page
+
+try:  # the lessons extra (pip install -e .[lessons]): markdown and math rendered as MathML
+    from latex2mathml.converter import convert as latex_to_mathml
+    from markdown_it import MarkdownIt
+    from mdit_py_plugins.dollarmath import dollarmath_plugin
+except ImportError:
+    MarkdownIt = None
 from ldm_lite.processes import process_seconds, train_in_processes
 from ldm_lite.training import train
 
@@ -399,8 +407,8 @@ _INLINE_MATH = re.compile(r"(\$[^$\n]+\$)")
 
 
 def _inline(text: str) -> str:
-    """Escape HTML and render `code`, **bold**, *italic* and [links](url); $...$ math is kept verbatim (escaped)
-    for MathJax, also inside bold or italic text."""
+    """Escape HTML and render `code`, **bold**, *italic* and [links](url); $...$ math is kept verbatim (escaped),
+    also inside bold or italic text."""
     maths = _INLINE_MATH.findall(text)
     parts = _INLINE_MATH.split(text)
     placeholder = "\x00{}\x00"
@@ -413,9 +421,41 @@ def _inline(text: str) -> str:
     return re.sub("\x00(\\d+)\x00", lambda m: html.escape(maths[int(m.group(1))]), text)
 
 
+LESSONS_EXTRA_NOTICE = ("Equations are shown as LaTeX source: install the lessons extra "
+                        "(<code>pip install -e .[lessons]</code>, which <code>make lessons</code> does) to see them "
+                        "rendered.")
+
+
+def math_to_mathml(latex: str, display: bool) -> str:
+    """MathML of a LaTeX formula (latex2mathml), rendered natively by current browsers, no script."""
+    return latex_to_mathml(latex, display="block" if display else "inline")
+
+
+def _math_html(latex: str, options: dict) -> str:
+    try:
+        return math_to_mathml(latex, options["display_mode"])
+    except Exception:  # latex2mathml's errors share no base class; show the source (a test keeps this unused)
+        return f'<code class="fail">{html.escape(latex)}</code>'
+
+
+@functools.cache
+def markdown_parser():
+    """CommonMark (raw HTML off) with $inline$ and $$display$$ math rendered as MathML; None without the extra."""
+    if MarkdownIt is None:
+        return None
+    return MarkdownIt("commonmark", {"html": False}).use(dollarmath_plugin, double_inline=True, renderer=_math_html)
+
+
 def markdown_to_html(text: str) -> str:
+    """Markdown with math to HTML: markdown-it-py and MathML with the lessons extra, else
+    `markdown_subset_to_html` (math kept as LaTeX source)."""
+    parser = markdown_parser()
+    return parser.render(text) if parser is not None else markdown_subset_to_html(text)
+
+
+def markdown_subset_to_html(text: str) -> str:
     """A small Markdown subset to HTML: # headings, paragraphs, - and 1. lists, $$ display math $$, inline
-    `code`, **bold**, *italic*, [links](url) and $math$ (kept verbatim, escaped, for MathJax)."""
+    `code`, **bold**, *italic*, [links](url) and $math$ (kept verbatim, escaped)."""
     blocks, lines, i = [], text.splitlines(), 0
     while i < len(lines):
         line = lines[i].rstrip()
@@ -455,7 +495,7 @@ def markdown_to_html(text: str) -> str:
     return "\n".join(blocks)
 
 
-_CSS = """.math{overflow-x:auto;margin:.8em 0;text-align:center}
+_CSS = """div.math{overflow-x:auto;margin:.8em 0;text-align:center}
 .findings{background:#f6f8fa;border-left:4px solid #8ab;padding:.5em 1em}"""
 
 
@@ -510,17 +550,19 @@ def write_index(folder=None, out_root=None) -> Path:
     out_root = Path(out_root) if out_root is not None else output_root()
     out_root.mkdir(parents=True, exist_ok=True)
     rows, sections = [], []
+    notice = f'<p class="notice">{LESSONS_EXTRA_NOTICE}</p>' if markdown_parser() is None else ""
     for path in files:
         number = int(path.name[:2])
         section = lesson_section(path, out_root)
         title = _lesson_title(path)
         html_page.write_page(out_root / f"{number:02d}.html", title,
-                             f'<p><a href="index.html">All lessons</a></p>\n{section}', heading=False, css=_CSS)
+                             f'{notice}<p><a href="index.html">All lessons</a></p>\n{section}', heading=False,
+                             css=_CSS)
         rows.append({"lesson": html_page.Html(f'<a href="#lesson-{number:02d}">{html.escape(title)}</a> '
                                               f'(<a href="{number:02d}.html">page</a>)'),
                      "result": html_page.Html(_status(out_root, number))})
         sections.append(section)
-    body = ("<h1>ldm_lite lessons</h1><p>Executable lessons from <code>docs/lessons/</code>; every number below "
+    body = (notice + "<h1>ldm_lite lessons</h1><p>Executable lessons from <code>docs/lessons/</code>; every number below "
             "was computed by the run that wrote this page (<code>make lessons</code>).</p>"
             + html_page.table(rows) + "\n" + "\n".join(sections))
     index = out_root / "index.html"

@@ -3,6 +3,7 @@ the percent-format reader, the index page and the runner), each against an indep
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -248,19 +249,55 @@ def test_percent_cells_split_text_and_code(tmp_path):
     assert cells[2][1].startswith("from ldm_lite.teaching import Lesson")
 
 
-def test_markdown_to_html_renders_the_subset():
+def test_markdown_subset_to_html_renders_the_subset():
     text = ("# 01 A title\n\nText $a<b$ and `x<y` and **bold** *it*.\n\n$$\nA < B\n$$\n\n"
             "- one\n  more\n- two\n\n1. first")
-    rendered = teaching.markdown_to_html(text)
+    rendered = teaching.markdown_subset_to_html(text)
     assert "<h1>01 A title</h1>" in rendered
     assert "<p>Text $a&lt;b$ and <code>x&lt;y</code> and <strong>bold</strong> <em>it</em>.</p>" in rendered
     assert '<div class="math">$$ A &lt; B $$</div>' in rendered
     assert "<ul><li>one more</li><li>two</li></ul>" in rendered and "<ol><li>first</li></ol>" in rendered
-    assert teaching.markdown_to_html("[DDPM](https://arxiv.org/abs/2006.11239)") == \
+    assert teaching.markdown_subset_to_html("[DDPM](https://arxiv.org/abs/2006.11239)") == \
         '<p><a href="https://arxiv.org/abs/2006.11239">DDPM</a></p>'
-    assert teaching.markdown_to_html("$a * b * c$ and 2 * 3") == "<p>$a * b * c$ and 2 * 3</p>"
-    assert teaching.markdown_to_html("the **signal left at $t_0$** and `a$b`") == \
+    assert teaching.markdown_subset_to_html("$a * b * c$ and 2 * 3") == "<p>$a * b * c$ and 2 * 3</p>"
+    assert teaching.markdown_subset_to_html("the **signal left at $t_0$** and `a$b`") == \
         "<p>the <strong>signal left at $t_0$</strong> and <code>a$b</code></p>"
+
+
+needs_lessons_extra = pytest.mark.skipif(teaching.markdown_parser() is None,
+                                         reason="the lessons extra is not installed (pip install -e .[lessons])")
+
+
+@needs_lessons_extra
+def test_markdown_to_html_renders_math_as_mathml():
+    rendered = teaching.markdown_to_html("Noise $x_t = \\sqrt{a}\\, x_0$ and <b> *it*.\n\n$$\n\\frac{a}{b}\n$$\n")
+    assert rendered.startswith("<p>Noise <span class=\"math inline\"><math xmlns=")
+    assert "<msqrt><mrow><mi>a</mi></mrow></msqrt>" in rendered and "&lt;b&gt; <em>it</em>" in rendered
+    assert '<div class="math block">\n<math xmlns="http://www.w3.org/1998/Math/MathML" display="block">' in rendered
+    assert "<mfrac><mrow><mi>a</mi></mrow><mrow><mi>b</mi></mrow></mfrac>" in rendered and "$" not in rendered
+
+
+@needs_lessons_extra
+def test_every_formula_of_the_lessons_converts_to_mathml():
+    """Each $...$ and $$...$$ of the lessons' text becomes MathML without an error, an <merror> or a LaTeX command
+    left as text (latex2mathml writes an unknown command such as \\big\\| verbatim), and no dollar sign is left in
+    the rendered text (a formula the parser missed)."""
+    parser, formulas, problems = teaching.markdown_parser(), 0, []
+    for path in teaching.lesson_files():
+        for kind, text in teaching.percent_cells(path):
+            if kind != "markdown":
+                continue
+            tokens = parser.parse(text)
+            for token in [child for t in tokens for child in [t, *(t.children or [])]]:
+                if token.type.startswith("math"):
+                    formulas += 1
+                    mathml = teaching.math_to_mathml(token.content, token.type != "math_inline")
+                    if "merror" in mathml or "\\" in mathml:
+                        problems.append((path.name, token.content))
+            outside = re.sub(r'<(span|div) class="math [^"]+">.*?</\\1>|<code>.*?</code>', "", parser.render(text),
+                             flags=re.S)
+            problems += [(path.name, line) for line in outside.splitlines() if "$" in line]
+    assert formulas > 250 and not problems, problems
 
 
 def test_runner_runs_lessons_and_writes_the_index(tmp_path, monkeypatch):
@@ -290,9 +327,11 @@ def test_runner_runs_lessons_and_writes_the_index(tmp_path, monkeypatch):
     assert teaching.main(["--lessons", str(folder), "9"]) == 2
 
 
-def test_index_marks_lessons_that_did_not_run(tmp_path):
+def test_index_marks_lessons_that_did_not_run_and_says_when_math_stays_latex(tmp_path, monkeypatch):
     folder = tmp_path / "lessons"
     folder.mkdir()
     (folder / "01_pass.py").write_text(LESSON_TEXT)
+    monkeypatch.setattr(teaching, "markdown_parser", lambda: None)  # as without the lessons extra
     index = teaching.write_index(folder, tmp_path / "out").read_text()
     assert "not run" in index and "<h1>01 A title</h1>" in index
+    assert index.index("pip install -e .[lessons]") < index.index("<h1>") and "$x_t = \\sqrt{a} x_0$" in index

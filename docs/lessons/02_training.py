@@ -10,7 +10,7 @@ repository root, or open it as a notebook (jupytext percent format). Figures go 
 # Algorithm 1 and eq. 14):
 #
 # $$
-# L_\text{simple} = \mathbb{E}_{x_0, t, \epsilon} \big\| \epsilon - \epsilon_\theta(x_t, t) \big\|^2 .
+# L_\text{simple} = \mathbb{E}_{x_0, t, \epsilon} \left\| \epsilon - \epsilon_\theta(x_t, t) \right\|^2 .
 # $$
 #
 # What the network outputs is a choice. Predicting the noise $\epsilon$ (Ho et al.), the clean image $x_0$, or
