@@ -12,8 +12,6 @@ import pytest
 import torch
 
 from ldm_lite import teaching
-from ldm_lite.oracle import GaussianMixtureDenoiser
-from ldm_lite.schedulers import DDPMScheduler
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -66,31 +64,9 @@ def test_lesson_without_checks_fails_and_a_new_run_clears_old_figures(lesson_env
     assert not (again.out / "old.png").exists() and not (again.out / teaching.RESULTS_FILE).exists()
 
 
-# ----------------------------------------------------------------------------- data
-
-
-def test_lesson_images_fall_back_to_the_embedded_images(tmp_path):
-    images, source = teaching.lesson_images(5, 8, data_root=tmp_path / "missing")
-    assert images.shape == (5, 3, 8, 8) and "synthetic" in source
-    assert images.min() >= -1 and images.max() <= 1
-
-
-def test_lesson_images_read_a_cifar_folder(tmp_path):
-    from PIL import Image
-    folder = tmp_path / "cifar10-jpeg" / "test" / "cat"
-    folder.mkdir(parents=True)
-    for i in range(4):
-        Image.new("RGB", (32, 32), (60 * i, 0, 255)).save(folder / f"{i:04d}.png")
-    images, source = teaching.lesson_images(2, 16, data_root=tmp_path)
-    assert images.shape == (2, 3, 16, 16) and "CIFAR-10" in source
-    # files 0 and 3 (spread evenly): red 0 and 180 -> -1 and 180 / 127.5 - 1
-    assert images[:, 0, 0, 0].tolist() == pytest.approx([-1.0, 180 / 127.5 - 1], abs=1e-6)
-    assert images[:, 2].eq(1.0).all()
-
-
 def test_shared_data_is_found_beside_the_repository():
     assert teaching.shared_data_dir() == teaching.repo_root().parent / "shared" / "data"
-    assert (teaching.repo_root() / "ldm_lite" / "teaching.py").is_file()
+    assert (teaching.repo_root() / "ldm_lite" / "teaching" / "lesson.py").is_file()
 
 
 # ----------------------------------------------------------------------------- model cache
@@ -167,47 +143,6 @@ def test_lesson_config_kinds():
     assert teaching.lesson_config("x0").diffusion.prediction_type == "sample"
     with pytest.raises(ValueError, match="kind must be one of"):
         teaching.lesson_config("eps2")
-
-
-# ----------------------------------------------------------------------------- loss per bucket
-
-
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
-def test_loss_per_bucket_matches_the_gaussian_mmse(prediction_type):
-    """Gaussian data N(0, s^2 I) and its exact denoiser: per element the posterior error of x0 is
-    s^2 b^2 / (a^2 s^2 + b^2); eps errs by a/b times it and v by 1/b. One timestep per bucket (T = 10)."""
-    scheduler = DDPMScheduler(num_train_timesteps=10, beta_start=0.05, beta_end=0.4, prediction_type=prediction_type)
-    s = 0.5
-    oracle = GaussianMixtureDenoiser(torch.zeros(1, 3, 8, 8), s, alphas_cumprod=scheduler.alphas_cumprod,
-                                     prediction_type=prediction_type)
-    x0 = oracle.sample_data(512, torch.Generator().manual_seed(0), torch.float64)[0]
-    result = teaching.loss_per_bucket(oracle, scheduler, x0, num_buckets=10, generator=torch.Generator().manual_seed(1))
-    ab = scheduler.alphas_cumprod.double()
-    x0_mse = s ** 2 * (1 - ab) / (ab * s ** 2 + 1 - ab)
-    assert result["edges"].tolist() == list(range(11))
-    assert result["centres"].tolist() == list(range(10))
-    torch.testing.assert_close(result["x0_mse"], x0_mse, rtol=0.03, atol=0)
-    torch.testing.assert_close(result["eps_mse"], x0_mse * ab / (1 - ab), rtol=0.03, atol=0)
-    torch.testing.assert_close(result["v_mse"], x0_mse / (1 - ab), rtol=0.03, atol=0)
-    own = {"epsilon": "eps_mse", "v_prediction": "v_mse", "sample": "x0_mse"}[prediction_type]
-    assert torch.equal(result["loss"], result[own])
-    # standard error of a mean of 512 per-image means of 192 squared Gaussians: loss * sqrt(2 / 192 / 512)
-    torch.testing.assert_close(result["loss_stderr"], result["loss"] * math.sqrt(2 / 192 / 512), rtol=0.25, atol=0)
-
-
-def test_loss_per_bucket_buckets_and_the_untrained_zero_model():
-    """A model that always outputs 0 as an eps-predictor: eps error = eps, so eps_mse = E[eps^2] = 1 in every
-    bucket (up to sampling), whatever the data; buckets split T = 1000 into equal ranges."""
-    scheduler = DDPMScheduler()
-    x0 = torch.rand(64, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    zero = lambda x, t, labels: torch.zeros_like(x)  # noqa: E731
-    result = teaching.loss_per_bucket(zero, scheduler, x0, num_buckets=4, repeats=2,
-                                      generator=torch.Generator().manual_seed(0))
-    assert result["edges"].tolist() == [0, 250, 500, 750, 1000]
-    assert result["centres"].tolist() == [124.5, 374.5, 624.5, 874.5]
-    torch.testing.assert_close(result["loss"], torch.ones(4, dtype=torch.float64), rtol=0.05, atol=0)
-    with pytest.raises(ValueError, match="num_buckets"):
-        teaching.loss_per_bucket(zero, scheduler, x0, num_buckets=0)
 
 
 # ----------------------------------------------------------------------------- text and index
@@ -331,7 +266,8 @@ def test_index_marks_lessons_that_did_not_run_and_says_when_math_stays_latex(tmp
     folder = tmp_path / "lessons"
     folder.mkdir()
     (folder / "01_pass.py").write_text(LESSON_TEXT)
-    monkeypatch.setattr(teaching, "markdown_parser", lambda: None)  # as without the lessons extra
+    for module in (teaching.markdown, teaching.page):  # as without the lessons extra
+        monkeypatch.setattr(module, "markdown_parser", lambda: None)
     index = teaching.write_index(folder, tmp_path / "out").read_text()
     assert "not run" in index and "<h1>01 A title</h1>" in index
     assert index.index("pip install -e .[lessons]") < index.index("<h1>") and "$x_t = \\sqrt{a} x_0$" in index
