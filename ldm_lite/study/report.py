@@ -1,16 +1,15 @@
 """The study's report: report.html (both studies) and the plain-text and markdown tables (report.md), from the typed
 results (`load_results` reads them back from any results.json). Everything lands in `<out>/report.html` (plots,
 sample grids, the results tables with settings, seeds and run times); no number in the report is written by hand."""
-import html
 from pathlib import Path
 
-from ldm_lite import metrics
+from ldm_lite import html_page, metrics
 from ldm_lite.study.findings import band_findings, leak_findings, offset_findings, quality_findings
 from ldm_lite.study.results import DemoResults, QualityResults
 
 
 def _paragraph(sentences: list) -> str:
-    return "<p>" + " ".join(html.escape(s) for s in sentences) + "</p>" if sentences else ""
+    return "<p>" + " ".join(html_page.escape(s) for s in sentences) + "</p>" if sentences else ""
 
 
 def format_results(results: DemoResults | QualityResults) -> str:
@@ -34,14 +33,9 @@ def format_results(results: DemoResults | QualityResults) -> str:
 def write_report(results: DemoResults | QualityResults, path: Path) -> None:
     """A self-contained HTML page (images referenced next to it) with every section of the demo or the study."""
     if isinstance(results, QualityResults):
-        return _write_page("ldm_lite bias and quality study", _quality_sections(results), path)
-    return _write_page("ldm_lite bias study", _demo_sections(results), path)
-
-
-def _write_page(title: str, sections: list, path: Path) -> None:
-    body = "".join(f"<h2>{html.escape(name)}</h2>{content}" for name, content in sections)
-    path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-                    f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>")
+        html_page.write_page(path, "ldm_lite bias and quality study", html_page.sections(_quality_sections(results)))
+    else:
+        html_page.write_page(path, "ldm_lite bias study", html_page.sections(_demo_sections(results)))
 
 
 def _demo_sections(results: DemoResults) -> list:
@@ -49,33 +43,33 @@ def _demo_sections(results: DemoResults) -> list:
     sections = [
         ("Summary", "<p>Left: mean brightness of class-conditional samples per asked class (part 2). Right: "
          "spread of the per-image brightness of unconditional samples against the data (part 3).</p>" +
-         _img(results.figures["summary"])),
-        ("Settings", _html_table([{"setting": k, "value": v} for k, v in config.items()]) +
-         _html_table([{"part": k, "seconds": round(v, 1)} for k, v in results.timings.items()]) +
+         _plot(results.figures["summary"])),
+        ("Settings", html_page.table([{"setting": k, "value": v} for k, v in config.items()]) +
+         html_page.table([{"part": k, "seconds": round(v, 1)} for k, v in results.timings.items()]) +
          f"<p>Total run time: {results.total_seconds / 60:.1f} minutes.</p>"),
         ("1. How the forward process destroys each DCT band",
          "<p>SNR per octave band of the data, SNR_b(t) = alpha_bar_t P_b / (1 - alpha_bar_t); a band is destroyed "
          "once its SNR falls below 1. Measured correlation of x0 and x_t per band vs the theory sqrt(S / (1 + S)); "
          f"largest deviation {results.band_correlation_max_error:.3f}.</p>" +
          _paragraph(band_findings(results.tables["destruction"], results.tables["band_leak"])) +
-         "".join(_img(p) for p in results.figures["bands"].values()) +
-         "<h3>Destruction timestep per band (all channels)</h3>" + _html_table(results.tables["destruction"]) +
-         "<h3>SNR left at the first sampled step</h3>" + _html_table(results.tables["band_leak"])),
+         "".join(_plot(p) for p in results.figures["bands"].values()) +
+         "<h3>Destruction timestep per band (all channels)</h3>" + html_page.table(results.tables["destruction"]) +
+         "<h3>SNR left at the first sampled step</h3>" + html_page.table(results.tables["band_leak"])),
         ("2. Offset noise: asked for dark or bright",
          "<p>Class-conditional samples per brightness class, mean brightness vs the data's class mean "
          "(gap = samples - data; near-zero gaps for dark and bright mean the model reaches the extremes).</p>" +
-         _html_table(results.tables["offset_noise"]) +
+         html_page.table(results.tables["offset_noise"]) +
          _paragraph(offset_findings(results.tables["offset_noise"])) +
-         "".join(_img(p, k) for k, p in results.grids.items() if "rows" in k)),
+         "".join(_grid(p, k) for k, p in results.grids.items() if "rows" in k)),
         ("3. Signal leak: unconditional brightness",
          "<p>Per-image luminance of unconditional samples vs the data: std ratio below 1 means squeezed toward "
-         "mid-grey; W1 and KS compare the distributions.</p>" + _html_table(results.tables["signal_leak"]) +
+         "mid-grey; W1 and KS compare the distributions.</p>" + html_page.table(results.tables["signal_leak"]) +
          _paragraph(leak_findings(results.tables["signal_leak"])) +
-         "".join(_img(p, k) for k, p in results.figures.items() if k.startswith("brightness")) +
-         "".join(_img(p, k) for k, p in results.grids.items() if "unconditional" in k)),
+         "".join(_plot(p, k) for k, p in results.figures.items() if k.startswith("brightness")) +
+         "".join(_grid(p, k) for k, p in results.grids.items() if "unconditional" in k)),
     ]
     if results.skipped:
-        sections.append(("4. Zero terminal SNR", f"<p>{html.escape(results.skipped)}</p>"))
+        sections.append(("4. Zero terminal SNR", f"<p>{html_page.escape(results.skipped)}</p>"))
     return sections
 
 
@@ -97,35 +91,35 @@ def _quality_sections(results: QualityResults) -> list:
             "label)")
     return [
         ("Summary", f"<p>{len(results.models)} tiny class-conditional UNets, identical but for the fix, trained on "
-         f"{html.escape(config['data'])} at {config['resolution']} px; every setting draws {results.samples} "
+         f"{html_page.escape(config['data'])} at {config['resolution']} px; every setting draws {results.samples} "
          f"samples from the same seeds, compared with {results.reference['images']} training images.</p>"
          + _list([s for part in findings.values() for s in part]) + _figure(figures, "summary")),
         ("1. Samplers against the number of model calls",
          "<p>The standard model, unconditional samples from the same x_T per sampler; Heun takes 2N - 1 calls "
          "for N steps. Baseline of kid_diff: DDIM at the same NFE.</p>" + COLUMNS_NOTE
-         + _figure(figures, "fid_nfe") + _html_table(tables["samplers"])
+         + _figure(figures, "fid_nfe") + html_page.table(tables["samplers"])
          + _paragraph(findings["samplers"])),
         ("2. Epsilon scaling: the lambda FID picks and the one the exposure metric picks",
          f"<p>{base}, with eps / lambda in every x0 estimate (Ning et al.); eps_norm_gap: RMS relative gap between "
          "the eps-norm along sampling (from noised training images) and on forward-noised training images.</p>"
-         + _html_table(tables["eps"]) + _paragraph(findings["eps"]) + _figure(figures, "eps_quality")
+         + html_page.table(tables["eps"]) + _paragraph(findings["eps"]) + _figure(figures, "eps_quality")
          + _figure(figures, "eps_scan")),
         ("3. Signal leak and DC steering",
          f"<p>{base}, from plain x_T and from leak-aware x_T (dct+pixel statistics of the training images, "
          "Everaert et al.). Steering fixes the leak's DC to a tercile's mean brightness; its samples are meant to "
-         "differ from the data, so they get brightness figures, not FID.</p>" + _html_table(tables["leak"])
-         + _html_table(tables["steering"]) + _paragraph(findings["leak"])),
+         "differ from the data, so they get brightness figures, not FID.</p>" + html_page.table(tables["leak"])
+         + html_page.table(tables["steering"]) + _paragraph(findings["leak"])),
         ("4. The fixes against the standard recipe",
          f"<p>Each model unconditionally with DDIM, {config['sample_steps']} steps (the zero-SNR model with trailing "
          "spacing, the offset model from its own training noise, randn + s randn(C, 1, 1)); then asked for each "
-         "brightness tercile.</p>" + _html_table(tables["fixes"]) + _html_table(tables["terciles"])
+         "brightness tercile.</p>" + html_page.table(tables["fixes"]) + html_page.table(tables["terciles"])
          + _paragraph(findings["fixes"])),
         ("Plan, budget and timings", _plan_section(results)),
-        ("Sample grids", "".join(_img(path, label) for label, path in results.grids.items())),
-        ("Settings", _html_table([{"setting": k, "value": v} for k, v in config.items()])
-         + _html_table(results.models)
-         + f"<p>Reference: {html.escape(results.reference['source'])}, features cached in "
-         f"{html.escape(results.reference['path'])}. Seed {config['seed']}: training batches and sample i's noise "
+        ("Sample grids", "".join(_grid(path, label) for label, path in results.grids.items())),
+        ("Settings", html_page.table([{"setting": k, "value": v} for k, v in config.items()])
+         + html_page.table(results.models)
+         + f"<p>Reference: {html_page.escape(results.reference['source'])}, features cached in "
+         f"{html_page.escape(results.reference['path'])}. Seed {config['seed']}: training batches and sample i's noise "
          "(sample_seed(seed, i)), the same for every setting.</p>"),
     ]
 
@@ -139,19 +133,28 @@ def _plan_section(results: QualityResults) -> str:
     estimates = [{"part": k, "planned minutes": v / 60} for k, v in results.estimates.items()]
     timings = [{"part": k, "minutes": v / 60} for k, v in results.timings.items()]
     cut = _list(dropped) if dropped else "<p>Nothing was dropped: every planned evaluation fit the budget.</p>"
-    return (_html_table([speed]) + autocast + "<h3>Plan</h3>" + _html_table(estimates) + "<h3>Dropped</h3>" + cut
-            + "<h3>Measured time per part</h3>" + _html_table(timings)
+    return (html_page.table([speed]) + autocast + "<h3>Plan</h3>" + html_page.table(estimates) + "<h3>Dropped</h3>"
+            + cut + "<h3>Measured time per part</h3>" + html_page.table(timings)
             + f"<p>Total run time: {results.total_seconds / 60:.1f} of {results.config['minutes']:g} minutes."
             "</p>")
 
 
 def _figure(figures: dict, name: str) -> str:
     """The figure, or a line saying its evaluations did not run (see the plan's dropped list)."""
-    return _img(figures[name]) if name in figures else f"<p>({name}: not drawn, its evaluations were skipped)</p>"
+    return _plot(figures[name]) if name in figures else f"<p>({name}: not drawn, its evaluations were skipped)</p>"
+
+
+def _plot(path: str, caption: str = "") -> str:
+    return html_page.figure(path, caption, inline=True)
+
+
+def _grid(path: str, caption: str) -> str:
+    """A grid of samples, its pixels kept sharp."""
+    return html_page.figure(path, caption, inline=True, pixels=True)
 
 
 def _list(sentences: list) -> str:
-    return "<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in sentences) + "</ul>"
+    return "<ul>" + "".join(f"<li>{html_page.escape(s)}</li>" for s in sentences) + "</ul>"
 
 
 def format_quality_results(results: QualityResults, markdown: bool = False) -> str:
@@ -173,30 +176,3 @@ def format_quality_results(results: QualityResults, markdown: bool = False) -> s
         lines += [f"- {sentence}" if markdown else sentence for sentence in findings[key]] + [""]
     dropped = [f"- {line}" if markdown else line for line in results.dropped]
     return "\n".join(lines + dropped)
-
-
-_CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
-        "td,th{border:1px solid #ccc;padding:2px 8px;font-size:13px;text-align:right}"
-        "img{max-width:100%;margin:4px;image-rendering:pixelated}figure{display:inline-block;margin:4px}")
-
-
-def _html_table(rows: list) -> str:
-    if not rows:
-        return "<p>(no rows)</p>"
-    columns = list(rows[0])
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_format(row.get(c)))}</td>" for c in columns) + "</tr>"
-                   for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _img(path: str, caption: str = "") -> str:
-    caption_html = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
-    return f"<figure><img src='{html.escape(str(path))}'>{caption_html}</figure>"
-
-
-def _format(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-

@@ -1,18 +1,12 @@
 """Training of the study's models: one config per model (the standard recipe or a fix), pairs trained side by side
-in spawned processes of one thread each, and the trained models loaded back."""
+in child processes of one thread each (`ldm_lite.processes`), and the trained models loaded back."""
 import json
-import multiprocessing
-import os
-import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-from ldm_lite.config import config_from_dict, config_to_dict
-from ldm_lite.distributed import leave_torchrun
+from ldm_lite.config import config_from_dict
 from ldm_lite.models import load_unet
-from ldm_lite.runs import CHECKPOINT_NAME, METRICS_FILE, load_checkpoint
+from ldm_lite.processes import train_in_processes
+from ldm_lite.runs import CHECKPOINT_NAME, load_checkpoint
 from ldm_lite.schedulers import from_config
 from ldm_lite.study.config import QualityStudyConfig, StudyConfig
 from ldm_lite.study.plan import Clock, Plan
@@ -55,39 +49,9 @@ def train_models(config: StudyConfig, names: list, minutes: float) -> dict:
     if len(names) == 1:
         run_dirs = {names[0]: train(configs[names[0]])}
     else:
-        run_dirs = _train_in_processes(configs, config.progress)
+        run_dirs = train_in_processes(configs, config.progress, threads=1)
     return {name: {"model": load_unet(run_dirs[name]).eval(), "config": configs[name], "run_dir": run_dirs[name],
                    "steps": load_checkpoint(run_dirs[name] / CHECKPOINT_NAME)["step"]} for name in names}
-
-
-def _train_in_processes(configs: dict, progress: bool, hide_cuda: bool = False) -> dict:
-    """{name: Config} -> {name: run_dir}, one spawned process per run, one progress bar for all; hide_cuda keeps
-    the processes on the CPU (training otherwise takes CUDA when it is available)."""
-    context = multiprocessing.get_context("spawn")
-    total = sum(c.train.steps for c in configs.values())
-    with ProcessPoolExecutor(max_workers=len(configs), mp_context=context) as pool, \
-            tqdm(total=total, desc="training " + " + ".join(configs), unit="step", disable=not progress) as bar:
-        futures = {name: pool.submit(_train_worker, config_to_dict(c), hide_cuda) for name, c in configs.items()}
-        while not all(f.done() for f in futures.values()):
-            time.sleep(1.0)
-            bar.update(sum(_logged_step(Path(c.run.out)) for c in configs.values()) - bar.n)
-        return {name: Path(future.result()) for name, future in futures.items()}
-
-
-def _train_worker(config: dict, hide_cuda: bool = False) -> str:
-    leave_torchrun()  # spawned by rank 0 of a sharded study: train on its own, not in the study's process group
-    if hide_cuda:  # a fresh spawned process: CUDA is not initialised yet
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    return str(train(config_from_dict(config)))
-
-
-def _logged_step(run_dir: Path) -> int:
-    """The last step written to a run's metrics log (0 before the first line)."""
-    try:
-        lines = (run_dir / METRICS_FILE).read_text().splitlines()
-        return json.loads(lines[-1])["step"] if lines else 0
-    except (FileNotFoundError, ValueError, KeyError):
-        return 0
 
 
 def study_scheduler(trained: dict):
@@ -115,7 +79,8 @@ def train_study_models(config: QualityStudyConfig, names: list, clock: Clock, pl
         minutes = min(share * (1.25 if "steps" in record else 1.0), (clock.left() - plan.estimates["margin"]) / 60)
         configs = {name: train_config(config, name, minutes, 1 if len(pair) > 1 else 0, steps) for name in pair}
         with clock(f"train {' + '.join(pair)}"):
-            _train_in_processes(configs, config.progress, device.type == "cpu")
+            # threads=0 keeps each config's thread count: one each for a pair, torch's default for a model alone
+            train_in_processes(configs, config.progress, hide_cuda=device.type == "cpu", threads=0)
         for name in pair:
             record[name] = int(load_checkpoint(Path(configs[name].run.out) / CHECKPOINT_NAME)["step"])
         record.setdefault("steps", min(record[name] for name in pair))
