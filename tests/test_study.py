@@ -530,6 +530,20 @@ def test_run_time_skips_follow_the_rates_the_settings_ran_at():
             ("DC steering (part 3)", 100 / 60), ("eps-norm scan (part 2)", 200 / 60))]
 
 
+def test_clock_adds_each_timed_block_to_its_part(monkeypatch):
+    """`with clock(part):` adds the block's time (monotonic clock readings, stubbed) to the part; a block that
+    raises adds nothing; left() is the budget minus the time since the clock started."""
+    readings = iter([100.0, 101.0, 103.5, 110.0, 112.0, 120.0, 130.0])
+    monkeypatch.setattr(study_module.plan.time, "monotonic", lambda: next(readings))
+    clock = study_module.Clock(1.0)  # started at 100
+    for _ in range(2):
+        with clock("train"):
+            pass
+    with pytest.raises(RuntimeError), clock("figures"):  # starts at 120, then fails
+        raise RuntimeError
+    assert clock.parts == {"train": 2.5 + 2.0} and clock.left() == 60.0 - (130.0 - 100.0)
+
+
 def test_offset_training_noise_is_the_plain_noise_plus_a_per_channel_offset():
     scheduler = from_config({"_class_name": "DDIMScheduler"})
     scheduler.set_timesteps(5)
