@@ -25,6 +25,7 @@ test: $(STAMP)
 # Every lesson of docs/lessons/ in full mode (trains the lesson models once into runs/lessons/cache), then
 # runs/lessons/index.html; python -m ldm_lite.teaching --quick for the bounded versions.
 lessons: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[lessons]'
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m ldm_lite.teaching
 
 bench: $(STAMP)

@@ -1,5 +1,7 @@
 from setuptools import find_packages, setup
 
+LESSONS_EXTRA = ["markdown-it-py", "mdit-py-plugins", "latex2mathml"]
+
 setup(
     name="ldm_lite",
     version="0.1.0",
@@ -23,6 +25,8 @@ setup(
         # opencv-python and other packages its code never imports; opencv-python-headless, filetype, requests
         # (and scipy) are the ones it does import. threadpoolctl: test_quality runs scipy's sqrtm on one thread.
         "dev": ["pytest", "diffusers", "scipy", "opencv-python-headless", "filetype", "requests",
-                "threadpoolctl"],
+                "threadpoolctl", *LESSONS_EXTRA],
+        # The lessons' page (python -m ldm_lite.teaching): Markdown and its $math$ as MathML, offline.
+        "lessons": LESSONS_EXTRA,
     },
 )

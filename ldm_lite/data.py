@@ -295,3 +295,27 @@ def save_image_grid(images: torch.Tensor, path, nrow: int = 8, scale: int = 1) -
     if channels == 1:
         grid = grid.expand(3, -1, -1)
     Image.fromarray(grid.permute(1, 2, 0).contiguous().numpy()).save(path)
+
+
+def shared_data_dir() -> Path:
+    """../shared/data beside the repository holding this package (found from it, never an absolute path)."""
+    return Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def lesson_images(n: int, resolution: int, data_root=None, seed: int = 0) -> tuple[torch.Tensor, str]:
+    """n pictures (n, 3, R, R) float in [-1, 1] and a description of where they came from.
+
+    Looks in `data_root` (default `shared_data_dir()`) for cifar10-jpeg/test, then coco128, taking n images
+    spread evenly over the sorted file list; without either, the embedded `synthetic_brightness` images.
+    """
+    root = Path(data_root) if data_root is not None else shared_data_dir()
+    for sub, name in (("cifar10-jpeg/test", "CIFAR-10 test pictures"), ("coco128", "COCO pictures")):
+        folder = root / sub
+        if folder.is_dir():
+            paths = list_images(folder)
+            if paths:
+                keep = torch.linspace(0, len(paths) - 1, min(n, len(paths))).round().long().tolist()
+                images, _ = read_images([paths[i] for i in keep], resolution)
+                return to_float(images), f"{len(images)} {name} from {sub} at {resolution}x{resolution}"
+    images = synthetic_brightness(n, resolution, seed).images
+    return to_float(images), f"{n} embedded synthetic images at {resolution}x{resolution} (no ../shared/data)"

@@ -44,13 +44,6 @@ TORCHRUN_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "G
                       "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
 
 
-def leave_torchrun() -> None:
-    """Forget torchrun's variables in this process (one spawned by a rank to do work of its own, such as the
-    study's training processes), so that init_world makes it a world of one instead of joining the group."""
-    for name in TORCHRUN_VARIABLES:
-        os.environ.pop(name, None)
-
-
 def share(n: int, world: World) -> range:
     """The indices of the n items this rank handles: contiguous blocks whose sizes differ by at most one."""
     return range(world.rank * n // world.size, (world.rank + 1) * n // world.size)

@@ -9,6 +9,7 @@ exposure bias along the sampling chain.
 - Bands: per-band power P_b of clean data, SNR_b(t) = ab_t P_b / ((1 - ab_t) N_b) for common schedules,
   destruction times, the SNR left at the first sampled step (leak per band) and the measured correlation
   of x_t with x0 against sqrt(S / (1 + S)) (formulas and conventions in `ldm_lite.spectral`).
+- Loss per timestep bucket (`loss_per_bucket`): a denoiser's error in the eps, x0 and v parametrisations at once.
 - Exposure bias (Ning et al. 2023, "Elucidating the Exposure Bias in Diffusion Models", arXiv:2308.15321):
   the norm of the predicted noise along sampling vs on forward-noised data, delta_t (sec. 4.2), and a scan
   for the epsilon-scaling value that best matches the two eps-norm curves (sec. 5).
@@ -405,3 +406,51 @@ def format_table(rows: list, columns: list | None = None, float_format: str = ".
     lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in cells]
     return "\n".join(lines)
+
+
+@torch.no_grad()
+def loss_per_bucket(model, scheduler, x0: torch.Tensor, num_buckets: int = 10, repeats: int = 1,
+                    generator: torch.Generator | None = None, batch_size: int = 256) -> dict:
+    """Mean squared error of a denoiser per timestep bucket, in all three parametrisations at once.
+
+    The T training timesteps are cut into `num_buckets` equal buckets; every image of x0 (N, C, H, W) is noised
+    `repeats` times at a timestep drawn uniformly in each bucket (Ho et al. 2020, arXiv:2006.11239, Algorithm 1)
+    and the model output is converted by `predict_x0_and_eps` for the scheduler's prediction type. Per image,
+    mean over elements of (x0_hat - x0)^2, (eps_hat - eps)^2 and (v_hat - v)^2 with v = sqrt(ab) eps -
+    sqrt(1 - ab) x0 (Salimans & Ho 2022, arXiv:2202.00512). For a consistent model these are one error seen
+    three ways: eps error = -(sqrt(ab) / sqrt(1 - ab)) x0 error and v error = -x0 error / sqrt(1 - ab).
+
+    Returns float64 tensors: "edges" (K + 1,) int64, "centres" (K,), "x0_mse", "eps_mse", "v_mse", "loss" (the
+    model's own training target) and "loss_stderr" (K,) (standard error over images).
+    """
+    T = scheduler.num_train_timesteps
+    if not 1 <= num_buckets <= T:
+        raise ValueError(f"num_buckets must be in [1, {T}], got {num_buckets}")
+    edges = torch.linspace(0, T, num_buckets + 1).round().long()
+    target = {"epsilon": "eps_mse", "v_prediction": "v_mse", "sample": "x0_mse"}[scheduler.prediction_type]
+    data = x0.repeat(repeats, 1, 1, 1).double()
+    rows = {name: [] for name in ("x0_mse", "eps_mse", "v_mse")}
+    stderr = []
+    for low, high in zip(edges[:-1].tolist(), edges[1:].tolist()):
+        t = torch.randint(low, high, (len(data),), generator=generator)
+        noise = torch.randn(data.shape, generator=generator, dtype=torch.float64)
+        ab = scheduler.alphas_cumprod.double()[t].reshape(-1, 1, 1, 1)
+        a, b = ab.sqrt(), (1 - ab).sqrt()
+        x_t = scheduler.add_noise(data, noise, t)
+        errors = {name: [] for name in rows}
+        for start in range(0, len(data), batch_size):
+            part = slice(start, start + batch_size)
+            output = model(x_t[part].float(), t[part], None).double()
+            x0_hat, eps_hat = predict_x0_and_eps(output, x_t[part], a[part], b[part], scheduler.prediction_type)
+            v, v_hat = a[part] * noise[part] - b[part] * data[part], a[part] * eps_hat - b[part] * x0_hat
+            for name, error in (("x0_mse", x0_hat - data[part]), ("eps_mse", eps_hat - noise[part]),
+                                ("v_mse", v_hat - v)):
+                errors[name].append(error.pow(2).flatten(1).mean(1))
+        for name in rows:
+            per_image = torch.cat(errors[name])
+            rows[name].append(per_image.mean())
+            if name == target:
+                stderr.append(per_image.std() / math.sqrt(len(per_image)))
+    result = {name: torch.stack(values) for name, values in rows.items()}
+    return {"edges": edges, "centres": (edges[:-1] + edges[1:] - 1).double() / 2, **result,
+            "loss": result[target].clone(), "loss_stderr": torch.stack(stderr)}

@@ -9,7 +9,7 @@ from PIL import Image
 
 from ldm_lite.data import (CIFAR10_CLASSES, InMemoryImages, brightness_terciles, folder_labels, iter_image_folder,
                            list_images, load_cifar10, load_dataset, load_image, load_image_folder, save_image_grid,
-                           synthetic_brightness, to_float, to_uint8)
+                           lesson_images, synthetic_brightness, to_float, to_uint8)
 
 CIFAR_JPEG = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg" / "train"
 
@@ -178,3 +178,21 @@ def test_cifar10_jpeg_folder_loads_with_class_labels():
     assert data.images.shape == (40, 3, 32, 32)
     assert data.class_names == CIFAR10_CLASSES
     assert data.labels.bincount().tolist() == [4] * 10  # spread evenly over the 10 class folders
+
+
+def test_lesson_images_fall_back_to_the_embedded_images(tmp_path):
+    images, source = lesson_images(5, 8, data_root=tmp_path / "missing")
+    assert images.shape == (5, 3, 8, 8) and "synthetic" in source
+    assert images.min() >= -1 and images.max() <= 1
+
+
+def test_lesson_images_read_a_cifar_folder(tmp_path):
+    folder = tmp_path / "cifar10-jpeg" / "test" / "cat"
+    folder.mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (32, 32), (60 * i, 0, 255)).save(folder / f"{i:04d}.png")
+    images, source = lesson_images(2, 16, data_root=tmp_path)
+    assert images.shape == (2, 3, 16, 16) and "CIFAR-10" in source
+    # files 0 and 3 (spread evenly): red 0 and 180 -> -1 and 180 / 127.5 - 1
+    assert images[:, 0, 0, 0].tolist() == pytest.approx([-1.0, 180 / 127.5 - 1], abs=1e-6)
+    assert images[:, 2].eq(1.0).all()

@@ -7,6 +7,7 @@ import scipy.stats
 import torch
 
 from ldm_lite import DDIMScheduler, DDPMScheduler, metrics, spectral
+from ldm_lite.oracle import GaussianMixtureDenoiser
 from ldm_lite.schedules import named_alphas_cumprod
 
 
@@ -310,3 +311,41 @@ def test_eps_norm_of_v_prediction_model_is_converted():
     seeded["generator"] = torch.Generator().manual_seed(0)
     got = metrics.forward_eps_norm(v_model, v_scheduler, x0, **seeded)["eps_norm"]
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_loss_per_bucket_matches_the_gaussian_mmse(prediction_type):
+    """Gaussian data N(0, s^2 I) and its exact denoiser: per element the posterior error of x0 is
+    s^2 b^2 / (a^2 s^2 + b^2); eps errs by a/b times it and v by 1/b. One timestep per bucket (T = 10)."""
+    scheduler = DDPMScheduler(num_train_timesteps=10, beta_start=0.05, beta_end=0.4, prediction_type=prediction_type)
+    s = 0.5
+    oracle = GaussianMixtureDenoiser(torch.zeros(1, 3, 8, 8), s, alphas_cumprod=scheduler.alphas_cumprod,
+                                     prediction_type=prediction_type)
+    x0 = oracle.sample_data(512, torch.Generator().manual_seed(0), torch.float64)[0]
+    result = metrics.loss_per_bucket(oracle, scheduler, x0, num_buckets=10, generator=torch.Generator().manual_seed(1))
+    ab = scheduler.alphas_cumprod.double()
+    x0_mse = s ** 2 * (1 - ab) / (ab * s ** 2 + 1 - ab)
+    assert result["edges"].tolist() == list(range(11))
+    assert result["centres"].tolist() == list(range(10))
+    torch.testing.assert_close(result["x0_mse"], x0_mse, rtol=0.03, atol=0)
+    torch.testing.assert_close(result["eps_mse"], x0_mse * ab / (1 - ab), rtol=0.03, atol=0)
+    torch.testing.assert_close(result["v_mse"], x0_mse / (1 - ab), rtol=0.03, atol=0)
+    own = {"epsilon": "eps_mse", "v_prediction": "v_mse", "sample": "x0_mse"}[prediction_type]
+    assert torch.equal(result["loss"], result[own])
+    # standard error of a mean of 512 per-image means of 192 squared Gaussians: loss * sqrt(2 / 192 / 512)
+    torch.testing.assert_close(result["loss_stderr"], result["loss"] * math.sqrt(2 / 192 / 512), rtol=0.25, atol=0)
+
+
+def test_loss_per_bucket_buckets_and_the_untrained_zero_model():
+    """A model that always outputs 0 as an eps-predictor: eps error = eps, so eps_mse = E[eps^2] = 1 in every
+    bucket (up to sampling), whatever the data; buckets split T = 1000 into equal ranges."""
+    scheduler = DDPMScheduler()
+    x0 = torch.rand(64, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    zero = lambda x, t, labels: torch.zeros_like(x)  # noqa: E731
+    result = metrics.loss_per_bucket(zero, scheduler, x0, num_buckets=4, repeats=2,
+                                      generator=torch.Generator().manual_seed(0))
+    assert result["edges"].tolist() == [0, 250, 500, 750, 1000]
+    assert result["centres"].tolist() == [124.5, 374.5, 624.5, 874.5]
+    torch.testing.assert_close(result["loss"], torch.ones(4, dtype=torch.float64), rtol=0.05, atol=0)
+    with pytest.raises(ValueError, match="num_buckets"):
+        metrics.loss_per_bucket(zero, scheduler, x0, num_buckets=0)

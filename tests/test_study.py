@@ -7,6 +7,7 @@ DDIM at 5 steps, a 32-image reference): its report's sections, its FID / KID row
 saved features, its samples re-drawn, its plan's cuts against hand-computed costs, and its findings' rules."""
 import copy
 import dataclasses
+import html
 import json
 import math
 import os
@@ -28,11 +29,13 @@ from ldm_lite.runs import run_config
 from ldm_lite.sampling import initial_noise, sample, sample_generators
 from ldm_lite.schedulers import from_config
 from ldm_lite import study as study_module
-from ldm_lite.study import (Plan, QualityStudyConfig, StudyConfig, band_findings, change_findings,
-                            check_study_settings, eps_findings, evaluation_seconds, first_choices,
-                            format_quality_results, leak_findings, offset_findings, offset_training_noise, plan_study,
-                            quality_tables, record_choices, run_evaluations, run_order, run_study, sampler_findings,
-                            sampler_steps, saved_extra, study_parts, write_report)
+from ldm_lite.study import real, shards
+from ldm_lite.study import (FORMAT_VERSION, Plan, QualityResults, QualityStudyConfig, StudyConfig, band_findings,
+                            change_findings, check_study_settings, eps_findings, evaluation_seconds, first_choices,
+                            format_quality_results, format_results, leak_findings, load_results, offset_findings,
+                            offset_training_noise, plan_study, quality_tables, record_choices, run_evaluations,
+                            run_order, run_study, sampler_findings, sampler_steps, save_results, saved_extra,
+                            study_parts, write_report)
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,18 +60,20 @@ def test_report_has_every_section(study):
     assert "src='summary.png'" in page and Image.open(out / "summary.png").size[0] > 500
     # grids of 8x8 samples are upscaled 6x: 16 per row, 6 * 8 pixels each plus 2-pixel gaps
     assert Image.open(out / "grid_standard_plain_noise.png").size[0] == 16 * (6 * 8 + 2) + 2
-    for figure in list(results["figures"]["bands"].values()) + list(results["grids"].values()):
+    for figure in list(results.figures["bands"].values()) + list(results.grids.values()):
         assert (out / figure).is_file() and f"src='{figure}'" in page, figure
 
 
 def test_models_trained_for_their_steps(study):
     out, results = study
-    assert {r["model"]: r["steps"] for r in results["tables"]["offset_noise"]} == {"standard": 40, "offset": 40}
+    assert json.loads((out / "results.json").read_text())["format_version"] == FORMAT_VERSION
+    assert load_results(out / "results.json") == results  # every field read back as the run made it
+    assert {r["model"]: r["steps"] for r in results.tables["offset_noise"]} == {"standard": 40, "offset": 40}
 
 
 def test_tables_hold_what_the_models_produce(study):
     out, results = study
-    rows = results["tables"]["offset_noise"]
+    rows = results.tables["offset_noise"]
     # the data's class means, computed here from the embedded data (labels: brightness terciles)
     data = synthetic_brightness(512, 8, seed=0)
     brightness = to_float(data.images).mean(dim=(1, 2, 3))
@@ -84,11 +89,11 @@ def test_tables_hold_what_the_models_produce(study):
     for c, name in enumerate(("dark", "mid", "bright")):
         row = next(r for r in rows if r["model"] == "standard" and r["asked"] == name)
         assert row["samples_mean"] == pytest.approx(float(images[labels == c].mean()), abs=1e-5)
-    leak_rows = {(r["model"], r["initial_noise"]): r for r in results["tables"]["signal_leak"]}
+    leak_rows = {(r["model"], r["initial_noise"]): r for r in results.tables["signal_leak"]}
     plain = leak_rows["standard", "plain noise"]
     # 10 leading steps with offset 1 start at t0 = 901, where scaled_linear keeps sqrt(alpha_bar) = 0.118
     assert plain["t0"] == 901 and plain["sqrt_alpha_bar_t0"] == pytest.approx(0.1183, abs=1e-4)
-    assert results["band_correlation_max_error"] < 0.2  # measured x0 / x_t correlation vs sqrt(S / (1 + S))
+    assert results.band_correlation_max_error < 0.2  # measured x0 / x_t correlation vs sqrt(S / (1 + S))
 
 
 def test_dc_destruction_matches_the_closed_form(study):
@@ -99,7 +104,7 @@ def test_dc_destruction_matches_the_closed_form(study):
     from ldm_lite.schedules import named_alphas_cumprod
     alphas_cumprod = named_alphas_cumprod(["scaled_linear"])["scaled_linear"]
     expected = int(torch.nonzero(alphas_cumprod * dc_power / (1 - alphas_cumprod) < 1)[0])
-    row = next(r for r in results["tables"]["destruction"]
+    row = next(r for r in results.tables["destruction"]
                if r["schedule"] == "scaled_linear" and r["band"] == 0 and r["noise"] == "white")
     assert row["destruction_timestep"] == expected
 
@@ -109,14 +114,14 @@ def test_findings_follow_the_numbers(study, tmp_path):
     the real report states the measured one."""
     out, results = study
     page = (out / "report.html").read_text()
-    for sentence in band_findings(results["tables"]["destruction"], results["tables"]["band_leak"]):
+    for sentence in band_findings(results.tables["destruction"], results.tables["band_leak"]):
         assert sentence in page
     fabricated = copy.deepcopy(results)
-    for row in fabricated["tables"]["destruction"]:
+    for row in fabricated.tables["destruction"]:
         if row["schedule"] == "linear" and row["noise"] == "white":
             row["destruction_timestep"] = 100 if row["band"] == 0 else 500 + row["band"]
     write_report(fabricated, tmp_path / "report.html")
-    last_band = max(r["band"] for r in fabricated["tables"]["destruction"])
+    last_band = max(r["band"] for r in fabricated.tables["destruction"])
     assert (f"Under linear band {last_band} is the last to fall below SNR 1 (t = {500 + last_band}), not the DC band "
             "(t = 100).") in (tmp_path / "report.html").read_text()
     rows = [dict(schedule="s", noise="white", band=b, destruction_timestep=t) for b, t in ((0, 1000), (1, 700))]
@@ -139,6 +144,45 @@ def test_offset_and_leak_findings_follow_the_numbers():
                        "(lowest W1)."
     leak[1]["wasserstein"] = 0.3
     assert leak_findings(leak)[2].startswith("For the standard model, plain noise gives")
+
+
+OLD_RESULTS = ROOT / "tests" / "study_results_v0"  # written by the code before the format version (6a8e074)
+
+
+def test_results_json_without_a_format_version_still_loads_in_the_report(tmp_path):
+    """The demo's and the study's results.json as the code before FORMAT_VERSION wrote them: read back, the report
+    states what that code stated from them (its text tables and findings, its report.md), every HTML section and
+    finding included."""
+    demo, quality = load_results(OLD_RESULTS / "demo_results.json"), load_results(OLD_RESULTS / "study_results.json")
+    assert isinstance(quality, QualityResults) and not isinstance(demo, QualityResults)
+    for name, results in (("demo", demo), ("study", quality)):
+        assert format_results(results) + "\n" == (OLD_RESULTS / f"{name}_format_results.txt").read_text()
+    assert format_quality_results(quality, markdown=True) == (OLD_RESULTS / "study_report.md").read_text()
+    write_report(demo, tmp_path / "demo.html")
+    page = (tmp_path / "demo.html").read_text()
+    assert all(f"<h2>{title}" in page for title in ("Summary", "1. How the forward process", "3. Signal leak"))
+    write_report(quality, tmp_path / "study.html")
+    page = (tmp_path / "study.html").read_text()
+    assert "<h2>4. The fixes against the standard recipe" in page and "<h2>Plan, budget and timings" in page
+    assert all(html.escape(s) in page for part in quality.findings.values() for s in part)
+
+
+def test_results_json_keeps_its_layout_and_its_non_finite_floats(tmp_path):
+    """Written again, an old results.json is the same but for the added format version (after "study"); a NaN or
+    infinity, written as a string as before, reads back as a float; a newer version than this code's is refused."""
+    old = json.loads((OLD_RESULTS / "study_results.json").read_text())
+    results = load_results(OLD_RESULTS / "study_results.json")
+    save_results(results, tmp_path / "results.json")
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert list(written)[:2] == ["study", "format_version"] and written.pop("format_version") == 1
+    assert written == old and list(written) == list(old)
+    results.tables["eps"][0]["eps_norm_gap"], results.tables["steering"][0]["share"] = math.nan, -math.inf
+    save_results(results, tmp_path / "results.json")
+    assert '"eps_norm_gap": "nan"' in (tmp_path / "results.json").read_text()
+    again = load_results(tmp_path / "results.json").tables
+    assert math.isnan(again["eps"][0]["eps_norm_gap"]) and again["steering"][0]["share"] == -math.inf
+    with pytest.raises(ValueError, match="format version 2 is newer"):
+        load_results({**old, "format_version": 2})
 
 
 def test_demo_cli_rejects_bad_input(tmp_path):
@@ -176,20 +220,20 @@ def test_quick_study_report_has_every_section(quick_study, fid_cache):
         assert f"<h2>{title}" in page, title
     for figure in ("fid_nfe.png", "eps_scale_quality.png", "eps_scale_scan.png", "summary.png"):
         assert f"src='{figure}'" in page and Image.open(out / figure).size[0] > 400
-    for grid in results["grids"].values():
+    for grid in results.grids.values():
         assert (out / grid).is_file() and f"src='{grid}'" in page
-    assert "Nothing was dropped" in page and results["dropped"] == []
-    assert set(results["timings"]) >= {"reference features", "train standard + offset", "evaluate part 4 (fixes)",
+    assert "Nothing was dropped" in page and results.dropped == []
+    assert set(results.timings) >= {"reference features", "train standard + offset", "evaluate part 4 (fixes)",
                                        "tercile samples (part 4)", "evaluate part 3 (signal leak)",
                                        "DC steering (part 3)", "evaluate part 2 (epsilon scaling)",
                                        "eps-norm scan (part 2)"}
     # the reference features are cached under $LDM_LITE_CACHE, named by the images and the protocol
-    assert results["reference"]["path"].startswith(str(fid_cache)) and results["reference"]["images"] == 32
-    tables = results["tables"]
+    assert results.reference["path"].startswith(str(fid_cache)) and results.reference["images"] == 32
+    tables = results.tables
     assert [(r["sampler"], r["nfe"]) for r in tables["samplers"]] == [("ddim", 5)]
     assert [r["eps_scale"] for r in tables["eps"]] == [1.0, 1.02]
     assert [r["model"] for r in tables["fixes"]] == ["standard", "offset"]
-    assert {r["model"]: r["steps"] for r in results["models"]} == {"standard": 10, "offset": 10}
+    assert {r["model"]: r["steps"] for r in results.models} == {"standard": 10, "offset": 10}
 
 
 @needs_wheel
@@ -200,10 +244,10 @@ def test_quick_study_tables_equal_an_independent_recomputation(quick_study):
     saved = {}
     from safetensors.torch import load_file
     saved = load_file(str(out / "eval" / f"{BASE_KEY}.safetensors"))
-    reference = FidStatistics.load(results["reference"]["path"])
+    reference = FidStatistics.load(results.reference["path"])
     expected = quality_report(FidStatistics.from_features(saved["features"]), reference, kid=True)
-    rows = [results["tables"]["samplers"][0], results["tables"]["eps"][0], results["tables"]["leak"][0],
-            results["tables"]["fixes"][0]]  # the base setting, shared by the four parts
+    rows = [results.tables["samplers"][0], results.tables["eps"][0], results.tables["leak"][0],
+            results.tables["fixes"][0]]  # the base setting, shared by the four parts
     for row in rows:
         assert row["fid"] == pytest.approx(expected["fid"], rel=1e-9)
         assert (row["kid"], row["kid_std"]) == pytest.approx((expected["kid_mean"], expected["kid_std"]), rel=1e-9)
@@ -222,8 +266,8 @@ def test_quick_study_tables_equal_an_independent_recomputation(quick_study):
     assert rows[0]["std_ratio"] == pytest.approx(luminance["std_ratio"], rel=1e-9)
     assert rows[0]["mean"] == pytest.approx(float(to_float(saved["samples"]).mean()), abs=1e-6)
     # the eps-norm gap of lambda 1 and the steering's baseline come from the same samples and scan
-    assert all(r["plain_mean"] == pytest.approx(rows[0]["mean"]) for r in results["tables"]["steering"])
-    assert all(math.isfinite(r["eps_norm_gap"]) for r in results["tables"]["eps"])
+    assert all(r["plain_mean"] == pytest.approx(rows[0]["mean"]) for r in results.tables["steering"])
+    assert all(math.isfinite(r["eps_norm_gap"]) for r in results.tables["eps"])
 
 
 @needs_wheel
@@ -235,19 +279,19 @@ def test_quick_study_resumes_without_retraining_or_resampling(quick_study, monke
     def recomputed(*args, **kwargs):
         raise AssertionError("a resumed study recomputed an extra its first run saved")
     for name in ("tercile_rows", "steering_rows", "exposure_scan"):
-        monkeypatch.setattr(study_module, name, recomputed)
+        monkeypatch.setattr(real, name, recomputed)
     trained = json.loads((out / "trained.json").read_text())
     again = run_study(QualityStudyConfig(out=str(out), **QUICK))
     assert json.loads((out / "trained.json").read_text()) == trained
-    assert "train standard + offset" not in again["timings"] and "reference features" in again["timings"]
+    assert "train standard + offset" not in again.timings and "reference features" in again.timings
     for table in ("fixes", "terciles", "steering", "scan", "eps"):
-        assert again["tables"][table] == results["tables"][table], table
-    assert again["grids"] == results["grids"] and again["findings"] == results["findings"]
+        assert again.tables[table] == results.tables[table], table
+    assert again.grids == results.grids and again.findings == results.findings
     report = (out / "report.md").read_text()
     assert "### 4. Fixes" in report and "| model | asked | n | data_mean | samples_mean | gap |" in report
-    assert f"| {BASE_KEY.split('_')[1]} | 5 | {again['tables']['samplers'][0]['kid']:.4g} |" in report
-    assert all(f"- {sentence}" in report for part in again["findings"].values() for sentence in part)
-    assert again["speed"]["observed_calls_per_second"] == again["speed"]["calls_per_second"]  # nothing sampled
+    assert f"| {BASE_KEY.split('_')[1]} | 5 | {again.tables['samplers'][0]['kid']:.4g} |" in report
+    assert all(f"- {sentence}" in report for part in again.findings.values() for sentence in part)
+    assert again.speed["observed_calls_per_second"] == again.speed["calls_per_second"]  # nothing sampled
     with pytest.raises(ValueError, match=r"other settings \(unconditional_samples\); pass --fresh"):
         run_study(QualityStudyConfig(out=str(out), **{**QUICK, "unconditional_samples": 32}))
 
@@ -280,11 +324,11 @@ def test_torchrun_study_shares_sampling_and_features(quick_study, tmp_path):
         assert same.float().mean() > 0.9, path.name  # one uint8 level here and there, not everywhere
         assert torch.allclose(one["features"][same], shared["features"][same], atol=1e-4), path.name
     for table in ("fixes", "leak", "eps", "terciles"):
-        assert len(again["tables"][table]) == len(results["tables"][table]) > 0, table
+        assert len(again["tables"][table]) == len(results.tables[table]) > 0, table
     for table in ("fixes", "leak", "eps"):
-        for row, expected in zip(again["tables"][table], results["tables"][table]):
+        for row, expected in zip(again["tables"][table], results.tables[table]):
             assert row["fid"] == pytest.approx(expected["fid"], rel=1e-3), table
-    for row, expected in zip(again["tables"]["terciles"], results["tables"]["terciles"]):
+    for row, expected in zip(again["tables"]["terciles"], results.tables["terciles"]):
         assert row["samples_mean"] == pytest.approx(expected["samples_mean"], abs=1e-3)
     # rank 0 failing (a changed setting, refused) ends both processes with its one-line error, without a hang
     refused = subprocess.run([*command, "--seed=1"], cwd=ROOT, capture_output=True, text=True, timeout=120,
@@ -303,12 +347,12 @@ def test_the_unsplit_scan_is_planned_at_one_process_rate():
 def test_a_share_gets_its_rows_of_per_sample_keywords():
     rows = range(2, 4)
     images = torch.arange(5 * 3 * 2 * 2).reshape(5, 3, 2, 2)
-    assert torch.equal(study_module._rows(images, rows), images[2:4])
-    assert torch.equal(study_module._rows([0, 1, 2, 1, 0], rows), torch.tensor([2, 1]))
-    assert study_module._rows(3, rows) == 3
+    assert torch.equal(shards._rows(images, rows), images[2:4])
+    assert torch.equal(shards._rows([0, 1, 2, 1, 0], rows), torch.tensor([2, 1]))
+    assert shards._rows(3, rows) == 3
     leak = images[0]
-    assert study_module._rows(leak, rows) is leak  # one (C, H, W) leak for every sample
-    assert torch.equal(study_module._rows(torch.tensor(7), rows), torch.tensor(7))
+    assert shards._rows(leak, rows) is leak  # one (C, H, W) leak for every sample
+    assert torch.equal(shards._rows(torch.tensor(7), rows), torch.tensor(7))
 
 
 def test_study_settings_refused_unless_fresh(tmp_path):
@@ -405,18 +449,18 @@ def test_extras_are_saved_and_read_back(tmp_path):
         results["grids"]["a grid"] = "grid.png"
         return [{"share": math.nan, "asked": "dark"}]
     results = {"grids": {"earlier": "earlier.png"}}
-    first = saved_extra("terciles", terciles, models, evaluator, results)
+    first = saved_extra("terciles", terciles, models, evaluator, results["grids"])
     results = {"grids": {}}
-    again = saved_extra("terciles", terciles, models, evaluator, results)
+    again = saved_extra("terciles", terciles, models, evaluator, results["grids"])
     assert len(calls) == 1 and results["grids"] == {"a grid": "grid.png"}
     assert again[0]["asked"] == "dark" and math.isnan(again[0]["share"]) and math.isnan(first[0]["share"])
-    saved_extra("terciles", terciles, {"standard": {"steps": 11}}, evaluator, {"grids": {}})
+    saved_extra("terciles", terciles, {"standard": {"steps": 11}}, evaluator, {})
     assert len(calls) == 2
     curve = {"timesteps": torch.tensor([981, 1]), "eps_norm": torch.tensor([1.0, 0.5])}
     scan = {"candidates": [1.0, 1.01], "gap": [0.2, 0.1], "best": 1.01, "forward": curve,
             "traces": [{**curve, "samples": torch.zeros(2)}, curve]}
-    saved_extra("scan", lambda: scan, models, evaluator, {"grids": {}})
-    read = saved_extra("scan", lambda: pytest.fail("recomputed"), models, evaluator, {"grids": {}})
+    saved_extra("scan", lambda: scan, models, evaluator, {})
+    read = saved_extra("scan", lambda: pytest.fail("recomputed"), models, evaluator, {})
     assert read["candidates"] == [1.0, 1.01] and read["best"] == 1.01
     assert torch.equal(read["traces"][1]["eps_norm"], curve["eps_norm"])
     assert torch.equal(read["forward"]["timesteps"], curve["timesteps"])
@@ -467,25 +511,37 @@ def test_run_time_skips_follow_the_rates_the_settings_ran_at():
         def evaluate(self, setting, trained):
             return {"sampling_seconds": 100.0, "seconds": 100.0}
 
-    class Clock:
+    class Clock(study_module.Clock):
         def left(self):
             return 150.0
 
-        def time(self, name, function, *args):
-            return function(*args)
-
-    evaluator, results = Evaluator(), {"speed": {"calls_per_second": 1000.0, "inception_per_second": 1e9},
-                                       "dropped": []}
+    evaluator = Evaluator()
+    results = QualityResults(config={}, speed={"calls_per_second": 1000.0, "inception_per_second": 1e9})
     evaluator.config = config
-    done = run_evaluations(plan, parts, {"standard": None, "offset": None}, None, None, evaluator, Clock(), results)
+    done = run_evaluations(plan, parts, {"standard": None, "offset": None}, None, None, evaluator, Clock(60),
+                           results)
     assert list(done["rows"]) == ["standard_ddim_20_eps_1_plain_noise"] and done["scan"] is None
-    assert results["speed"]["observed_calls_per_second"] == 2
-    assert results["dropped"] == [
+    assert results.speed["observed_calls_per_second"] == 2
+    assert results.dropped == [
         f"{label} skipped at run time: 2.5 min of the budget were left and it needed about {minutes:.1f} min, plus a "
         "minute for the report." for label, minutes in (
             ("offset, ddim 20 steps (20 calls), own offset noise", 100 / 60), ("tercile samples (part 4)", 5.0),
             ("standard, ddim 20 steps (20 calls), signal leak (dct+pixel)", 100 / 60),
             ("DC steering (part 3)", 100 / 60), ("eps-norm scan (part 2)", 200 / 60))]
+
+
+def test_clock_adds_each_timed_block_to_its_part(monkeypatch):
+    """`with clock(part):` adds the block's time (monotonic clock readings, stubbed) to the part; a block that
+    raises adds nothing; left() is the budget minus the time since the clock started."""
+    readings = iter([100.0, 101.0, 103.5, 110.0, 112.0, 120.0, 130.0])
+    monkeypatch.setattr(study_module.plan.time, "monotonic", lambda: next(readings))
+    clock = study_module.Clock(1.0)  # started at 100
+    for _ in range(2):
+        with clock("train"):
+            pass
+    with pytest.raises(RuntimeError), clock("figures"):  # starts at 120, then fails
+        raise RuntimeError
+    assert clock.parts == {"train": 2.5 + 2.0} and clock.left() == 60.0 - (130.0 - 100.0)
 
 
 def test_offset_training_noise_is_the_plain_noise_plus_a_per_channel_offset():

@@ -2,14 +2,16 @@
 the percent-format reader, the index page and the runner), each against an independent computation."""
 import json
 import math
+import os
+import re
+import subprocess
+import sys
 import textwrap
 
 import pytest
 import torch
 
 from ldm_lite import teaching
-from ldm_lite.oracle import GaussianMixtureDenoiser
-from ldm_lite.schedulers import DDPMScheduler
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -62,31 +64,9 @@ def test_lesson_without_checks_fails_and_a_new_run_clears_old_figures(lesson_env
     assert not (again.out / "old.png").exists() and not (again.out / teaching.RESULTS_FILE).exists()
 
 
-# ----------------------------------------------------------------------------- data
-
-
-def test_lesson_images_fall_back_to_the_embedded_images(tmp_path):
-    images, source = teaching.lesson_images(5, 8, data_root=tmp_path / "missing")
-    assert images.shape == (5, 3, 8, 8) and "synthetic" in source
-    assert images.min() >= -1 and images.max() <= 1
-
-
-def test_lesson_images_read_a_cifar_folder(tmp_path):
-    from PIL import Image
-    folder = tmp_path / "cifar10-jpeg" / "test" / "cat"
-    folder.mkdir(parents=True)
-    for i in range(4):
-        Image.new("RGB", (32, 32), (60 * i, 0, 255)).save(folder / f"{i:04d}.png")
-    images, source = teaching.lesson_images(2, 16, data_root=tmp_path)
-    assert images.shape == (2, 3, 16, 16) and "CIFAR-10" in source
-    # files 0 and 3 (spread evenly): red 0 and 180 -> -1 and 180 / 127.5 - 1
-    assert images[:, 0, 0, 0].tolist() == pytest.approx([-1.0, 180 / 127.5 - 1], abs=1e-6)
-    assert images[:, 2].eq(1.0).all()
-
-
 def test_shared_data_is_found_beside_the_repository():
     assert teaching.shared_data_dir() == teaching.repo_root().parent / "shared" / "data"
-    assert (teaching.repo_root() / "ldm_lite" / "teaching.py").is_file()
+    assert (teaching.repo_root() / "ldm_lite" / "teaching" / "lesson.py").is_file()
 
 
 # ----------------------------------------------------------------------------- model cache
@@ -123,16 +103,36 @@ def test_cached_runs_train_once_and_rebuild_when_the_config_changes(tmp_path):
     assert [row["step"] for row in teaching.training_log(again)][-1] == 2
 
 
-def test_cached_runs_train_several_models_in_parallel_processes(tmp_path):
-    configs = {"a": _tiny(), "b": _tiny(lr=5e-4)}
-    first = teaching.cached_runs(configs, cache=tmp_path, processes=2)
-    assert all(run.trained for run in first.values()) and len({run.run_dir for run in first.values()}) == 2
-    for name, run in first.items():
-        record = json.loads((run.run_dir / teaching.CACHE_RECORD).read_text())
-        assert record["key"] == teaching.config_key(configs[name]) and record["steps"] == 2
-    again = teaching.cached_runs(configs, cache=tmp_path, processes=2)
-    assert not any(run.trained for run in again.values())
-    assert list(again) == ["a", "b"]
+LESSON_LIKE_SCRIPT = """
+import json, os
+from pathlib import Path
+from ldm_lite import teaching
+with open(Path(os.environ["LDM_LITE_LESSON_CACHE"]) / "script_runs.txt", "a") as handle:
+    handle.write("ran\\n")  # top-level code, no __main__ guard: it must run once, not once per model
+config = teaching.lesson_config("eps", steps=2, batch_size=4, synthetic_size=8, resolution=8, grids=0)
+configs = {"a": config, "b": teaching.lesson_config("v", steps=3, batch_size=4, synthetic_size=8, resolution=8,
+                                                      grids=0)}
+first, again = teaching.cached_runs(configs), teaching.cached_runs(configs)
+print(json.dumps({name: [first[name].trained, again[name].trained, teaching.training_log(run)[-1]["step"],
+                         first[name].seconds > 0] for name, run in again.items()}))
+"""
+
+
+def test_a_lesson_script_run_as_main_trains_its_models_in_processes(tmp_path):
+    """Issue 24: run as `python lesson.py`, the cache trained its missing models in a spawn-based pool whose
+    children re-ran the script and crashed ("bootstrapping phase", BrokenProcessPool)."""
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "lesson.py").write_text(LESSON_LIKE_SCRIPT)
+    env = {**os.environ, teaching.CACHE_ENV: str(tmp_path / "cache"), "PYTHONPATH": str(teaching.repo_root()),
+           "OMP_NUM_THREADS": "2"}
+    done = subprocess.run([sys.executable, "lesson.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == {"a": [True, False, 2, True], "b": [True, False, 3, True]}
+    assert (tmp_path / "cache" / "script_runs.txt").read_text() == "ran\n"
+    for name, steps in (("a", 2), ("b", 3)):
+        folder = next((tmp_path / "cache").glob(f"{name}-*"))
+        assert json.loads((folder / teaching.CACHE_RECORD).read_text())["steps"] == steps
 
 
 def test_lesson_config_kinds():
@@ -143,47 +143,6 @@ def test_lesson_config_kinds():
     assert teaching.lesson_config("x0").diffusion.prediction_type == "sample"
     with pytest.raises(ValueError, match="kind must be one of"):
         teaching.lesson_config("eps2")
-
-
-# ----------------------------------------------------------------------------- loss per bucket
-
-
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
-def test_loss_per_bucket_matches_the_gaussian_mmse(prediction_type):
-    """Gaussian data N(0, s^2 I) and its exact denoiser: per element the posterior error of x0 is
-    s^2 b^2 / (a^2 s^2 + b^2); eps errs by a/b times it and v by 1/b. One timestep per bucket (T = 10)."""
-    scheduler = DDPMScheduler(num_train_timesteps=10, beta_start=0.05, beta_end=0.4, prediction_type=prediction_type)
-    s = 0.5
-    oracle = GaussianMixtureDenoiser(torch.zeros(1, 3, 8, 8), s, alphas_cumprod=scheduler.alphas_cumprod,
-                                     prediction_type=prediction_type)
-    x0 = oracle.sample_data(512, torch.Generator().manual_seed(0), torch.float64)[0]
-    result = teaching.loss_per_bucket(oracle, scheduler, x0, num_buckets=10, generator=torch.Generator().manual_seed(1))
-    ab = scheduler.alphas_cumprod.double()
-    x0_mse = s ** 2 * (1 - ab) / (ab * s ** 2 + 1 - ab)
-    assert result["edges"].tolist() == list(range(11))
-    assert result["centres"].tolist() == list(range(10))
-    torch.testing.assert_close(result["x0_mse"], x0_mse, rtol=0.03, atol=0)
-    torch.testing.assert_close(result["eps_mse"], x0_mse * ab / (1 - ab), rtol=0.03, atol=0)
-    torch.testing.assert_close(result["v_mse"], x0_mse / (1 - ab), rtol=0.03, atol=0)
-    own = {"epsilon": "eps_mse", "v_prediction": "v_mse", "sample": "x0_mse"}[prediction_type]
-    assert torch.equal(result["loss"], result[own])
-    # standard error of a mean of 512 per-image means of 192 squared Gaussians: loss * sqrt(2 / 192 / 512)
-    torch.testing.assert_close(result["loss_stderr"], result["loss"] * math.sqrt(2 / 192 / 512), rtol=0.25, atol=0)
-
-
-def test_loss_per_bucket_buckets_and_the_untrained_zero_model():
-    """A model that always outputs 0 as an eps-predictor: eps error = eps, so eps_mse = E[eps^2] = 1 in every
-    bucket (up to sampling), whatever the data; buckets split T = 1000 into equal ranges."""
-    scheduler = DDPMScheduler()
-    x0 = torch.rand(64, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    zero = lambda x, t, labels: torch.zeros_like(x)  # noqa: E731
-    result = teaching.loss_per_bucket(zero, scheduler, x0, num_buckets=4, repeats=2,
-                                      generator=torch.Generator().manual_seed(0))
-    assert result["edges"].tolist() == [0, 250, 500, 750, 1000]
-    assert result["centres"].tolist() == [124.5, 374.5, 624.5, 874.5]
-    torch.testing.assert_close(result["loss"], torch.ones(4, dtype=torch.float64), rtol=0.05, atol=0)
-    with pytest.raises(ValueError, match="num_buckets"):
-        teaching.loss_per_bucket(zero, scheduler, x0, num_buckets=0)
 
 
 # ----------------------------------------------------------------------------- text and index
@@ -225,19 +184,55 @@ def test_percent_cells_split_text_and_code(tmp_path):
     assert cells[2][1].startswith("from ldm_lite.teaching import Lesson")
 
 
-def test_markdown_to_html_renders_the_subset():
+def test_markdown_subset_to_html_renders_the_subset():
     text = ("# 01 A title\n\nText $a<b$ and `x<y` and **bold** *it*.\n\n$$\nA < B\n$$\n\n"
             "- one\n  more\n- two\n\n1. first")
-    rendered = teaching.markdown_to_html(text)
+    rendered = teaching.markdown_subset_to_html(text)
     assert "<h1>01 A title</h1>" in rendered
     assert "<p>Text $a&lt;b$ and <code>x&lt;y</code> and <strong>bold</strong> <em>it</em>.</p>" in rendered
     assert '<div class="math">$$ A &lt; B $$</div>' in rendered
     assert "<ul><li>one more</li><li>two</li></ul>" in rendered and "<ol><li>first</li></ol>" in rendered
-    assert teaching.markdown_to_html("[DDPM](https://arxiv.org/abs/2006.11239)") == \
+    assert teaching.markdown_subset_to_html("[DDPM](https://arxiv.org/abs/2006.11239)") == \
         '<p><a href="https://arxiv.org/abs/2006.11239">DDPM</a></p>'
-    assert teaching.markdown_to_html("$a * b * c$ and 2 * 3") == "<p>$a * b * c$ and 2 * 3</p>"
-    assert teaching.markdown_to_html("the **signal left at $t_0$** and `a$b`") == \
+    assert teaching.markdown_subset_to_html("$a * b * c$ and 2 * 3") == "<p>$a * b * c$ and 2 * 3</p>"
+    assert teaching.markdown_subset_to_html("the **signal left at $t_0$** and `a$b`") == \
         "<p>the <strong>signal left at $t_0$</strong> and <code>a$b</code></p>"
+
+
+needs_lessons_extra = pytest.mark.skipif(teaching.markdown_parser() is None,
+                                         reason="the lessons extra is not installed (pip install -e .[lessons])")
+
+
+@needs_lessons_extra
+def test_markdown_to_html_renders_math_as_mathml():
+    rendered = teaching.markdown_to_html("Noise $x_t = \\sqrt{a}\\, x_0$ and <b> *it*.\n\n$$\n\\frac{a}{b}\n$$\n")
+    assert rendered.startswith("<p>Noise <span class=\"math inline\"><math xmlns=")
+    assert "<msqrt><mrow><mi>a</mi></mrow></msqrt>" in rendered and "&lt;b&gt; <em>it</em>" in rendered
+    assert '<div class="math block">\n<math xmlns="http://www.w3.org/1998/Math/MathML" display="block">' in rendered
+    assert "<mfrac><mrow><mi>a</mi></mrow><mrow><mi>b</mi></mrow></mfrac>" in rendered and "$" not in rendered
+
+
+@needs_lessons_extra
+def test_every_formula_of_the_lessons_converts_to_mathml():
+    """Each $...$ and $$...$$ of the lessons' text becomes MathML without an error, an <merror> or a LaTeX command
+    left as text (latex2mathml writes an unknown command such as \\big\\| verbatim), and no dollar sign is left in
+    the rendered text (a formula the parser missed)."""
+    parser, formulas, problems = teaching.markdown_parser(), 0, []
+    for path in teaching.lesson_files():
+        for kind, text in teaching.percent_cells(path):
+            if kind != "markdown":
+                continue
+            tokens = parser.parse(text)
+            for token in [child for t in tokens for child in [t, *(t.children or [])]]:
+                if token.type.startswith("math"):
+                    formulas += 1
+                    mathml = teaching.math_to_mathml(token.content, token.type != "math_inline")
+                    if "merror" in mathml or "\\" in mathml:
+                        problems.append((path.name, token.content))
+            outside = re.sub(r'<(span|div) class="math [^"]+">.*?</\\1>|<code>.*?</code>', "", parser.render(text),
+                             flags=re.S)
+            problems += [(path.name, line) for line in outside.splitlines() if "$" in line]
+    assert formulas > 250 and not problems, problems
 
 
 def test_runner_runs_lessons_and_writes_the_index(tmp_path, monkeypatch):
@@ -246,16 +241,19 @@ def test_runner_runs_lessons_and_writes_the_index(tmp_path, monkeypatch):
     (folder / "01_pass.py").write_text(LESSON_TEXT)
     (folder / "02_fail.py").write_text(LESSON_TEXT.replace("Lesson(1, ", "Lesson(2, ").replace(
         '"--fail" not in sys.argv', "False").replace("# # 01 A title", "# # 02 Failing"))
+    (folder / "03_crash.py").write_text('# %% [markdown]\n# # 03 Crashing\n# %%\nraise RuntimeError("boom")\n')
     (folder / "notes.py").write_text("raise SystemExit(3)\n")  # not a lesson: no NN_ prefix
     out = tmp_path / "out"
     monkeypatch.setenv(teaching.OUT_ENV, str(out))
     monkeypatch.setenv("PYTHONPATH", str(teaching.repo_root()))
-    assert [p.name for p in teaching.lesson_files(folder)] == ["01_pass.py", "02_fail.py"]
+    assert [p.name for p in teaching.lesson_files(folder)] == ["01_pass.py", "02_fail.py", "03_crash.py"]
     assert teaching.main(["--quick", "--lessons", str(folder)]) == 1
     assert json.loads((out / "01" / teaching.RESULTS_FILE).read_text())["mode"] == "quick"
     index = (out / "index.html").read_text()
-    assert index.count("<section") == 2 and "1/1 checks passed" in index and "0/1 checks passed" in index
-    assert "<h1>01 A title</h1>" in index and '<td class="fail">FAIL</td><td>works</td>' in index
+    assert index.count("<section") == 3 and "1/1 checks passed" in index
+    assert '<span class="fail">failed</span>: 1 of 1 checks failed, first: works (exit 1' in index
+    assert '<span class="fail">failed</span>: RuntimeError: boom (exit 1' in index
+    assert "<h1>01 A title</h1>" in index and '<td><span class="fail">FAIL</span></td><td>works</td>' in index
     assert "&lt;tag&gt;" in index and "<tag>" not in index
     page = (out / "02.html").read_text()
     assert "<h1>02 Failing</h1>" in page and "01 A title" not in page
@@ -264,9 +262,12 @@ def test_runner_runs_lessons_and_writes_the_index(tmp_path, monkeypatch):
     assert teaching.main(["--lessons", str(folder), "9"]) == 2
 
 
-def test_index_marks_lessons_that_did_not_run(tmp_path):
+def test_index_marks_lessons_that_did_not_run_and_says_when_math_stays_latex(tmp_path, monkeypatch):
     folder = tmp_path / "lessons"
     folder.mkdir()
     (folder / "01_pass.py").write_text(LESSON_TEXT)
+    for module in (teaching.markdown, teaching.page):  # as without the lessons extra
+        monkeypatch.setattr(module, "markdown_parser", lambda: None)
     index = teaching.write_index(folder, tmp_path / "out").read_text()
     assert "not run" in index and "<h1>01 A title</h1>" in index
+    assert index.index("pip install -e .[lessons]") < index.index("<h1>") and "$x_t = \\sqrt{a} x_0$" in index

@@ -10,7 +10,7 @@ repository root, or open it as a notebook (jupytext percent format). Figures go 
 # Algorithm 1 and eq. 14):
 #
 # $$
-# L_\text{simple} = \mathbb{E}_{x_0, t, \epsilon} \big\| \epsilon - \epsilon_\theta(x_t, t) \big\|^2 .
+# L_\text{simple} = \mathbb{E}_{x_0, t, \epsilon} \left\| \epsilon - \epsilon_\theta(x_t, t) \right\|^2 .
 # $$
 #
 # What the network outputs is a choice. Predicting the noise $\epsilon$ (Ho et al.), the clean image $x_0$, or
@@ -177,6 +177,14 @@ for t in probe_t:
 lesson.image_grid(torch.cat(rows).float(), "high_noise_x0.png", "x0 estimates of the exact denoiser at t = 999 "
                   "(rows in pairs: exact, then with an output error of std 0.05) for epsilon, v and x0 outputs",
                   nrow=4)
+x_999 = scheduler.add_noise(oracle_data.double(), torch.randn(oracle_data.shape, generator=generator,
+                                                             dtype=torch.float64), torch.tensor([999]))
+high_noise_x0 = brightness_mixture(scheduler.alphas_cumprod, prediction_type="sample")(x_999, torch.tensor([999]))
+true_brightness, guessed_brightness = oracle_data.double().mean(dim=(1, 2, 3)), high_noise_x0.mean(dim=(1, 2, 3))
+guess_rmse = (guessed_brightness - true_brightness).pow(2).mean().sqrt().item()
+brightness_spread = true_brightness.std().item()
+lesson.finding(f"At t = 999 the exact x0 guess gets each image's mean brightness within {guess_rmse:.3f} (RMS), "
+               f"where the data's brightness spreads by {brightness_spread:.3f}: the leaked DC band still tells.")
 lesson.finding(f"At t = 999 an output error moves x0 by {amplification['epsilon', 999]:.3g} times its size for an "
                f"epsilon model, {amplification['v_prediction', 999]:.3g} for v and 1 for x0; at t = 10 the epsilon "
                f"model damps it to {amplification['epsilon', 10]:.3g}.")
@@ -221,13 +229,9 @@ for grid in grids:
 check("the exact denoiser's epsilon loss is largest in the lowest-t bucket and its x0 loss in the highest",
       hardest["eps_mse"] == 0 and hardest["x0_mse"] == len(centres) - 1,
       f"argmax buckets: epsilon {hardest['eps_mse']}, x0 {hardest['x0_mse']} of {len(centres)}")
-ab = scheduler.alphas_cumprod.double()
-expected = {("epsilon", t): ((1 - ab[t]) / ab[t]).sqrt().item() for t in probe_t}
-expected.update({("v_prediction", t): (1 - ab[t]).sqrt().item() for t in probe_t})
-expected.update({("sample", t): 1.0 for t in probe_t})
-worst = max(abs(amplification[key] / expected[key] - 1) for key in expected)
-check("an output error reaches x0 multiplied by sqrt((1-ab)/ab) (epsilon), sqrt(1-ab) (v), 1 (x0)", worst < 1e-6,
-      f"largest relative deviation {worst:.2g}; epsilon at t = 999: {amplification['epsilon', 999]:.4g}")
+check("at t = 999 the exact denoiser's x0 guess still knows each image's brightness (the DC leak): its brightness "
+      "error is below 0.8 x the spread of the data's brightness", guess_rmse < 0.8 * brightness_spread,
+      f"RMS brightness error {guess_rmse:.3f}, data brightness std {brightness_spread:.3f}")
 first, last = [row["loss"] for row in logs["eps"][:2]], [row["loss"] for row in logs["eps"][-2:]]
 drop = sum(last) / sum(first)
 check("training lowers the epsilon model's loss (last two logged values below 70% of the first two)", drop < 0.7,
@@ -243,5 +247,7 @@ if not lesson.quick:
     data_variance = held_out.var(dim=0).mean().item()
     check("in the noisiest bucket the x0 model beats guessing the data mean (MSE below the data variance)",
           top["x0"] < data_variance, f"x0 MSE {top['x0']:.3g}, data variance {data_variance:.3g}")
-check("sample grids were drawn during training", len(grids) == (2 if lesson.quick else 4), f"{len(grids)} grids")
+check("training taught the epsilon model the high-noise rule (x_t is almost all noise): in each of the five noisiest "
+      "buckets its loss is below 0.25, a quarter of what predicting no noise scores", bool((eps_loss[5:] < 0.25).all()),
+      "losses " + ", ".join(f"{v:.3f}" for v in eps_loss.tolist()))
 lesson.finish()

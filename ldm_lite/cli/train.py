@@ -48,3 +48,7 @@ def main(argv=None) -> int:
 def entry_point() -> None:
     """The `ldm-train` console script."""
     sys.exit(run_main(main))
+
+
+if __name__ == "__main__":  # python -m ldm_lite.cli.train (the child processes of ldm_lite.processes)
+    entry_point()

@@ -11,5 +11,5 @@ def run(args):
     config = dataclass_from_args(StudyConfig, args)
     results = run_study(config)
     print(format_results(results))
-    print(f"\nreport: {config.out}/report.html ({results['total_seconds'] / 60:.1f} minutes)")
+    print(f"\nreport: {config.out}/report.html ({results.total_seconds / 60:.1f} minutes)")
     return 0

@@ -19,5 +19,5 @@ def run(args):
     if results is None:  # a torchrun rank other than 0: it sampled its shares; rank 0 reports
         return 0
     print(format_results(results))
-    print(f"\nreport: {config.out}/report.html ({results['total_seconds'] / 60:.1f} minutes)")
+    print(f"\nreport: {config.out}/report.html ({results.total_seconds / 60:.1f} minutes)")
     return 0

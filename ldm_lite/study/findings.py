@@ -1,0 +1,168 @@
+"""The sentences of the study's reports that state a result, each chosen by the measured numbers."""
+import math
+
+
+def significant(row: dict, base: dict, value: str, sd: str) -> tuple:
+    """(row[value] - base[value], whether it exceeds two standard deviations sqrt(sd_row^2 + sd_base^2))."""
+    difference = row[value] - base[value]
+    return difference, abs(difference) > 2 * math.hypot(row[sd], base[sd])
+
+
+def band_findings(destruction: list, band_leak: list, num_train_timesteps: int = 1000) -> list:
+    """Sentences on which DCT band is destroyed last, per schedule, and how much SNR the DC band keeps at t0.
+
+    destruction: rows with schedule, noise, band, destruction_timestep (num_train_timesteps when never destroyed);
+    band_leak: rows with schedule, spacing, band, t0, snr_at_t0.
+    """
+    sentences = []
+    for schedule, noise in dict.fromkeys((row["schedule"], row.get("noise", "white")) for row in destruction):
+        rows = sorted((r for r in destruction if r["schedule"] == schedule and r.get("noise", "white") == noise),
+                      key=lambda r: r["band"])
+        if noise != "white":
+            schedule = f"{schedule} with {noise} noise"
+        dc, last = rows[0], max(rows, key=lambda r: (r["destruction_timestep"], -r["band"]))
+        never = [r["band"] for r in rows if r["destruction_timestep"] >= num_train_timesteps]
+        if dc["band"] in never:
+            text = f"under {schedule} the DC band is never destroyed (its SNR stays above 1 up to t = " \
+                   f"{num_train_timesteps - 1})"
+        elif last is dc:
+            text = f"under {schedule} the DC band is the last to fall below SNR 1, at t = {dc['destruction_timestep']}"
+        else:
+            text = (f"under {schedule} band {last['band']} is the last to fall below SNR 1 (t = "
+                    f"{last['destruction_timestep']}), not the DC band (t = {dc['destruction_timestep']})")
+        if never and dc["band"] not in never:
+            text += f"; bands {never} are never destroyed"
+        sentences.append(text[0].upper() + text[1:] + ".")
+    for row in (r for r in band_leak if r["band"] == 0):
+        kept = "keeps" if row["snr_at_t0"] > 0 else "has lost all"
+        sentences.append(f"At the first sampled step of {row['schedule']} ({row['spacing']} spacing, t0 = "
+                         f"{row['t0']}) the DC band {kept} signal: SNR {row['snr_at_t0']:.3g}.")
+    return sentences
+
+
+def offset_findings(rows: list) -> list:
+    """Per model: the share of the gap between mid-grey (0) and the data's class mean that its dark and bright
+    samples close (1 = they reach the data's class mean)."""
+    sentences = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        extremes = [r for r in rows if r["model"] == model and r["asked"] in ("dark", "bright")]
+        shares = [r["samples_mean"] / r["data_mean"] for r in extremes if abs(r["data_mean"]) > 1e-6]
+        if shares:
+            closed = sum(shares) / len(shares)
+            sentences.append(f"{model}: asked for dark or bright, its samples get {closed:.0%} of the way from "
+                             f"mid-grey to the data's class mean.")
+    return sentences
+
+
+def leak_findings(rows: list) -> list:
+    """Per setting: whether the brightness spread of unconditional samples is squeezed (std ratio < 0.9),
+    matches (0.9-1.1) or is wider than the data's, and which initial noise brings the standard model closest."""
+    sentences = []
+    for r in rows:
+        ratio = r["std_ratio"]
+        verdict = "squeezed toward mid-grey" if ratio < 0.9 else "wider than the data" if ratio > 1.1 else \
+            "about as wide as the data's"
+        sentences.append(f"{r['model']} from {r['initial_noise']}: brightness spread {verdict} (std ratio "
+                         f"{ratio:.2f}, W1 {r['wasserstein']:.3f}).")
+    standard = [r for r in rows if r["model"] == "standard"]
+    if len(standard) > 1:
+        best = min(standard, key=lambda r: r["wasserstein"])
+        sentences.append(f"For the standard model, {best['initial_noise']} gives the brightness distribution "
+                         f"closest to the data (lowest W1).")
+    return sentences
+
+
+def _beyond(beyond: bool) -> str:
+    return "beyond" if beyond else "within"
+
+
+def sampler_findings(rows: list) -> list:
+    """Part 1. Per NFE level, the sampler with the lowest KID and whether its lead over the runner-up exceeds two
+    standard deviations; per sampler, its FID at its fewest and most model calls and whether KID moved."""
+    sentences = []
+    for level in sorted({r["level"] for r in rows}):
+        ranked = sorted((r for r in rows if r["level"] == level), key=lambda r: r["kid"])
+        best, text = ranked[0], ""
+        if len(ranked) > 1:
+            lead = significant(ranked[1], best, "kid", "kid_std")[1]
+            text = (f"; its lead over {ranked[1]['sampler']} (KID {ranked[1]['kid']:.4f}) is {_beyond(lead)} two "
+                    "standard deviations")
+        sentences.append(f"At about {level} model calls, {best['sampler']} has the lowest KID ({best['kid']:.4f} "
+                         f"± {best['kid_std']:.4f}, FID {best['fid']:.2f}){text}.")
+    for sampler in dict.fromkeys(r["sampler"] for r in rows):
+        mine = sorted((r for r in rows if r["sampler"] == sampler), key=lambda r: r["nfe"])
+        if len(mine) > 1:
+            first, last = mine[0], mine[-1]
+            moved = significant(last, first, "kid", "kid_std")[1]
+            sentences.append(f"{sampler}: FID {first['fid']:.2f} at {first['nfe']} model calls, {last['fid']:.2f} at "
+                             f"{last['nfe']}; the KID change ({last['kid'] - first['kid']:+.4f}) is {_beyond(moved)} "
+                             "two standard deviations.")
+    return sentences
+
+
+def eps_findings(rows: list, scan: list = ()) -> list:
+    """Part 2. The lambda with the lowest FID (among the evaluated `rows`) against the lambda whose eps-norm along
+    sampling is closest to the forward eps-norm (among every lambda of the scan, `metrics.scan_eps_scale`; rows
+    {eps_scale, eps_norm_gap}): whether they agree, and whether FID's pick beats lambda = 1 by more than two KID
+    standard deviations."""
+    if not rows:
+        return []
+    by_fid = min(rows, key=lambda r: r["fid"])
+    picked = f"FID picks lambda = {by_fid['eps_scale']:g} (FID {by_fid['fid']:.2f})"
+    scan = [r for r in scan if math.isfinite(r["eps_norm_gap"])]  # a chain that blew up picks nothing
+    if scan:
+        by_gap = min(scan, key=lambda r: r["eps_norm_gap"])
+        agree = "agree" if by_fid["eps_scale"] == by_gap["eps_scale"] else "disagree"
+        sentences = [f"{picked}; the exposure metric (eps-norm along sampling closest to the forward eps-norm) picks "
+                     f"lambda = {by_gap['eps_scale']:g} (gap {by_gap['eps_norm_gap']:.4f}): they {agree}."]
+    else:
+        sentences = [f"{picked}; the eps-norm scan did not run, so the exposure metric has no pick."]
+    base = next((r for r in rows if r["eps_scale"] == 1.0), None)
+    if base is not None and by_fid is not base:
+        difference, beyond = significant(by_fid, base, "kid", "kid_std")
+        sentences.append(f"Against lambda = 1, FID's pick changes KID by {difference:+.4f}, {_beyond(beyond)} two "
+                         "standard deviations.")
+    return sentences
+
+
+VERDICTS = {(False, False): "changes neither quality nor brightness measurably",
+            (False, True): "changes brightness only", (True, True): "changes brightness and quality",
+            (True, False): "changes quality, not brightness"}
+
+
+def change_findings(rows: list, label) -> list:
+    """Parts 3 and 4. Each row against its table's baseline row: does it change quality (KID) and brightness
+    (luminance W1 against the data), each judged against two standard deviations (KID's over subsets, W1's by
+    bootstrap)? label(row) names a row."""
+    base = next((r for r in rows if r.get("beyond_2sd") == "baseline"), None)
+    sentences = []
+    for row in rows if base is not None else []:
+        if row is base:
+            continue
+        kid_change, quality = significant(row, base, "kid", "kid_std")
+        w1_change, brightness = significant(row, base, "w1", "w1_sd")
+        sentences.append(
+            f"{label(row)} against {label(base)}: {VERDICTS[quality, brightness]} at n = {row['n']} (KID "
+            f"{base['kid']:.4f} -> {row['kid']:.4f}, {'lower' if kid_change < 0 else 'higher'}, {_beyond(quality)} two "
+            f"standard deviations; luminance W1 {base['w1']:.3f} -> {row['w1']:.3f}, "
+            f"{'closer to' if w1_change < 0 else 'further from'} the data, {_beyond(brightness)} two bootstrap "
+            f"standard deviations; std ratio {base['std_ratio']:.2f} -> {row['std_ratio']:.2f}).")
+    return sentences
+
+
+def steering_findings(rows: list) -> list:
+    """Part 3. How far DC steering moves the samples' mean brightness from plain noise's toward the target."""
+    return [f"Steering the leak's DC to the {r['steered_to']} tercile's mean ({r['target_mean']:+.3f}) moves the "
+            f"samples' mean brightness from {r['plain_mean']:+.3f} (plain noise) to {r['samples_mean']:+.3f}: "
+            f"{r['share']:.0%} of the way (sqrt(alpha_bar) = {r['sqrt_alpha_bar_t0']:.4f} at t0 = {r['t0']})."
+            for r in rows if math.isfinite(r["share"])]
+
+
+def quality_findings(tables: dict) -> dict:
+    """{part: sentences} of the study, each chosen by the numbers of its tables."""
+    return {"samplers": sampler_findings(tables["samplers"]),
+            "eps": eps_findings(tables["eps"], tables.get("scan", [])),
+            "leak": change_findings(tables["leak"], lambda r: f"the standard model from {r['start']}")
+            + steering_findings(tables["steering"]),
+            "fixes": change_findings(tables["fixes"], lambda r: f"{r['model']} (from {r['start']})")
+            + offset_findings(tables["terciles"])}

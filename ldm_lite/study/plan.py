@@ -1,0 +1,239 @@
+"""The study's budget (pure logic but for the speed measurement): the clock, the evaluated settings of the four
+parts, the machine's measured rates, and the plan that fits the evaluations into `--minutes`, dropping the most
+expensive first."""
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+
+import torch
+
+from ldm_lite.models import UNet, unet_preset
+from ldm_lite.quality import inception_features
+from ldm_lite.schedulers import from_config
+from ldm_lite.study.config import CLASS_NAMES, QualityStudyConfig
+
+
+class Clock:
+    """Wall time of the study's parts, and what is left of the budget."""
+
+    def __init__(self, minutes: float):
+        self.start = time.monotonic()
+        self.budget = 60 * minutes
+        self.parts = {}
+
+    def left(self) -> float:
+        return self.budget - (time.monotonic() - self.start)
+
+    @contextmanager
+    def __call__(self, name: str):
+        """`with clock("train"):` adds the block's wall time to part `name` (nothing when the block raises)."""
+        start = time.monotonic()
+        yield
+        self.parts[name] = self.parts.get(name, 0.0) + time.monotonic() - start
+
+
+PLAIN, LEAK, OWN_NOISE = "plain noise", "signal leak (dct+pixel)", "own offset noise"
+TRAIN_SHARE = 0.55     # the least share of the budget the plan keeps for training, when models need it
+FID_SECONDS = 15.0     # planned seconds of one FID (a 2048 x 2048 eigh) and KID (100 subsets), on the CPU
+MIN_SAMPLES = 128      # the plan halves the samples per setting down to this, no lower
+BF16_GAIN = 1.1        # autocast auto: bf16 when its model calls run at least this much faster than float32
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One evaluated way of sampling: `model` with `sampler` at `steps` steps (`nfe` model calls) from `start`
+    noise with epsilon scale `eps_scale`; `level` is the NFE target of part 1 it stands for."""
+    model: str
+    sampler: str
+    steps: int
+    nfe: int
+    level: int
+    eps_scale: float = 1.0
+    start: str = PLAIN
+
+    @property
+    def key(self) -> str:
+        return slug(f"{self.model} {self.sampler} {self.steps} eps {self.eps_scale:g} {self.start}")
+
+    @property
+    def label(self) -> str:
+        scale = f", lambda {self.eps_scale:g}" if self.eps_scale != 1 else ""
+        return f"{self.model}, {self.sampler} {self.steps} steps ({self.nfe} calls){scale}, {self.start}"
+
+
+def study_parts(config: QualityStudyConfig) -> dict:
+    """{part: [Setting]} of the four evaluations. Parts 2-4 share the base setting: the standard model, DDIM at
+    sample_steps from plain noise with lambda 1 (part 1's DDIM setting at that NFE too)."""
+    n = config.sample_steps
+    base = Setting("standard", "ddim", n, n, n)
+    samplers = {}  # by key: NFE targets that give a sampler the same steps (Heun at 9 and 10) are one setting
+    for level in config.nfe_levels:
+        for name in config.sampler_names:
+            setting = Setting("standard", name, *sampler_steps(name, level), level)
+            samplers.setdefault(setting.key, setting)
+    return {"samplers": list(samplers.values()),
+            "eps": [replace(base, eps_scale=value) for value in config.lambdas],
+            "leak": [base, replace(base, start=LEAK)],
+            "fixes": [base] + [Setting(fix, "ddim", n, n, n, start=OWN_NOISE if fix == "offset" else PLAIN)
+                               for fix in config.fix_names]}
+
+
+def sampler_steps(name: str, nfe: int) -> tuple:
+    """(steps, model calls) of a sampler for a target number of model calls: the most steps whose calls do not
+    exceed the target (at least one step). A sampler calls the model once per entry of its timesteps after
+    set_timesteps(N): N for the one-step samplers, 2N - 1 for Heun (the nearest 2N - 1 not above the target),
+    N + 1 for PNDM's PLMS (the "pndm" alias), N + 9 for PNDM with its Runge-Kutta warm-up."""
+    scheduler = from_config({}, name)  # the alias's variant: PNDM as "pndm" skips the Runge-Kutta warm-up
+    for steps in range(max(nfe, 1), 0, -1):
+        try:
+            scheduler.set_timesteps(steps)
+        except ValueError:  # too few steps for the sampler (PNDM's Runge-Kutta warm-up needs 4)
+            break
+        if len(scheduler.timesteps) <= nfe or steps == 1:
+            return steps, len(scheduler.timesteps)
+    raise ValueError(f"{name} cannot sample in {nfe} model calls or fewer")
+
+
+def run_order(parts: dict) -> list:
+    """Every setting once: the base first, then the fixes, the leak, epsilon scaling and the samplers by NFE."""
+    return list(dict.fromkeys([*parts["fixes"], *parts["leak"], *parts["eps"],
+                               *sorted(parts["samplers"], key=lambda s: s.level)]))
+
+
+# ----------------------------------------------------------------------------- speed and plan
+
+def measure_speed(config: QualityStudyConfig, channels: int, network, device: torch.device,
+                  processes: int = 1) -> dict:
+    """The rates the plan uses: model calls (images through the UNet) per second at the evaluation batch size, in
+    float32 and, unless --autocast off, under bf16 autocast; Inception images per second; and the autocast
+    choice: bf16 when asked for, or under auto when measured at least BF16_GAIN times faster. Measured in this
+    process; `calls_per_second` and `inception_per_second` count all `processes` sharing the work (the rates
+    observed while evaluating replace these estimates)."""
+    unet = UNet(unet_preset("tiny", in_channels=channels, sample_size=config.resolution,
+                            num_classes=len(CLASS_NAMES))).to(device).eval()
+    batch = min(config.eval_batch_size, config.unconditional_samples)
+    speed = {"device": str(device), "batch": batch, "fp32_calls_per_second": _calls_per_second(unet, batch, None)}
+    if config.autocast != "off":
+        speed["bf16_calls_per_second"] = _calls_per_second(unet, batch, torch.bfloat16)
+    faster = speed.get("bf16_calls_per_second", 0.0) > BF16_GAIN * speed["fp32_calls_per_second"]
+    speed["autocast"] = "bf16" if config.autocast == "bf16" or (config.autocast == "auto" and faster) else "off"
+    speed["processes"] = processes
+    speed["calls_per_second"] = processes * speed["bf16_calls_per_second" if speed["autocast"] == "bf16" else
+                                                  "fp32_calls_per_second"]
+    speed["inception_per_second"] = processes * _inception_per_second(network, device, config.resolution)
+    return speed
+
+
+@torch.no_grad()
+def _calls_per_second(unet, batch: int, dtype) -> float:
+    """Images through the UNet per second: two warm-up calls (a process's first calls set up its kernels and
+    memory), then 3 to 10 calls for about two seconds."""
+    device, size = next(unet.parameters()).device, unet.config.sample_size
+    x = torch.randn(batch, unet.config.in_channels, size, size, device=device)
+    t, y = torch.full((batch,), 500, device=device), torch.full((batch,), unet.config.num_classes, device=device)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        unet(x, t, y)
+        unet(x, t, y)
+        _synchronize(device)
+        calls, start = 0, time.perf_counter()
+        while calls < 3 or (calls < 10 and time.perf_counter() - start < 2.0):
+            unet(x, t, y)
+            _synchronize(device)
+            calls += 1
+    return calls * batch / (time.perf_counter() - start)
+
+
+def _inception_per_second(network, device: torch.device, resolution: int) -> float:
+    count = 32 if device.type == "cuda" else 4
+    images = torch.zeros(count, 3, resolution, resolution, dtype=torch.uint8)
+    inception_features(images, batch_size=count, device=device, progress=False, network=network)  # warm-up
+    start = time.perf_counter()
+    inception_features(images, batch_size=count, device=device, progress=False, network=network)
+    return count / (time.perf_counter() - start)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Plan:
+    """What the budget holds: the settings to evaluate (in run order), images per setting, the estimated seconds
+    of each part, and sentences saying what was dropped and why."""
+    settings: list
+    samples: int
+    estimates: dict
+    dropped: list
+
+
+def plan_study(config: QualityStudyConfig, parts: dict, speed: dict, reference_seconds: float,
+               train_needed: bool, seconds_left: float, samples: int | None = None) -> Plan:
+    """Fit the evaluations into what the budget leaves after the reference features (0 once computed), training
+    (at least TRAIN_SHARE of the budget while models still need it) and a margin, cutting the most expensive first:
+    part 1's NFE levels above sample_steps (largest first), then the samples per setting (halved, down to
+    MIN_SAMPLES). All settings keep one sample count, so their FIDs stay comparable: a resumed study passes its
+    first evaluations' `samples` (see `first_choices`), which then stays as it is."""
+    order, fixed = run_order(parts), samples is not None
+    samples = samples if fixed else config.unconditional_samples
+    floor = min(MIN_SAMPLES, samples)
+    margin = 0.03 * 60 * config.minutes + 60
+    training = TRAIN_SHARE * 60 * config.minutes if train_needed else 0.0
+    allowed = seconds_left - reference_seconds - training - margin
+    dropped = []
+    if fixed and samples != config.unconditional_samples:
+        dropped.append(f"Samples per setting kept at {samples}, the count of the study's first evaluations.")
+    while (cost := evaluation_seconds(config, order, samples, speed)) > allowed:
+        why = (f"the evaluations were estimated at {cost / 60:.1f} min ({speed['calls_per_second']:.0f} model "
+               f"calls/s, {speed['inception_per_second']:.1f} Inception images/s measured) but the budget left "
+               f"{max(allowed, 0) / 60:.1f} min for them after the reference features ({reference_seconds / 60:.1f} "
+               f"min), training ({training / 60:.1f} min) and a margin ({margin / 60:.1f} min)")
+        levels = sorted({s.level for s in order if s.level > config.sample_steps}, reverse=True)
+        if levels:
+            gone = [s for s in order if s.level == levels[0]]
+            order = [s for s in order if s.level != levels[0]]
+            dropped.append(f"Part 1 at NFE {levels[0]} ({len(gone)} settings) dropped: {why}.")
+        elif not fixed and samples // 2 >= floor:
+            dropped.append(f"Samples per setting cut from {samples} to {samples // 2}: {why}.")
+            samples //= 2
+        else:
+            dropped.append(f"Nothing left to cut: {why}; settings that do not fit when their turn comes are "
+                           "skipped.")
+            break
+    estimates = {"reference features": reference_seconds, "evaluations": cost, "training (least)": training,
+                 "margin": margin}
+    return Plan(order, samples, estimates, dropped)
+
+
+def evaluation_seconds(config: QualityStudyConfig, settings: list, samples: int, speed: dict) -> float:
+    """Planned seconds of the evaluations: the settings' (see `setting_seconds`) and the model calls of the extras
+    (see `extra_seconds`)."""
+    extras = sum(extra_seconds(config, speed).values())
+    return sum(setting_seconds(setting, samples, speed) for setting in settings) + extras
+
+
+def setting_seconds(setting: Setting, samples: int, speed: dict) -> float:
+    """Seconds of one setting: its model calls at the measured rate, then its Inception features and FID / KID
+    (speed["seconds_after_sampling"] once a setting has been measured)."""
+    after = speed.get("seconds_after_sampling", samples / speed["inception_per_second"] + FID_SECONDS)
+    return samples * setting.nfe / speed["calls_per_second"] + after
+
+
+def extra_seconds(config: QualityStudyConfig, speed: dict) -> dict:
+    """Seconds of each extra: its model calls at the measured rate, the scan's at one process's share of it (the
+    scan is not split over torchrun processes)."""
+    one_process = speed["calls_per_second"] / speed.get("processes", 1)
+    return {name: calls / (one_process if name == "scan" else speed["calls_per_second"])
+            for name, calls in extra_calls(config).items()}
+
+
+def extra_calls(config: QualityStudyConfig) -> dict:
+    """Model calls of the evaluations that are not settings: the tercile samples of every model (part 4), DC
+    steering to two targets (part 3) and the eps-norm scan (forward pass and one chain per lambda, part 2)."""
+    steps, per_class = config.sample_steps, config.samples_per_class
+    return {"terciles": steps * per_class * 3 * (1 + len(config.fix_names)), "steering": steps * per_class * 2,
+            "scan": steps * config.exposure_images * (1 + len(config.lambdas))}
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")

@@ -1,0 +1,112 @@
+"""Training of the study's models: one config per model (the standard recipe or a fix), pairs trained side by side
+in child processes of one thread each (`ldm_lite.processes`), and the trained models loaded back."""
+import json
+from pathlib import Path
+
+from ldm_lite.config import config_from_dict
+from ldm_lite.models import load_unet
+from ldm_lite.processes import train_in_processes
+from ldm_lite.runs import CHECKPOINT_NAME, load_checkpoint
+from ldm_lite.schedulers import from_config
+from ldm_lite.study.config import QualityStudyConfig, StudyConfig
+from ldm_lite.study.plan import Clock, Plan
+from ldm_lite.training import train
+
+
+def train_config(config: StudyConfig, name: str, minutes: float, threads: int = 0, steps: int | None = None):
+    """The training config of one of the study's models (tiny, class-conditional, null labels 10%): "standard",
+    or a fix: "offset" (offset noise), "ip" (input perturbation), "zero_snr" (v-prediction, trailing spacing)."""
+    zero_snr = name == "zero_snr"
+    beta_schedule, beta_start, beta_end = config.BETAS
+    return config_from_dict({
+        "data": {"source": config.data, "resolution": config.resolution, "synthetic_size": config.synthetic_size,
+                 "max_images": config.max_images, "labels": "dataset" if config.data == "synthetic" else "brightness"},
+        "model": {"preset": "tiny", "class_conditional": True, "null_label_prob": 0.1},
+        "diffusion": {"beta_schedule": beta_schedule, "beta_start": beta_start, "beta_end": beta_end,
+                      "rescale_betas_zero_snr": zero_snr, "prediction_type": "v_prediction" if zero_snr else "epsilon"},
+        "noise": _noise_section(config, name),
+        "train": {"steps": steps or config.steps, "batch_size": config.batch_size, "lr": config.lr,
+                  "warmup_steps": 100, "ema_decay": 0.999, "seed": config.seed, "max_minutes": max(minutes, 0.1),
+                  "num_threads": threads, "precision": config.precision},
+        "run": {"out": str(Path(config.out) / f"model_{name}"), "log_every": 25, "checkpoint_every": 250,
+                "sample_every": 0, "progress": config.progress and threads == 0, "resume": True,
+                "fresh": config.fresh},
+    })
+
+
+def _noise_section(config: StudyConfig, name: str) -> dict:
+    if name == "offset":
+        return {"offset_noise": True, "offset_noise_strength": config.offset_noise}
+    if name == "ip":
+        return {"input_perturbation": True, "input_perturbation_gamma": config.input_perturbation}
+    return {}
+
+
+def train_models(config: StudyConfig, names: list, minutes: float) -> dict:
+    """Train the named models at once, one process and one thread each, capped at `minutes` of wall time;
+    a finished or interrupted run of the same settings is resumed. Returns {name: trained model info}."""
+    configs = {name: train_config(config, name, minutes, threads=1 if len(names) > 1 else 0) for name in names}
+    if len(names) == 1:
+        run_dirs = {names[0]: train(configs[names[0]])}
+    else:
+        run_dirs = train_in_processes(configs, config.progress, threads=1)
+    return {name: {"model": load_unet(run_dirs[name]).eval(), "config": configs[name], "run_dir": run_dirs[name],
+                   "steps": load_checkpoint(run_dirs[name] / CHECKPOINT_NAME)["step"]} for name in names}
+
+
+def study_scheduler(trained: dict):
+    """DDIM on the model's schedule, with the spacing every command uses for it (`Config.scheduler_config`)."""
+    return from_config(trained["config"])
+
+
+def trained_record(out: Path) -> dict:
+    path = out / "trained.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def train_study_models(config: QualityStudyConfig, names: list, clock: Clock, plan: Plan, device) -> dict:
+    """Train the models two at a time (one process and one thread each) for the same number of steps: the first
+    pair for its share of what the planned evaluations leave (at least the plan's training floor), later pairs for
+    as many steps as it reached, capped at 1.25 times that share. trained.json records finished models, so a
+    resumed study loads them. Returns {name: trained model info}."""
+    out, record = Path(config.out), trained_record(Path(config.out))
+    pending = [pair for pair in (names[i:i + 2] for i in range(0, len(names), 2))
+               if any(name not in record for name in pair)]
+    available = clock.left() - plan.estimates["evaluations"] - plan.estimates["margin"]
+    share = max(available, plan.estimates["training (least)"]) / 60 / max(len(pending), 1)
+    for pair in pending:
+        steps = record.get("steps", config.steps)
+        minutes = min(share * (1.25 if "steps" in record else 1.0), (clock.left() - plan.estimates["margin"]) / 60)
+        configs = {name: train_config(config, name, minutes, 1 if len(pair) > 1 else 0, steps) for name in pair}
+        with clock(f"train {' + '.join(pair)}"):
+            # threads=0 keeps each config's thread count: one each for a pair, torch's default for a model alone
+            train_in_processes(configs, config.progress, hide_cuda=device.type == "cpu", threads=0)
+        for name in pair:
+            record[name] = int(load_checkpoint(Path(configs[name].run.out) / CHECKPOINT_NAME)["step"])
+        record.setdefault("steps", min(record[name] for name in pair))
+        (out / "trained.json").write_text(json.dumps(record))
+    return {name: load_trained(config, name, record.get("steps", config.steps), device) for name in names}
+
+
+def load_trained(config: StudyConfig, name: str, steps: int, device) -> dict:
+    trained_config = train_config(config, name, 0.1, steps=steps)
+    run_dir = Path(trained_config.run.out)
+    return {"model": load_unet(run_dir).to(device).eval(), "config": trained_config, "run_dir": run_dir,
+            "steps": int(load_checkpoint(run_dir / CHECKPOINT_NAME)["step"])}
+
+
+def model_row(name: str, trained: dict) -> dict:
+    c = trained["config"]
+    noise = "randn"
+    if c.noise.offset_noise:
+        noise = f"randn + offset noise {c.noise.strength('offset_noise_strength'):g}"
+    elif c.noise.input_perturbation:
+        noise = f"randn, input perturbation gamma {c.noise.strength('input_perturbation_gamma'):g}"
+    return dict(model=name, schedule=schedule_name(trained), prediction=c.diffusion.prediction_type,
+                spacing=c.scheduler_config()["timestep_spacing"], training_noise=noise, steps=trained["steps"],
+                batch_size=c.train.batch_size, seed=c.train.seed, precision=c.train.precision)
+
+
+def schedule_name(trained: dict) -> str:
+    d = trained["config"].diffusion
+    return d.beta_schedule + (" + zero SNR" if d.rescale_betas_zero_snr else "")
