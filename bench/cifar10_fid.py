@@ -3,7 +3,7 @@ halves, and the feature throughput of the whole pipeline (uint8 32x32 -> resize 
 
     .venv/bin/python bench/cifar10_fid.py [--data ../shared/data/cifar10-jpeg] [--threads 2]
 
-The training set is split into two interleaved halves: half A is the images `ldm_lite.study.reference_images`
+The training set is split into two interleaved halves: half A is the images `ldm_lite.fid_reference.reference_images`
 picks (evenly spread), half B the rest. Features are cached in `--cache` under the study's reference naming
 (content digest, protocol, network), so a study on the same images (`python -m analysis study --data .../train`)
 has already computed half A, and this script reuses it; only uncached images are timed for the throughput.
@@ -13,20 +13,19 @@ The shared copies are JPEG (quality 75): these FIDs are not comparable with pape
 import argparse
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 from ldm_lite.quality import (FidStatistics, inception_features, kernel_inception_distance, load_fid_inception,
                               load_images, quality_report)
-from ldm_lite.study import reference_path
+from ldm_lite.fid_reference import reference_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def cached_features(images: torch.Tensor, name: str, cache: Path, network, batch_size: int) -> tuple:
     """(FidStatistics of `images` (uint8 (N, 3, 32, 32)), seconds spent computing, 0 when read from the cache)."""
-    path = reference_path(SimpleNamespace(cache=str(cache)), images)
+    path = reference_path(images, str(cache))
     if path.is_file():
         print(f"{name}: {len(images)} images, features from {path}")
         return FidStatistics.load(path), 0.0
@@ -63,7 +62,7 @@ def main() -> None:
 
     train, _ = load_images(str(data / "train"), resolution=32)
     test, _ = load_images(str(data / "test"), resolution=32)
-    # half A: the images study.reference_images picks for a 10,000-image reference out of 20,000 (same rule)
+    # half A: the images fid_reference.reference_images picks for a 10,000-image reference out of 20,000 (same rule)
     in_a = torch.zeros(len(train), dtype=torch.bool)
     in_a[torch.linspace(0, len(train) - 1, len(train) // 2).round().long()] = True
     half_a, half_b = train[in_a], train[~in_a]

@@ -13,17 +13,16 @@ charged to it.
 Also printed: the real-data floor, n held-out images (the test split) scored against the same reference at the
 same n; FID at small n is biased upward, so no model can be expected below it.
 
-Resumable: a finished (recipe, seed) is skipped, an interrupted one resumes from its checkpoint with the rest of
-its budget. The settings that make runs comparable (budget, n, reference, evaluation precision) are stored in
+Runs train through `ldm_lite.processes.train_in_processes` (children that never import this script). Resumable:
+a finished (recipe, seed) is skipped, an interrupted one resumes from its checkpoint with the rest of its budget. The settings that make runs comparable (budget, n, reference, evaluation precision) are stored in
 OUT/settings.json, and a resumed comparison must use the same.
 """
 import argparse
+import dataclasses
 import json
 import math
-import os
-import subprocess
 import sys
-import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -33,11 +32,12 @@ sys.path.insert(0, str(ROOT))
 
 from ldm_lite import fid_reference, runs  # noqa: E402
 from ldm_lite.cli.analysis.curves import format_curve_table  # noqa: E402
-from ldm_lite.config import config_from_dict, to_toml  # noqa: E402
+from ldm_lite.config import config_from_dict  # noqa: E402
 from ldm_lite.data import brightness_terciles, load_dataset  # noqa: E402
 from ldm_lite.models import UNet, unet_preset  # noqa: E402
 from ldm_lite.models.inception import load_fid_inception  # noqa: E402
 from ldm_lite.plots import plot_training_curves, write_csv  # noqa: E402
+from ldm_lite.processes import PROCESS_RECORD, train_in_processes  # noqa: E402
 from ldm_lite.quality import FidStatistics, inception_features, quality_report  # noqa: E402
 from ldm_lite.training_eval import BF16_MIN_GAIN, bf16_gain, read_eval_rows  # noqa: E402
 
@@ -65,7 +65,6 @@ RECIPES = {
     "small_depth1": {"model.preset": "small", "model.num_res_blocks": 1},
     "input_perturbation": {"noise.input_perturbation": True},
 }
-COMPARED = ("minutes", "samples", "reference_images", "clock", "eval_autocast", "eval_every", "data")
 
 
 def recipe_overrides(spec: str) -> dict:
@@ -141,57 +140,20 @@ def comparison_settings(args) -> dict:
     return wanted
 
 
-class Jobs:
-    """The (spec, seed) training jobs, `args.jobs` at a time, each `python -m train` on one thread."""
-
-    def __init__(self, jobs: list, args, settings: dict):
-        self.pending, self.running, self.codes = list(jobs), {}, {}
-        self.args, self.settings = args, settings
-        self.env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-    def config(self, spec: str, seed: int):
-        return recipe_config(spec, seed, self.args, self.settings["eval_autocast"])
-
-    def fill(self) -> None:
-        """Start pending jobs up to the limit; finished ones (a `done` mark, or no budget left) are skipped."""
-        while self.pending and len(self.running) < self.args.jobs:
-            spec, seed = self.pending.pop(0)
-            config = self.config(spec, seed)
-            run_dir = Path(config.run.out)
-            remaining = self.args.minutes - _trained_seconds(run_dir) / 60
-            if (run_dir / "done").is_file() or remaining <= 0.01:
-                self.codes[(spec, seed)] = 0
-                continue
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "requested.toml").write_text(to_toml(config))
-            command = [sys.executable, "-m", "train", "--config", str(run_dir / "requested.toml"),
-                       f"--train.max_minutes={remaining:.4f}"]
-            log = open(run_dir / "train.log", "a")
-            _say(f"start {spec} seed {seed}: {remaining:.1f} of {self.args.minutes} min left")
-            process = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log, stderr=log)
-            self.running[(spec, seed)] = (process, log, run_dir)
-
-    def wait(self) -> dict:
-        """Run every job to its end; {(spec, seed): exit code}."""
-        self.fill()
-        while self.running:
-            time.sleep(5)
-            for key, (process, log, run_dir) in list(self.running.items()):
-                if process.poll() is None:
-                    continue
-                log.close()
-                self.codes[key] = process.returncode
-                del self.running[key]
-                if process.returncode == 0:
-                    (run_dir / "done").write_text("")
-                _say(f"{key[0]} seed {key[1]} exited {process.returncode}" +
-                     ("" if process.returncode == 0 else f" (see {run_dir / 'train.log'})"))
-            self.fill()
-        return self.codes
-
-
-def _say(text: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+def configs_to_train(jobs: list, args, settings: dict) -> dict:
+    """{run name: Config} of the jobs with budget left, each given the rest of its budget (a finished run has
+    processes.PROCESS_RECORD, written when its process exits 0)."""
+    configs = {}
+    for spec, seed in jobs:
+        config = recipe_config(spec, seed, args, settings["eval_autocast"])
+        run_dir = Path(config.run.out)
+        remaining = args.minutes - _trained_seconds(run_dir) / 60
+        if (run_dir / PROCESS_RECORD).is_file() or remaining <= 0.01:
+            continue
+        train = dataclasses.replace(config.train, max_minutes=remaining)
+        configs[run_dir.name] = dataclasses.replace(config, train=train)
+        print(f"{run_dir.name}: {remaining:.1f} of {args.minutes:g} min to train", flush=True)
+    return configs
 
 
 def _trained_seconds(run_dir: Path) -> float:
@@ -272,13 +234,13 @@ def main(argv=None) -> int:
         recipe_overrides(spec)
     settings = comparison_settings(args)
     print(f"evaluation sampling precision: {settings['eval_autocast']} (bf16 gain {settings['bf16_sampling_gain']:.2f})")
-    runner = Jobs(jobs, args, settings)
-    if not args.report_only:
-        runner.fill()  # training starts at once; the reference (needed at the runs' first evaluation) meanwhile
-    floor = real_data_floor(args)
-    codes = runner.wait() if not args.report_only else {}
+    configs = {} if args.report_only else configs_to_train(jobs, args, settings)
+    with ThreadPoolExecutor(1) as pool:  # training starts at once; the reference (needed at the runs' first
+        training = pool.submit(train_in_processes, configs, progress=False, threads=1, processes=args.jobs)
+        floor = real_data_floor(args)    # evaluation) and the floor meanwhile
+        training.result()
     report(args, floor)
-    return 0 if all(code == 0 for code in codes.values()) else 1
+    return 0
 
 
 if __name__ == "__main__":

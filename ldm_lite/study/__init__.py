@@ -2,7 +2,7 @@
 `python -m analysis study` (real images, FID/KID; `real.py`), one pipeline of models, findings and report.
 
 A reader finds each concern in its file: `config.py` the two configs; `plan.py` the settings, speed measurement and
-budget plan; `training.py` the study's models; `reference.py` the FID reference; `evaluate.py` one setting's
+budget plan; `training.py` the study's models (the FID reference: `ldm_lite.fid_reference`); `evaluate.py` one setting's
 samples, features and row; `shards.py` torchrun sharding; `resume.py` what a resumed study reuses; `results.py` the
 typed results and results.json; `findings.py` the sentences, chosen by the numbers; `report.py` HTML and markdown.
 """
@@ -14,7 +14,6 @@ from ldm_lite.study.findings import (band_findings, change_findings, eps_finding
 from ldm_lite.study.plan import (Clock, Plan, Setting, evaluation_seconds, extra_calls, extra_seconds, plan_study,
                                  run_order, sampler_steps, study_parts)
 from ldm_lite.study.real import BIAS_COLUMNS, quality_tables, run_evaluations, run_quality_study
-from ldm_lite.study.reference import reference_images, reference_path, reference_statistics
 from ldm_lite.study.report import format_quality_results, format_results, write_report
 from ldm_lite.study.results import FORMAT_VERSION, DemoResults, QualityResults, load_results, save_results
 from ldm_lite.study.resume import check_study_settings, first_choices, record_choices, saved_extra

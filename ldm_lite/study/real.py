@@ -25,7 +25,7 @@ from ldm_lite.study.evaluate import Evaluator, offset_training_noise
 from ldm_lite.study.findings import quality_findings, significant
 from ldm_lite.study.plan import (Clock, Plan, extra_seconds, measure_speed, plan_study, setting_seconds,
                                  study_parts)
-from ldm_lite.study.reference import reference_images, reference_path, reference_statistics
+from ldm_lite.fid_reference import reference_images, reference_path, reference_statistics
 from ldm_lite.study.report import format_quality_results, write_report
 from ldm_lite.study.results import QualityResults, save_results
 from ldm_lite.study.resume import check_study_settings, first_choices, record_choices, saved_extra
@@ -173,12 +173,13 @@ def _run_quality_study(config: QualityStudyConfig, device: torch.device, shards:
         network = shards.network = load_fid_inception(device)
     with clock("measure speed"):
         speed = measure_speed(config, data.shape[1], network, device, shards.world.size)
-    chosen = reference_images(dataset, config.reference_images)
-    ref_path = reference_path(config, chosen)
+    chosen = reference_images(dataset.images, config.reference_images)
+    ref_path = reference_path(chosen, config.cache)
     names, parts = ["standard", *config.fix_names], study_parts(config)
     cached = ref_path.is_file()
     with clock("reference features"):
-        reference = reference_statistics(ref_path, chosen, config, shards)
+        reference = reference_statistics(ref_path, chosen, shards.features, source=f"{config.data}: {len(chosen)} "
+                                         f"training images at {config.resolution} px")
     if not cached:  # thousands of images measure the Inception rate better than the start-up run
         speed["inception_per_second"] = len(chosen) / clock.parts["reference features"]
     train_needed = any(name not in trained_record(out) for name in names)
