@@ -28,7 +28,7 @@ from ldm_lite.latents import decode_latents
 from ldm_lite.leak import LeakStats
 from ldm_lite.runs import LoadedModel, load_model
 from ldm_lite.sampling import eps_scale_schedule, sample
-from ldm_lite.schedulers import from_config, scheduler_class
+from ldm_lite.schedulers import from_config, scheduler_class, x0_clipping, x0_clipping_dropped
 from ldm_lite.schedules import TIMESTEP_SPACINGS, signal_at_first_step
 
 PARTIAL_FILE = "manifest.partial.json"  # settings of an unfinished run, for resuming it
@@ -366,6 +366,8 @@ def build_manifest(settings: SampleSettings, loaded: LoadedModel, scheduler, lea
         "vae": None if loaded.vae is None else {"variant": loaded.vae.variant, "identity": loaded.vae.identity()},
         "class_label": label,
         "scheduler": {"class": type(scheduler).__name__, "config": scheduler.config},
+        "x0_clipping": x0_clipping(scheduler),  # "off" where the sampler drops the schedule's clip_sample
+        "x0_clipping_dropped": x0_clipping_dropped(loaded.scheduler_config, scheduler),
         "model_calls_per_image": len(timesteps) * (2 if settings.guidance is not None else 1),
         "nfe": len(timesteps),
         "timesteps": timesteps,

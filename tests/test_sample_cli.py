@@ -398,6 +398,10 @@ def test_every_scheduler_alias_samples_and_is_recorded(alias, cls, nfe, run_dir,
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["scheduler"]["class"] == cls and manifest["nfe"] == nfe  # Heun: 2N - 1; PLMS: N + 1
     assert manifest["scheduler"]["config"]["beta_schedule"] == "scaled_linear"  # the run's schedule
+    # the pixel run clips x0; of these samplers only DDPM and Heun can, the others drop it, and say so
+    clipping = "clip_sample" if alias in ("ddpm", "heun") else "off"
+    assert manifest["x0_clipping"] == clipping
+    assert ("has no clip_sample: the checkpoint's schedule clips x0" in out) == (clipping == "off")
     images = np.stack([np.asarray(Image.open(tmp_path / f"{i:05d}.png")) for i in range(2)])
     assert images.std() > 1  # not blank
 

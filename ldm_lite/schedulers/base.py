@@ -20,6 +20,12 @@ from ..schedules import (BETA_SCHEDULES, TIMESTEP_SPACINGS, alphas_cumprod_from_
                          rescale_zero_terminal_snr)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# Keys that define the forward process or the model's parameterisation: a scheduler built from a config must honour
+# them, or refuse them (`refuse_dropped_schedule_keys`); dropping one would sample another model's schedule.
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                 "rescale_betas_zero_snr", "prediction_type", "timestep_spacing", "steps_offset")
+# values with which a schedule key changes nothing, so a class that lacks the key may drop it
+NEUTRAL_SCHEDULE_VALUES = {"rescale_betas_zero_snr": False, "steps_offset": 0, "trained_betas": None}
 
 
 @dataclass
@@ -73,6 +79,17 @@ def threshold_sample(x0, ratio: float, max_value: float):
     return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(dtype)
 
 
+def refuse_dropped_schedule_keys(cls, config: dict, classes) -> None:
+    """ValueError, in one line, when `cls` does not take a SCHEDULE_KEYS entry of `config` whose value matters
+    (not its NEUTRAL_SCHEDULE_VALUES); the message names the key and which of `classes` take it."""
+    taken = set(cls._config_keys())
+    for key in SCHEDULE_KEYS:
+        if key in config and key not in taken and config[key] != NEUTRAL_SCHEDULE_VALUES.get(key, object()):
+            takers = ", ".join(other.__name__ for other in classes if key in other._config_keys())
+            raise ValueError(f"{cls.__name__} does not take {key}={config[key]!r}, which changes the forward process "
+                             f"or the model's parameterisation; schedulers that take it: {takers}")
+
+
 def _check_choice(name: str, value, allowed):
     if value not in allowed:
         raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
@@ -90,11 +107,13 @@ class SchedulerBase:
         """Build from a dict or a diffusers `scheduler_config.json` (file, its folder, or a model repo folder).
 
         Keys starting with "_" (diffusers bookkeeping) are dropped; other unknown keys are ignored
-        with one warning naming them.
+        with one warning naming them, except a schedule key whose value matters (`refuse_dropped_schedule_keys`).
         """
+        from . import SCHEDULER_CLASSES  # the registry imports this module
         if not isinstance(config, dict):
             config = _read_scheduler_config(Path(config))
         config = {**config, **overrides}
+        refuse_dropped_schedule_keys(cls, config, SCHEDULER_CLASSES.values())
         known = set(cls._config_keys())
         unknown = sorted(k for k in config if k not in known and not k.startswith("_"))
         if unknown:

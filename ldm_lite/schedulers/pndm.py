@@ -11,9 +11,10 @@ Adams-Bashforth instead.
 """
 import torch
 
-from ..schedules import BETA_SCHEDULES, TIMESTEP_SPACINGS, alphas_cumprod_from_betas, make_betas, make_timesteps
+from ..schedules import (BETA_SCHEDULES, TIMESTEP_SPACINGS, alphas_cumprod_from_betas, make_betas, make_timesteps,
+                         rescale_zero_terminal_snr)
 from .base import SchedulerBase, SchedulerOutput, _check_choice
-from .sigmas import add_into, sub_into
+from .sigmas import ZERO_SNR_ALPHA_BAR, add_into, sub_into
 
 RUNGE_KUTTA_STEPS = 3  # steps taken by pseudo Runge-Kutta before multistep takes over (4 past outputs)
 
@@ -25,6 +26,9 @@ class PNDMScheduler(SchedulerBase):
     (t_1 twice: the improved-Euler warm-up calls the model at t_1 before and after correcting); without, each of
     the first three steps calls the model at t_i, m_i, m_i, t_{i+1} with midpoint m_i = t_{i+1} + (T // N) // 2.
     `set_alpha_to_one`: after the last step use alpha_bar = 1 (clean x0) instead of alpha_bar[0].
+    `rescale_betas_zero_snr` (Lin et al. 2023, arXiv:2305.08891, Algorithm 1; not in diffusers' PNDM): every
+    update divides by alpha_bar at its start, so alpha_bar[T - 1] = 0 is clamped to 2^-24, as in the sigma
+    samplers; use it with prediction_type="v_prediction".
 
     Differences from diffusers:
     - Each update ends at the timestep of the next model call, read from the list. diffusers ends at
@@ -42,7 +46,7 @@ class PNDMScheduler(SchedulerBase):
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas=None, skip_prk_steps: bool = False,
                  set_alpha_to_one: bool = False, prediction_type: str = "epsilon",
-                 timestep_spacing: str = "leading", steps_offset: int = 0):
+                 timestep_spacing: str = "leading", steps_offset: int = 0, rescale_betas_zero_snr: bool = False):
         if trained_betas is None:
             _check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
         _check_choice("prediction_type", prediction_type, ("epsilon", "v_prediction"))
@@ -50,11 +54,15 @@ class PNDMScheduler(SchedulerBase):
         self.config = dict(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
                            beta_schedule=beta_schedule, trained_betas=trained_betas, skip_prk_steps=skip_prk_steps,
                            set_alpha_to_one=set_alpha_to_one, prediction_type=prediction_type,
-                           timestep_spacing=timestep_spacing, steps_offset=steps_offset)
+                           timestep_spacing=timestep_spacing, steps_offset=steps_offset,
+                           rescale_betas_zero_snr=rescale_betas_zero_snr)
         self.num_train_timesteps = num_train_timesteps
         self.prediction_type = prediction_type
-        self.betas = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end, trained_betas)
+        betas = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end, trained_betas)
+        self.betas = rescale_zero_terminal_snr(betas) if rescale_betas_zero_snr else betas
         self.alphas_cumprod = alphas_cumprod_from_betas(self.betas)  # (T,) float32
+        if rescale_betas_zero_snr:  # the transfer divides by alpha_bar at its start: clamped as the sigma samplers do
+            self.alphas_cumprod[-1] = ZERO_SNR_ALPHA_BAR
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
         self.num_inference_steps = None
         self.timesteps = None
