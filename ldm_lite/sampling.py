@@ -40,8 +40,9 @@ def initial_noise(scheduler, shape, leak=None, generator=None, device=None, dtyp
 
     Without `leak`: init_noise_sigma * noise, diffusers' convention (1 for DDPM/DDIM; sqrt(sigma_max^2 + 1) or
     sigma_max for the sigma-parametrised samplers). With `leak` (a `LeakStats`, or leak images (B, C, H, W) or
-    (C, H, W)): scheduler.add_noise(leak, noise, t0), with no extra factor, i.e. sqrt(ab[t0]) leak +
-    sqrt(1 - ab[t0]) noise for DDPM/DDIM (Everaert et al. eq. 2) and leak + sigma noise for Euler-type
+    (C, H, W)): the forward process at the first step the sampler takes (`add_noise_at_first_step`: index 0 of
+    its table, even where the first timestep repeats), with no extra factor, i.e. sqrt(ab[t0]) leak +
+    sqrt(1 - ab[t0]) noise for DDPM/DDIM (Everaert et al. eq. 2) and leak + sigma_0 noise for Euler-type
     samplers: the same leak in each sampler's own units.
     generator: None, one torch.Generator, or a list of B (one per sample; each draws its noise, then its leak).
     """
@@ -63,7 +64,7 @@ def initial_noise(scheduler, shape, leak=None, generator=None, device=None, dtyp
         leak_images = leak.sample(shape[0], generator=generator, dtype=dtype)
     if tuple(leak_images.shape) != tuple(shape):
         raise ValueError(f"leak has shape {tuple(leak_images.shape)}, expected {tuple(shape)}")
-    return scheduler.add_noise(leak_images.to(device, dtype), noise, t0.to(device))
+    return scheduler.add_noise_at_first_step(leak_images.to(device, dtype), noise)
 
 
 def _leak_row(leak, i):

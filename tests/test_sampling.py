@@ -349,6 +349,25 @@ def test_leak_enters_x_T_in_each_samplers_own_units(alias):
         [torch.randn(1, *SHAPE, generator=g) for g in sample_generators(7, 0, 5)]).std()), rel=1e-5)
 
 
+@pytest.mark.parametrize("alias, schedule", [
+    ("unipc", {"beta_schedule": "squaredcos_cap_v2"}),
+    ("dpmpp_2m", {**SCALED_LINEAR, "rescale_betas_zero_snr": True, "prediction_type": "v_prediction"})])
+def test_leak_x_T_is_at_the_first_noise_level_where_the_first_timestep_repeats(alias, schedule):
+    """Karras sigmas on these schedules round the first timesteps to 999 several times; x_T is built at sigma_0,
+    where the sampler starts (add_noise's diffusers rule would take the second entry's smaller sigma)."""
+    scheduler = from_config({"_class_name": "DDIMScheduler", **schedule}, alias, use_karras_sigmas=True)
+    scheduler.set_timesteps(50)
+    assert scheduler.timesteps[0] == scheduler.timesteps[1] == 999
+    ab = scheduler.alphas_cumprod.double()[999]
+    sigma = ((1 - ab) / ab).sqrt()  # Karras sigmas start at the last training timestep's noise level
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the zero-SNR schedule's "a leak has no effect"
+        x_T = initial_noise(scheduler, (2, *SHAPE), leak=torch.full(SHAPE, 0.5),
+                            generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(0)).double()
+    torch.testing.assert_close(x_T.double(), (0.5 + sigma * noise) / (sigma ** 2 + 1).sqrt(), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("alias", ["dpmpp_2m", "unipc", "heun", "pndm", "euler_a"])
 def test_multistep_state_is_reset_per_batch(alias):
     """Two batches give the images of one batch of the same samples (state reset by set_timesteps per batch);

@@ -125,6 +125,11 @@ class SchedulerBase:
         import inspect
         return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
 
+    def add_noise_at_first_step(self, original_samples, noise):
+        """The forward process (B, ...) at the first sampled step: `add_noise` at timesteps[0] (the sigma
+        samplers override it to start at the first entry of their table)."""
+        return self.add_noise(original_samples, noise, self.timesteps[:1].to(original_samples.device))
+
     def save_config(self, path):
         """Write the config as a diffusers-style scheduler_config.json."""
         path = Path(path)

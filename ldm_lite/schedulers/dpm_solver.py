@@ -133,9 +133,10 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         self.num_inference_steps = len(timesteps)
         self._coefficients = self._step_coefficients()
 
-    def add_noise(self, original_samples, noise, timesteps):
-        """Forward process x_t = alpha_t x0 + sigma_t noise (B, ...) for timesteps (B,) taken from `timesteps`."""
-        alpha_t, sigma_t = _vp(self._sigmas_at(timesteps, original_samples))
+    def _noised(self, original_samples, noise, sigma):
+        """Forward process x_t = alpha_t x0 + sigma_t noise (B, ...) at the VE noise level sigma (`add_noise` for
+        timesteps (B,) taken from `timesteps`)."""
+        alpha_t, sigma_t = _vp(sigma)
         return alpha_t * original_samples + sigma_t * noise
 
     # ---- one step ------------------------------------------------------------------------------------------

@@ -312,7 +312,17 @@ class SigmaScheduler(SchedulerBase):
     def add_noise(self, original_samples, noise, timesteps):
         """x_sigma = x0 + sigma noise (B, ...) for timesteps (B,) taken from `timesteps` (the k-diffusion
         variable; divide by sqrt(sigma^2 + 1) for the DDPM x_t)."""
-        sigma = self._sigmas_at(timesteps, original_samples)
+        return self._noised(original_samples, noise, self._sigmas_at(timesteps, original_samples))
+
+    def add_noise_at_first_step(self, original_samples, noise):
+        """The forward process (B, ...) at the first entry of the table, where `step` starts: unlike
+        `add_noise(x, noise, timesteps[:1])`, right where the first timestep repeats (index_for_timestep then
+        gives its second place: UniPC or DPM-Solver with Karras sigmas on a cosine or zero-SNR schedule)."""
+        sigma = self.sigmas[0].to(device=original_samples.device, dtype=original_samples.dtype)
+        return self._noised(original_samples, noise, sigma)
+
+    def _noised(self, original_samples, noise, sigma):
+        """x_sigma = x0 + sigma noise; sigma broadcastable against x0 (B, ...)."""
         return original_samples + noise * sigma
 
     def _sigmas_at(self, timesteps, like):

@@ -117,10 +117,10 @@ class UniPCMultistepScheduler(SigmaScheduler):
         """Identity: UniPC's sample is already the network input x_t."""
         return sample
 
-    def add_noise(self, original_samples, noise, timesteps):
-        """x_t = alpha x0 + sigma noise (B, ...) at the noise level of each listed timestep (B,) (diffusers'
-        convention: with Karras sigmas the level of the step, not of the training timestep)."""
-        sigma = self._sigmas_at(timesteps, original_samples)
+    def _noised(self, original_samples, noise, sigma):
+        """x_t = alpha x0 + sigma noise (B, ...) at the VE noise level sigma (`add_noise`: the level of each
+        listed timestep (B,), diffusers' convention: with Karras sigmas the level of the step, not of the
+        training timestep)."""
         alpha = 1 / (sigma ** 2 + 1) ** 0.5
         return alpha * original_samples + (sigma * alpha) * noise
 
