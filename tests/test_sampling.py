@@ -318,6 +318,26 @@ def test_classifier_free_guidance_wrapper_is_the_guided_combination():
         ClassifierFreeGuidance(TinyDenoiser(), 2.0)
 
 
+class LearnedSigma(torch.nn.Module):
+    """A class-conditional stand-in with learned variance: (B, 3, H, W) -> (B, 6, H, W), label-dependent halves."""
+    config = type("Config", (), {"num_classes": 3, "in_channels": 3, "sample_size": 8})()
+
+    def forward(self, x, timesteps, class_labels):
+        label = class_labels.view(-1, 1, 1, 1).float()
+        return torch.cat([x * (1 + label), torch.tanh(x) * (0.2 + label) - timesteps.view(-1, 1, 1, 1) / 1000], 1)
+
+
+def test_guidance_leaves_the_learned_variance_channels_conditional():
+    """GLIDE and DiT guide the first C channels only; the variance half is the conditional output's, bit for bit."""
+    x, t, labels = torch.randn(2, *SHAPE), torch.tensor([500, 500]), torch.tensor([0, 2])
+    model = LearnedSigma()
+    guided = ClassifierFreeGuidance(model, 3.0)(x, t, labels)
+    conditional, null = model(x, t, labels), model(x, t, torch.full_like(labels, 3))
+    assert guided.shape == (2, 6, 8, 8)
+    assert torch.equal(guided[:, 3:], conditional[:, 3:])
+    torch.testing.assert_close(guided[:, :3], null[:, :3] + 3.0 * (conditional[:, :3] - null[:, :3]))
+
+
 # ----------------------------------------------------------------------------- every sampler
 
 
