@@ -338,6 +338,19 @@ def test_guidance_leaves_the_learned_variance_channels_conditional():
     torch.testing.assert_close(guided[:, :3], null[:, :3] + 3.0 * (conditional[:, :3] - null[:, :3]))
 
 
+def test_guidance_rescale_matches_diffusers_rescale_noise_cfg():
+    """Lin et al. 2023 sec. 3.4 on random outputs, against diffusers' rescale_noise_cfg (phi = 0.7, their value)."""
+    guider_utils = pytest.importorskip("diffusers.guiders.guider_utils")
+    x, t, labels = torch.randn(3, *SHAPE), torch.tensor([500, 400, 300]), torch.tensor([0, 1, 2])
+    model = LearnedSigma()
+    guided = ClassifierFreeGuidance(model, 5.0, rescale=0.7)(x, t, labels)
+    conditional, null = model(x, t, labels)[:, :3], model(x, t, torch.full_like(labels, 3))[:, :3]
+    expected = guider_utils.rescale_noise_cfg(null + 5.0 * (conditional - null), conditional, guidance_rescale=0.7)
+    torch.testing.assert_close(guided[:, :3], expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"phi must be in \[0, 1\]"):
+        ClassifierFreeGuidance(model, 5.0, rescale=1.5)
+
+
 # ----------------------------------------------------------------------------- every sampler
 
 
