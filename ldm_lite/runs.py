@@ -213,7 +213,8 @@ def _load_diffusers_pipeline(folder: Path) -> LoadedModel:
         raise ValueError(f"{folder}/model_index.json must list 'unet' and 'scheduler' (found: {sorted(index)})")
     vae = load_vae(folder / "vae", dtype=torch.float32) if "vae" in index else None
     scheduler_config = read_json(folder / "scheduler", "scheduler_config.json")
-    return LoadedModel(load_unet(folder), scheduler_config, vae,
+    names = tuple(read_json(folder, CLASSES_FILE)) if (folder / CLASSES_FILE).is_file() else None  # our exports
+    return LoadedModel(load_unet(folder), scheduler_config, vae, class_names=names,
                        source={"kind": "diffusers pipeline", "path": str(folder)})
 
 
