@@ -125,6 +125,17 @@ class SchedulerBase:
         import inspect
         return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
 
+    @property
+    def timestep_interpolation(self) -> str:
+        """How a fractional entry of `timesteps` relates to its noise level: "log_linear" for Karras and
+        exponential sigmas (timesteps found from log sigma), else the `interpolation_type` of the sigma table
+        ("linear": Euler at fractional linspace timesteps). Integer timesteps agree under both. An exact
+        denoiser (`ldm_lite.oracle`) takes it to see the sampler's own sigmas."""
+        config = self.config
+        if config.get("use_karras_sigmas") or config.get("use_exponential_sigmas"):
+            return "log_linear"
+        return config.get("interpolation_type", "linear")
+
     def add_noise_at_first_step(self, original_samples, noise):
         """The forward process (B, ...) at the first sampled step: `add_noise` at timesteps[0] (the sigma
         samplers override it to start at the first entry of their table)."""
