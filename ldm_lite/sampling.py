@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .schedulers.base import randn_tensor
+from .schedulers.sigmas import ZERO_SNR_ALPHA_BAR
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -53,8 +54,7 @@ def initial_noise(scheduler, shape, leak=None, generator=None, device=None, dtyp
     noise = randn_tensor(tuple(shape), generator, device, dtype)
     if leak is None:
         return noise * scheduler.init_noise_sigma
-    t0 = scheduler.timesteps[:1]
-    if float(scheduler.alphas_cumprod[int(t0)]) == 0.0:
+    if scheduler.alpha_bar_at_first_step() <= ZERO_SNR_ALPHA_BAR:  # 0, or the sigma samplers' clamp of 0
         warnings.warn("the schedule has zero SNR at the first sampled timestep: a signal leak has no effect",
                       stacklevel=2)
     if isinstance(leak, torch.Tensor):

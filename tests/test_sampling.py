@@ -88,16 +88,20 @@ def test_initial_noise_rejects_statistics_of_another_shape():
         initial_noise(scheduler, (2, *SHAPE), leak=stats)
 
 
-def test_zero_terminal_snr_warns_that_a_leak_has_no_effect():
-    scheduler = DDIMScheduler(**SCALED_LINEAR, rescale_betas_zero_snr=True, prediction_type="v_prediction",
-                              timestep_spacing="trailing")
+@pytest.mark.parametrize("alias", list(ALIASES))
+def test_zero_terminal_snr_warns_that_a_leak_has_no_effect(alias):
+    """Every sampler, the sigma ones included (their alpha_bar[T - 1] = 0 is clamped to 2^-24, sigma_max 4096)."""
+    zero_snr = {"_class_name": "DDIMScheduler", **SCALED_LINEAR, "rescale_betas_zero_snr": True,
+                "prediction_type": "v_prediction"}
+    scheduler = from_config(zero_snr, alias, timestep_spacing="trailing")
     scheduler.set_timesteps(10)
     leak = torch.ones(2, *SHAPE)
     with pytest.warns(UserWarning, match="no effect"):
         x_T = initial_noise(scheduler, (2, *SHAPE), leak=leak, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(x_T, torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(0)))
+    if alias == "ddim":
+        assert torch.equal(x_T, torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(0)))
     # leading spacing starts at 900 < 999, where alpha_bar > 0: no warning
-    leading = DDIMScheduler(**SCALED_LINEAR, rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    leading = from_config(zero_snr, alias, timestep_spacing="leading")
     leading.set_timesteps(10)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -136,6 +136,11 @@ class SchedulerBase:
             return "log_linear"
         return config.get("interpolation_type", "linear")
 
+    def alpha_bar_at_first_step(self) -> float:
+        """alpha_bar of the noise level the first step starts from: alphas_cumprod[timesteps[0]] (the sigma
+        samplers override it with 1 / (1 + sigmas[0]^2))."""
+        return float(self.alphas_cumprod[int(self.timesteps[0])])
+
     def add_noise_at_first_step(self, original_samples, noise):
         """The forward process (B, ...) at the first sampled step: `add_noise` at timesteps[0] (the sigma
         samplers override it to start at the first entry of their table)."""

@@ -314,6 +314,11 @@ class SigmaScheduler(SchedulerBase):
         variable; divide by sqrt(sigma^2 + 1) for the DDPM x_t)."""
         return self._noised(original_samples, noise, self._sigmas_at(timesteps, original_samples))
 
+    def alpha_bar_at_first_step(self) -> float:
+        """1 / (1 + sigmas[0]^2): the signal level where the first step starts (2^-24 or less at zero SNR, whose
+        alpha_bar[T - 1] = 0 is clamped to 2^-24)."""
+        return float(1 / (1 + self.sigmas[0].double() ** 2))
+
     def add_noise_at_first_step(self, original_samples, noise):
         """The forward process (B, ...) at the first entry of the table, where `step` starts: unlike
         `add_noise(x, noise, timesteps[:1])`, right where the first timestep repeats (index_for_timestep then
