@@ -20,6 +20,9 @@ from ..schedules import (BETA_SCHEDULES, TIMESTEP_SPACINGS, alphas_cumprod_from_
                          rescale_zero_terminal_snr)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# Samplers that divide by alpha_bar at their first step clamp the zero-SNR alpha_bar[T - 1] = 0 to 2^-24, as
+# diffusers' sigma schedulers do: sigma_max = 4096 instead of infinity.
+ZERO_SNR_ALPHA_BAR = 2.0 ** -24
 # Keys that define the forward process or the model's parameterisation: a scheduler built from a config must honour
 # them, or refuse them (`refuse_dropped_schedule_keys`); dropping one would sample another model's schedule.
 SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
@@ -99,8 +102,36 @@ class SchedulerBase:
     """What every scheduler shares: `config` (exactly the constructor's keyword arguments), `from_config`,
     `save_config`, `len()` (the number of training timesteps) and `repr`.
 
-    Subclasses set `self.config` and `self.num_train_timesteps` in their constructor.
+    Every constructor starts with `config = self._keyword_arguments(locals())` and builds its training schedule
+    with `_set_training_schedule(config)`.
     """
+
+    def _keyword_arguments(self, arguments: dict) -> dict:
+        """The constructor's keyword arguments, {name: value} in signature order, from its `locals()` (taken as
+        its first statement): the one way a scheduler records its config."""
+        return {key: arguments[key] for key in self._config_keys()}
+
+    def _set_training_schedule(self, config: dict, clamp_zero_snr: bool = False):
+        """Install `config` and build betas and alphas_cumprod (T,) float32 from it (Lin et al. 2023,
+        arXiv:2305.08891, Algorithm 1 with rescale_betas_zero_snr). clamp_zero_snr: alpha_bar[T - 1] = 0 becomes
+        ZERO_SNR_ALPHA_BAR, for samplers that divide by alpha_bar at the first step."""
+        self.config = config
+        self.num_train_timesteps = T = config["num_train_timesteps"]
+        self.prediction_type = config["prediction_type"]
+        zero_snr = config.get("rescale_betas_zero_snr", False)
+        if config["trained_betas"] is None:
+            _check_choice("beta_schedule", config["beta_schedule"], BETA_SCHEDULES)
+        if zero_snr and self.prediction_type == "epsilon":
+            warnings.warn("rescale_betas_zero_snr with prediction_type='epsilon': at SNR 0 the model cannot "
+                          "predict the noise (x0 = (x_t - eps) / 0); use 'v_prediction'", stacklevel=4)
+        betas = make_betas(config["beta_schedule"], T, config["beta_start"], config["beta_end"],
+                           config["trained_betas"])
+        if len(betas) != T:
+            raise ValueError(f"trained_betas has {len(betas)} values, num_train_timesteps is {T}")
+        self.betas = rescale_zero_terminal_snr(betas) if zero_snr else betas
+        self.alphas_cumprod = alphas_cumprod_from_betas(self.betas)  # (T,) float32
+        if zero_snr and clamp_zero_snr:
+            self.alphas_cumprod[-1] = ZERO_SNR_ALPHA_BAR
 
     @classmethod
     def from_config(cls, config, **overrides):
@@ -169,35 +200,16 @@ class Scheduler(SchedulerBase):
     `timesteps[i]` is `timesteps[i + 1]` (or the end of the chain after the last), whatever the spacing.
     """
 
-    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
-                 beta_schedule: str = "linear", trained_betas=None, prediction_type: str = "epsilon",
-                 clip_sample: bool = True, clip_sample_range: float = 1.0, thresholding: bool = False,
-                 dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
-                 timestep_spacing: str = "leading", steps_offset: int = 0, rescale_betas_zero_snr: bool = False):
-        if trained_betas is None:
-            _check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
-        _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        _check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
-        if not 0.0 < dynamic_thresholding_ratio <= 1.0:
-            raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {dynamic_thresholding_ratio}")
-        if rescale_betas_zero_snr and prediction_type == "epsilon":
-            warnings.warn("rescale_betas_zero_snr with prediction_type='epsilon': at SNR 0 the model cannot "
-                          "predict the noise (x0 = (x_t - eps) / 0); use 'v_prediction'", stacklevel=2)
-        self.config = dict(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
-                           beta_schedule=beta_schedule, trained_betas=trained_betas, prediction_type=prediction_type,
-                           clip_sample=clip_sample, clip_sample_range=clip_sample_range, thresholding=thresholding,
-                           dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value,
-                           timestep_spacing=timestep_spacing, steps_offset=steps_offset,
-                           rescale_betas_zero_snr=rescale_betas_zero_snr)
-        self.num_train_timesteps = num_train_timesteps
-        self.prediction_type = prediction_type
-        betas = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end, trained_betas)
-        if len(betas) != num_train_timesteps:
-            raise ValueError(f"trained_betas has {len(betas)} values, num_train_timesteps is {num_train_timesteps}")
-        self.betas = rescale_zero_terminal_snr(betas) if rescale_betas_zero_snr else betas
-        self.alphas_cumprod = alphas_cumprod_from_betas(self.betas)  # (T,) float32
+    def _init_schedule(self, config: dict):
+        """Validate the shared keywords of `config` (the constructor's keyword arguments) and build the schedule;
+        before set_timesteps the list holds every training timestep."""
+        _check_choice("prediction_type", config["prediction_type"], PREDICTION_TYPES)
+        _check_choice("timestep_spacing", config["timestep_spacing"], TIMESTEP_SPACINGS)
+        if not 0.0 < config["dynamic_thresholding_ratio"] <= 1.0:
+            raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {config['dynamic_thresholding_ratio']}")
+        self._set_training_schedule(config)
         self.num_inference_steps = None
-        self._set_timestep_list(torch.arange(num_train_timesteps - 1, -1, -1))
+        self._set_timestep_list(torch.arange(self.num_train_timesteps - 1, -1, -1))
 
     # ---- timesteps -------------------------------------------------------------------------
     def set_timesteps(self, num_inference_steps: int, device=None):

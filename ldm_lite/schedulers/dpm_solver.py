@@ -81,7 +81,7 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
                  lambda_min_clipped: float = -float("inf"), variance_type: str | None = None,
                  timestep_spacing: str = "linspace", steps_offset: int = 0, rescale_betas_zero_snr: bool = False,
                  use_dynamic_shifting: bool = False, time_shift_type: str = "exponential"):
-        config = {key: value for key, value in locals().items() if key != "self"}  # the keyword arguments
+        config = self._keyword_arguments(locals())
         config["algorithm_type"] = algorithm_type = _ALGORITHM_ALIASES.get(algorithm_type, algorithm_type)
         config["solver_type"] = solver_type = _SOLVER_ALIASES.get(solver_type, solver_type)
         if algorithm_type == "sde-dpmsolver":

@@ -26,7 +26,7 @@ class HeunDiscreteScheduler(SigmaScheduler):
                  use_karras_sigmas: bool = False, use_exponential_sigmas: bool = False,
                  use_beta_sigmas: bool = False, clip_sample: bool = False, clip_sample_range: float = 1.0,
                  timestep_spacing: str = "linspace", steps_offset: int = 0, rescale_betas_zero_snr: bool = False):
-        config = {key: value for key, value in locals().items() if key != "self"}  # the keyword arguments
+        config = self._keyword_arguments(locals())
         self._init_schedule(config)
 
     def _reset_state(self):

@@ -11,10 +11,9 @@ Adams-Bashforth instead.
 """
 import torch
 
-from ..schedules import (BETA_SCHEDULES, TIMESTEP_SPACINGS, alphas_cumprod_from_betas, make_betas, make_timesteps,
-                         rescale_zero_terminal_snr)
+from ..schedules import TIMESTEP_SPACINGS, make_timesteps
 from .base import SchedulerBase, SchedulerOutput, _check_choice
-from .sigmas import ZERO_SNR_ALPHA_BAR, add_into, sub_into
+from .sigmas import add_into, sub_into
 
 RUNGE_KUTTA_STEPS = 3  # steps taken by pseudo Runge-Kutta before multistep takes over (4 past outputs)
 
@@ -47,22 +46,11 @@ class PNDMScheduler(SchedulerBase):
                  beta_schedule: str = "linear", trained_betas=None, skip_prk_steps: bool = False,
                  set_alpha_to_one: bool = False, prediction_type: str = "epsilon",
                  timestep_spacing: str = "leading", steps_offset: int = 0, rescale_betas_zero_snr: bool = False):
-        if trained_betas is None:
-            _check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
+        config = self._keyword_arguments(locals())
         _check_choice("prediction_type", prediction_type, ("epsilon", "v_prediction"))
         _check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
-        self.config = dict(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
-                           beta_schedule=beta_schedule, trained_betas=trained_betas, skip_prk_steps=skip_prk_steps,
-                           set_alpha_to_one=set_alpha_to_one, prediction_type=prediction_type,
-                           timestep_spacing=timestep_spacing, steps_offset=steps_offset,
-                           rescale_betas_zero_snr=rescale_betas_zero_snr)
-        self.num_train_timesteps = num_train_timesteps
-        self.prediction_type = prediction_type
-        betas = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end, trained_betas)
-        self.betas = rescale_zero_terminal_snr(betas) if rescale_betas_zero_snr else betas
-        self.alphas_cumprod = alphas_cumprod_from_betas(self.betas)  # (T,) float32
-        if rescale_betas_zero_snr:  # the transfer divides by alpha_bar at its start: clamped as the sigma samplers do
-            self.alphas_cumprod[-1] = ZERO_SNR_ALPHA_BAR
+        # the transfer divides by alpha_bar at its start: a zero-SNR alpha_bar[T - 1] is clamped
+        self._set_training_schedule(config, clamp_zero_snr=True)
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
         self.num_inference_steps = None
         self.timesteps = None

@@ -64,7 +64,7 @@ class UniPCMultistepScheduler(SigmaScheduler):
                  steps_offset: int = 0, final_sigmas_type: str = "zero", rescale_betas_zero_snr: bool = False,
                  use_dynamic_shifting: bool = False, time_shift_type: str = "exponential", sigma_min=None,
                  sigma_max=None, shift_terminal=None):
-        config = {key: value for key, value in locals().items() if key not in ("self", "__class__")}
+        config = self._keyword_arguments(locals())
         for key, default in ONLY_AT_DEFAULT.items():
             if config[key] != default:
                 raise ValueError(f"{key}={config[key]!r} is not supported by ldm_lite's UniPC (only {default!r})")
