@@ -11,6 +11,7 @@ A run folder (written by `ldm_lite.training.train`):
 Checkpoints are read by one function, `ldm_lite.models.weights_io.read_training_checkpoint`, which the UNet
 loader shares. Run folders written by earlier versions keep loading: `stored_config` upgrades their configs.
 """
+import contextlib
 import dataclasses
 import json
 import os
@@ -48,6 +49,25 @@ def atomic_save(payload: dict, path: Path) -> None:
         os.fsync(folder)
     finally:
         os.close(folder)
+
+
+@contextlib.contextmanager
+def written_then_renamed(path):
+    """Write a file so that no reader ever sees half of it: the body writes the temporary file it is given,
+    `path`.PID.tmp beside `path` (PID: this process, so processes writing the same file never share one), which is
+    renamed over `path` when the body ends, or removed when it raises (then `path` is untouched):
+
+        with written_then_renamed(cache) as partial:
+            save_file(tensors, str(partial))
+    """
+    path = Path(path)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        yield partial
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    partial.replace(path)
 
 
 def checkpoint_payload(config: Config, model, ema, optimizer, step: int) -> dict:
@@ -238,5 +258,6 @@ def _load_run(path: Path, config: Config, config_source: str, use_ema: bool) -> 
 
 
 __all__ = ["CHECKPOINT_NAME", "RUN_CONFIG_FILE", "CLASSES_FILE", "METRICS_FILE", "LoadedModel", "atomic_save",
+           "written_then_renamed",
            "check_resume", "checkpoint_payload", "class_names", "load_checkpoint", "load_model", "run_config",
            "stored_config", "training_differences"]
