@@ -1,6 +1,8 @@
 """Schedule keys are honoured or refused, never dropped: zero terminal SNR in Heun and PNDM (which diffusers lacks),
 the strict `from_config`, and the x0 clipping a sampler drops. Independent of diffusers: the references are DDIM's
 rescaled table (Lin et al. 2023, arXiv:2305.08891) and Euler on the exact mixture denoiser (`ldm_lite.oracle`)."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -8,6 +10,7 @@ from ldm_lite.oracle import brightness_mixture
 from ldm_lite.sampling import sample
 from ldm_lite.schedulers import (SCHEDULER_CLASSES, DDIMScheduler, EulerDiscreteScheduler, from_config, x0_clipping,
                                  x0_clipping_dropped)
+from ldm_lite.schedulers.key_table import schedule_key_table, with_table
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -68,3 +71,15 @@ def test_a_dropped_x0_clipping_is_reported():
     dpm = from_config({**pixel_run, "clip_sample": False, "thresholding": True}, "dpmpp_2m")
     assert x0_clipping(dpm) == "thresholding"
     assert x0_clipping(EulerDiscreteScheduler()) == "off"
+
+
+def test_the_docs_table_of_schedule_keys_is_generated_from_the_classes():
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "sampling.md").read_text()
+    assert with_table(docs) == docs, "regenerate it: python -m ldm_lite.schedulers.key_table docs/sampling.md"
+    rows = schedule_key_table().splitlines()
+    assert rows[0] == ("| key | DDPM | DDIM | EulerDiscrete | EulerAncestralDiscrete | HeunDiscrete | DPMSolverMultistep "
+                       "| UniPCMultistep | PNDM | DDIMInverse |")
+    # read off the constructors: DDPM, DDIM, Heun and DDIM inversion clip x0; DDPM, DDIM, DPM-Solver, UniPC threshold
+    assert "| `clip_sample` | yes | yes | - | - | yes | - | - | - | yes |" in rows
+    assert "| `thresholding` | yes | yes | - | - | - | yes | yes | - | - |" in rows
+    assert "| `rescale_betas_zero_snr` | yes | yes | yes | yes | yes | yes | yes | yes | yes |" in rows
