@@ -19,8 +19,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .schedulers.base import randn_tensor
-from .schedulers.sigmas import ZERO_SNR_ALPHA_BAR
+from .schedulers.base import ZERO_SNR_ALPHA_BAR, randn_tensor
 
 
 def sample_seed(seed: int, index: int) -> int:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..schedules import TIMESTEP_SPACINGS, make_timesteps
-from .base import ZERO_SNR_ALPHA_BAR, SchedulerBase, _check_choice  # noqa: F401 (ZERO_SNR_ALPHA_BAR: re-exported)
+from .base import SchedulerBase, _check_choice
 
 INTERPOLATION_TYPES = ("linear", "log_linear")
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
