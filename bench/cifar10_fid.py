@@ -19,6 +19,7 @@ import torch
 from ldm_lite.quality import (FidStatistics, inception_features, kernel_inception_distance, load_fid_inception,
                               load_images, quality_report)
 from ldm_lite.fid_reference import reference_path
+from ldm_lite.runs import written_then_renamed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,9 +35,8 @@ def cached_features(images: torch.Tensor, name: str, cache: Path, network, batch
     seconds = time.perf_counter() - started
     stats = FidStatistics.from_features(features, source=f"{name}: {len(images)} images")
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".tmp")
-    stats.save(partial)
-    partial.replace(path)
+    with written_then_renamed(path) as partial:
+        stats.save(partial)
     print(f"{name}: {len(images)} images in {seconds:.0f} s ({len(images) / seconds:.2f} img/s), cached in {path}")
     return stats, seconds
 

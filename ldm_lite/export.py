@@ -5,10 +5,13 @@
     out/unet/diffusion_pytorch_model.safetensors   the weights: our parameter names already are diffusers'
     out/scheduler/scheduler_config.json            the run's sampling schedule (`LoadedModel.scheduler_config`)
     out/vae/config.json + diffusion_pytorch_model.safetensors    a latent run's AutoencoderKL, diffusers layout
+    out/classes.json                               the class names (label i = name i), when the run records them
+    out/README.md                                  the lines that sample the folder in diffusers (`readme`)
 
 Class labels need no mapping: our embedding has num_classes + 1 rows with the null class (Ho & Salimans 2022,
 arXiv:2207.12598) last, which is diffusers' `num_class_embeds = num_classes + 1`, label num_classes meaning "no
-class". diffusers has no pipeline for an AutoencoderKL latent model without text: its DDPMPipeline ignores vae/
+class". diffusers' DDPMPipeline passes no `class_labels`, which UNet2DModel requires of a class-conditional model:
+the README's lines call the UNet and the scheduler directly instead. diffusers has no pipeline for an AutoencoderKL latent model without text: its DDPMPipeline ignores vae/
 (with a warning) and returns latents; decode them with `AutoencoderKL.from_pretrained(out / "vae")` after
 `latents / scaling_factor + shift_factor` (Rombach et al. 2022, arXiv:2112.10752, sec. 4.3.2). `load_model(out)`
 reads the VAE back and samples images.
@@ -20,7 +23,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from ldm_lite.models.vae_loading import original_from_diffusers
-from ldm_lite.runs import load_model
+from ldm_lite.runs import CLASSES_FILE, load_model
 
 # The diffusers release this layout was checked against (tests/test_export.py); diffusers reads the field.
 DIFFUSERS_VERSION = "0.42.1"
@@ -188,8 +191,58 @@ def export_diffusers(run, out, use_ema: bool = True) -> Path:
         image_size = loaded.unet.config.sample_size * loaded.vae.downscale
         _write_json(diffusers_vae_config(loaded.vae.config, image_size), out / "vae" / "config.json")
         _write_weights(diffusers_vae_state_dict(loaded.vae), out / "vae" / WEIGHTS_NAME)
+    if loaded.class_names is not None and loaded.unet.config.num_classes is not None:
+        (out / CLASSES_FILE).write_text(json.dumps(list(loaded.class_names)) + "\n")
+    (out / "README.md").write_text(readme(loaded, scheduler_config["_class_name"]))
     _write_json(index, out / "model_index.json")   # last: a folder with it is a complete export
     return out
+
+
+def readme(loaded, scheduler_class: str) -> str:
+    """README.md of an export: how ldm_lite samples it, and the Python lines that sample it in diffusers by
+    calling the UNet (with class labels) and the scheduler directly, which DDPMPipeline cannot do for a
+    class-conditional model. loaded: the `LoadedModel` exported."""
+    config = loaded.unet.config
+    channels, size = config.in_channels, config.sample_size
+    if config.num_classes is None:
+        labels, batch = "labels = None  # unconditional", "4"
+    else:
+        names = loaded.class_names or [str(i) for i in range(config.num_classes)]
+        meaning = ", ".join(f"{i} = {name}" for i, name in enumerate(names))
+        labels, batch = (f"labels = torch.arange({config.num_classes})  # {meaning}; {config.num_classes} = no "
+                         "class (the null label)", "len(labels)")
+    mean_channels, note = ("", "") if config.out_channels == channels else (f"[:, :{channels}]",
+                                                                            "  # learned variance dropped")
+    decode = "" if loaded.vae is None else (
+        "vae = AutoencoderKL.from_pretrained(\"vae\").eval()\n"
+        "with torch.no_grad():  # latents -> images (Rombach et al. 2022, sec. 4.3.2)\n"
+        "    x = vae.decode(x / vae.config.scaling_factor + vae.config.shift_factor).sample\n")
+    return f"""# An ldm_lite run exported for diffusers
+
+ldm_lite samples this folder as it samples the run: `python -m sample --ckpt THIS_FOLDER --out samples/`
+(add `--class NAME` for a class-conditional model; the names are in classes.json).
+
+diffusers' `DDPMPipeline` loads it, but passes no `class_labels`, which a class-conditional `UNet2DModel`
+requires. These lines, run in this folder, sample it with labels by calling the UNet and the scheduler directly:
+
+```python
+import torch
+from diffusers import AutoencoderKL, {scheduler_class}, UNet2DModel
+
+unet = UNet2DModel.from_pretrained("unet").eval()
+scheduler = {scheduler_class}.from_pretrained("scheduler")
+{labels}
+steps = 50
+scheduler.set_timesteps(steps)
+noise = torch.randn(({batch}, {channels}, {size}, {size}), generator=torch.Generator().manual_seed(0))
+x = noise * scheduler.init_noise_sigma
+with torch.no_grad():
+    for t in scheduler.timesteps:
+        output = unet(scheduler.scale_model_input(x, t), t, class_labels=labels).sample
+        x = scheduler.step(output{mean_channels}, t, x).prev_sample{note}
+{decode}images = (x.clamp(-1, 1) + 1) / 2  # (B, C, H, W) in [0, 1]
+```
+"""
 
 
 __all__ = ["DIFFUSERS_VERSION", "diffusers_unet_config", "diffusers_vae_config", "diffusers_vae_state_dict",

@@ -13,6 +13,7 @@ import torch
 
 from ldm_lite.models.inception import WEIGHTS_SHA1
 from ldm_lite.quality import PROTOCOL_VERSION, FidStatistics
+from ldm_lite.runs import written_then_renamed
 
 CACHE_ENV = "LDM_LITE_CACHE"
 DEFAULT_CACHE = "runs/cache"
@@ -44,7 +45,6 @@ def reference_statistics(path: Path, images: torch.Tensor, features, source: str
         return FidStatistics.load(path)
     stats = FidStatistics.from_features(features(images), source=source)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    stats.save(partial)
-    partial.replace(path)
+    with written_then_renamed(path) as partial:
+        stats.save(partial)
     return stats

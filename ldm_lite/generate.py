@@ -28,7 +28,7 @@ from ldm_lite.latents import decode_latents
 from ldm_lite.leak import LeakStats
 from ldm_lite.runs import LoadedModel, load_model
 from ldm_lite.sampling import eps_scale_schedule, sample
-from ldm_lite.schedulers import from_config, scheduler_class
+from ldm_lite.schedulers import from_config, scheduler_class, x0_clipping, x0_clipping_dropped
 from ldm_lite.schedules import TIMESTEP_SPACINGS, signal_at_first_step
 
 PARTIAL_FILE = "manifest.partial.json"  # settings of an unfinished run, for resuming it
@@ -68,6 +68,8 @@ class SampleSettings:
                                       "without it, samples are unconditional (the null label)", flag="class",
                                       metavar="LABEL")
     guidance: float | None = option(None, "classifier-free guidance weight w: eps_null + w (eps_cond - eps_null)")
+    guidance_rescale: float = option(0.0, "guidance rescale phi (Lin et al. 2023, sec. 3.4; they use 0.7): the "
+                                     "guided output is pulled towards the conditional output's std; 0 is off")
     spacing: str | None = option(None, "override the schedule's timestep_spacing", choices=TIMESTEP_SPACINGS)
     scheduler_config: str | None = option(None, "scheduler_config.json to use instead of the checkpoint's "
                                            "schedule (needed for weights that carry none)", metavar="JSON")
@@ -90,6 +92,8 @@ class SampleSettings:
             raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {self.eta}")
         if self.guidance is not None and self.class_label is None:
             raise ValueError("guidance needs a class label to guide towards (--class)")
+        if self.guidance_rescale and self.guidance is None:
+            raise ValueError("--guidance-rescale needs --guidance W")
         if not self.png and self.fid is None:
             raise ValueError("--no-png keeps nothing without --fid REF")
         if self.kid and self.fid is None:
@@ -218,7 +222,7 @@ def _generate(settings: SampleSettings, world: World, device: torch.device, prog
     if loaded.vae is not None:
         loaded.vae.to(device)
     if settings.guidance is not None:
-        model = ClassifierFreeGuidance(model, settings.guidance)
+        model = ClassifierFreeGuidance(model, settings.guidance, settings.guidance_rescale)
     out = Path(settings.out)
     mine = share(settings.n, world)
     first = _resume_point(out, settings, mine, world) if settings.png else mine.start
@@ -366,6 +370,8 @@ def build_manifest(settings: SampleSettings, loaded: LoadedModel, scheduler, lea
         "vae": None if loaded.vae is None else {"variant": loaded.vae.variant, "identity": loaded.vae.identity()},
         "class_label": label,
         "scheduler": {"class": type(scheduler).__name__, "config": scheduler.config},
+        "x0_clipping": x0_clipping(scheduler),  # "off" where the sampler drops the schedule's clip_sample
+        "x0_clipping_dropped": x0_clipping_dropped(loaded.scheduler_config, scheduler),
         "model_calls_per_image": len(timesteps) * (2 if settings.guidance is not None else 1),
         "nfe": len(timesteps),
         "timesteps": timesteps,

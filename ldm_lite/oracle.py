@@ -21,14 +21,18 @@ import torch
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
-def alpha_bar_at(timesteps, alphas_cumprod):
+def alpha_bar_at(timesteps, alphas_cumprod, interpolation_type: str = "log_linear"):
     """alpha_bar (B,) float64 at timesteps (B,) that may be fractional (Euler and Karras samplers give them).
 
-    Between integer timesteps, log sigma (sigma = sqrt((1 - ab) / ab)) is linearly interpolated: the inverse of
-    the sigma-to-timestep map of the k-diffusion-style samplers (diffusers' `_sigma_to_t`), so a model called at
-    t(sigma) sees noise level sigma. At integer timesteps the table value itself is returned, bit for bit.
-    alphas_cumprod: (T,) table; timesteps in [0, T - 1].
+    Between integer timesteps sigma = sqrt((1 - ab) / ab) is interpolated as the sampler that made the timesteps
+    did, so a model called at t sees the sampler's noise level (pass `scheduler.timestep_interpolation`):
+    "log_linear" interpolates log sigma, the inverse of the sigma-to-timestep map of Karras and exponential sigmas
+    (diffusers' `_sigma_to_t`); "linear" interpolates sigma, as Euler and Euler ancestral do at fractional
+    `linspace` timesteps (the two differ by up to 1.9e-4 relative there). At integer timesteps the table value
+    itself is returned, bit for bit. alphas_cumprod: (T,) table; timesteps in [0, T - 1].
     """
+    if interpolation_type not in ("linear", "log_linear"):
+        raise ValueError(f"interpolation_type must be 'linear' or 'log_linear', got {interpolation_type!r}")
     table = torch.as_tensor(alphas_cumprod).to(torch.float64)
     t = torch.as_tensor(timesteps, device=table.device).to(torch.float64).reshape(-1)
     last = len(table) - 1
@@ -38,8 +42,12 @@ def alpha_bar_at(timesteps, alphas_cumprod):
     high = (low + 1).clamp(max=last)
     weight = t - low
     log_sigma = 0.5 * (torch.log1p(-table) - torch.log(table))  # +inf where ab = 0 (zero terminal SNR)
-    interpolated = log_sigma[low] + weight * (log_sigma[high] - log_sigma[low])
-    return torch.where(weight == 0, table[low], torch.sigmoid(-2 * interpolated))  # 1 / (1 + sigma^2)
+    if interpolation_type == "linear":
+        sigma = log_sigma.exp()
+        log_interpolated = torch.log(sigma[low] + weight * (sigma[high] - sigma[low]))
+    else:
+        log_interpolated = log_sigma[low] + weight * (log_sigma[high] - log_sigma[low])
+    return torch.where(weight == 0, table[low], torch.sigmoid(-2 * log_interpolated))  # 1 / (1 + sigma^2)
 
 
 def mixture_posterior_mean(x_t, alpha_bar, means, stds, weights, allowed=None):
@@ -74,13 +82,15 @@ class GaussianMixtureDenoiser(torch.nn.Module):
     means: (K, C, H, W) mean images, or (K,) brightness levels with `shape` = (C, H, W); stds: (K,) or one
     float; weights: (K,), default uniform (normalised here). alphas_cumprod: the (T,) schedule the model "was
     trained" with (e.g. `scheduler.alphas_cumprod`). prediction_type: "epsilon", "v_prediction" or "sample".
+    interpolation_type: how fractional timesteps map to noise levels (`alpha_bar_at`); pass the sampler's
+    `scheduler.timestep_interpolation` so that the denoiser is exact at the sampler's own sigmas.
     config: in_channels, sample_size (H, or (H, W) if not square), num_classes = K: label k < K conditions on
     component k, label K (the null label) means the whole mixture, so `ldm_lite.sampling.sample` and
     classifier-free guidance can drive it. Holds no parameters; its tensors follow the input's device.
     """
 
     def __init__(self, means, stds, weights=None, *, alphas_cumprod, prediction_type: str = "epsilon",
-                 shape=None):
+                 shape=None, interpolation_type: str = "log_linear"):
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
@@ -100,7 +110,7 @@ class GaussianMixtureDenoiser(torch.nn.Module):
                              f"stds {stds.tolist()}")
         self.means, self.stds, self.weights = means, stds, weights / weights.sum()
         self.alphas_cumprod = torch.as_tensor(alphas_cumprod).to(torch.float64)
-        self.prediction_type = prediction_type
+        self.prediction_type, self.interpolation_type = prediction_type, interpolation_type
         channels, height, width = means.shape[1:]
         self.config = SimpleNamespace(in_channels=channels, sample_size=height if height == width else (height, width),
                                       num_classes=count, prediction_type=prediction_type)
@@ -112,7 +122,7 @@ class GaussianMixtureDenoiser(torch.nn.Module):
         in [0, K] (K: the whole mixture).
         """
         x = sample.to(torch.float64)
-        alpha_bar = alpha_bar_at(timesteps, self.alphas_cumprod.to(x.device))
+        alpha_bar = alpha_bar_at(timesteps, self.alphas_cumprod.to(x.device), self.interpolation_type)
         alpha_bar = alpha_bar.expand(x.shape[0]) if alpha_bar.numel() == 1 else alpha_bar
         if alpha_bar.shape != (x.shape[0],):
             raise ValueError(f"timesteps must be a scalar or ({x.shape[0]},), got {alpha_bar.numel()} values")
@@ -167,8 +177,10 @@ class GaussianMixtureDenoiser(torch.nn.Module):
 
 
 def brightness_mixture(alphas_cumprod, shape=(3, 16, 16), levels=(-0.6, 0.0, 0.6), texture_std: float = 0.1,
-                       weights=None, prediction_type: str = "epsilon") -> GaussianMixtureDenoiser:
+                       weights=None, prediction_type: str = "epsilon",
+                       interpolation_type: str = "log_linear") -> GaussianMixtureDenoiser:
     """The lessons' data set: images of uniform brightness `levels` (dark, grey, bright) plus white texture of
     std `texture_std`, as an exact denoiser. Brightness std of the data: about 0.49 for the defaults."""
     return GaussianMixtureDenoiser(torch.tensor(levels, dtype=torch.float64), texture_std, weights,
-                                   alphas_cumprod=alphas_cumprod, prediction_type=prediction_type, shape=shape)
+                                   alphas_cumprod=alphas_cumprod, prediction_type=prediction_type, shape=shape,
+                                   interpolation_type=interpolation_type)

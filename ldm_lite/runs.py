@@ -11,6 +11,7 @@ A run folder (written by `ldm_lite.training.train`):
 Checkpoints are read by one function, `ldm_lite.models.weights_io.read_training_checkpoint`, which the UNet
 loader shares. Run folders written by earlier versions keep loading: `stored_config` upgrades their configs.
 """
+import contextlib
 import dataclasses
 import json
 import os
@@ -49,6 +50,25 @@ def atomic_save(payload: dict, path: Path) -> None:
         os.fsync(folder)
     finally:
         os.close(folder)
+
+
+@contextlib.contextmanager
+def written_then_renamed(path):
+    """Write a file so that no reader ever sees half of it: the body writes the temporary file it is given,
+    `path`.PID.tmp beside `path` (PID: this process, so processes writing the same file never share one), which is
+    renamed over `path` when the body ends, or removed when it raises (then `path` is untouched):
+
+        with written_then_renamed(cache) as partial:
+            save_file(tensors, str(partial))
+    """
+    path = Path(path)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        yield partial
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    partial.replace(path)
 
 
 def checkpoint_payload(config: Config, model, ema, optimizer, step: int) -> dict:
@@ -214,7 +234,8 @@ def _load_diffusers_pipeline(folder: Path) -> LoadedModel:
         raise ValueError(f"{folder}/model_index.json must list 'unet' and 'scheduler' (found: {sorted(index)})")
     vae = load_vae(folder / "vae", dtype=torch.float32) if "vae" in index else None
     scheduler_config = read_json(folder / "scheduler", "scheduler_config.json")
-    return LoadedModel(load_unet(folder), scheduler_config, vae,
+    names = tuple(read_json(folder, CLASSES_FILE)) if (folder / CLASSES_FILE).is_file() else None  # our exports
+    return LoadedModel(load_unet(folder), scheduler_config, vae, class_names=names,
                        source={"kind": "diffusers pipeline", "path": str(folder)})
 
 
@@ -238,5 +259,6 @@ def _load_run(path: Path, config: Config, config_source: str, use_ema: bool) -> 
 
 
 __all__ = ["CHECKPOINT_NAME", "RUN_CONFIG_FILE", "CLASSES_FILE", "METRICS_FILE", "LoadedModel", "atomic_save",
+           "written_then_renamed",
            "check_resume", "checkpoint_payload", "class_names", "load_checkpoint", "load_model", "run_config",
            "stored_config", "training_differences"]

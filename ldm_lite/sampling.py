@@ -14,11 +14,12 @@ generator seeded with `sample_seed(seed, i)` = (seed * 1_000_003 + i) mod 2^32, 
 import inspect
 import math
 import warnings
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from .schedulers.base import randn_tensor
+from .schedulers.base import ZERO_SNR_ALPHA_BAR, randn_tensor
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -40,8 +41,9 @@ def initial_noise(scheduler, shape, leak=None, generator=None, device=None, dtyp
 
     Without `leak`: init_noise_sigma * noise, diffusers' convention (1 for DDPM/DDIM; sqrt(sigma_max^2 + 1) or
     sigma_max for the sigma-parametrised samplers). With `leak` (a `LeakStats`, or leak images (B, C, H, W) or
-    (C, H, W)): scheduler.add_noise(leak, noise, t0), with no extra factor, i.e. sqrt(ab[t0]) leak +
-    sqrt(1 - ab[t0]) noise for DDPM/DDIM (Everaert et al. eq. 2) and leak + sigma noise for Euler-type
+    (C, H, W)): the forward process at the first step the sampler takes (`add_noise_at_first_step`: index 0 of
+    its table, even where the first timestep repeats), with no extra factor, i.e. sqrt(ab[t0]) leak +
+    sqrt(1 - ab[t0]) noise for DDPM/DDIM (Everaert et al. eq. 2) and leak + sigma_0 noise for Euler-type
     samplers: the same leak in each sampler's own units.
     generator: None, one torch.Generator, or a list of B (one per sample; each draws its noise, then its leak).
     """
@@ -52,8 +54,7 @@ def initial_noise(scheduler, shape, leak=None, generator=None, device=None, dtyp
     noise = randn_tensor(tuple(shape), generator, device, dtype)
     if leak is None:
         return noise * scheduler.init_noise_sigma
-    t0 = scheduler.timesteps[:1]
-    if float(scheduler.alphas_cumprod[int(t0)]) == 0.0:
+    if scheduler.alpha_bar_at_first_step() <= ZERO_SNR_ALPHA_BAR:  # 0, or the sigma samplers' clamp of 0
         warnings.warn("the schedule has zero SNR at the first sampled timestep: a signal leak has no effect",
                       stacklevel=2)
     if isinstance(leak, torch.Tensor):
@@ -63,7 +64,7 @@ def initial_noise(scheduler, shape, leak=None, generator=None, device=None, dtyp
         leak_images = leak.sample(shape[0], generator=generator, dtype=dtype)
     if tuple(leak_images.shape) != tuple(shape):
         raise ValueError(f"leak has shape {tuple(leak_images.shape)}, expected {tuple(shape)}")
-    return scheduler.add_noise(leak_images.to(device, dtype), noise, t0.to(device))
+    return scheduler.add_noise_at_first_step(leak_images.to(device, dtype), noise)
 
 
 def _leak_row(leak, i):
@@ -97,22 +98,50 @@ def eps_scale_schedule(eps_scale, num_steps: int, slope: float = 0.0, centred: b
     return values
 
 
-def step_keywords(scheduler, options: dict | None, eps_scales: list) -> dict:
-    """Check once, before the loop, that `scheduler.step` takes the run's options; returns the fixed keywords.
+@dataclass(frozen=True)
+class StartingNoise:
+    """Where each batch starts: the caller's x_T (n, C, H, W), or x_T drawn by `initial_noise` with the signal
+    `leak` (LeakStats, a tensor, or None for plain noise)."""
+    x_T: torch.Tensor | None = None
+    leak: object = None
 
-    options: per-run step keywords such as eta or use_clipped_model_output. Epsilon scaling (any lambda != 1)
-    needs a scheduler whose step takes `eps_scale`. A ValueError names what the scheduler does not take.
-    """
-    accepted = inspect.signature(scheduler.step).parameters
-    name = type(scheduler).__name__
-    options = dict(options or {})
-    refused = sorted(key for key in options if key not in accepted)
-    if refused:
-        raise ValueError(f"{name} takes no {', '.join(refused)} (its step takes: "
-                         f"{', '.join(p for p in accepted if p not in ('model_output', 'timestep', 'sample'))})")
-    if any(value != 1.0 for value in eps_scales) and "eps_scale" not in accepted:
-        raise ValueError(f"epsilon scaling is not available with {name}; use DDIMScheduler or DDPMScheduler")
-    return options
+    def draw(self, scheduler, start: int, shape: tuple, generators: list, device, dtype) -> torch.Tensor:
+        """x_T of samples start .. start + len(generators) - 1, (B, C, H, W) for shape = (C, H, W)."""
+        if self.x_T is not None:
+            return self.x_T[start:start + len(generators)].to(device, dtype)
+        return initial_noise(scheduler, (len(generators), *shape), self.leak, generators, device, dtype)
+
+
+@dataclass(frozen=True)
+class StepKeywords:
+    """The keywords of every `scheduler.step` call besides (output, t, x): the run's options (eta,
+    use_clipped_model_output), epsilon scaling's lambda per step (`eps_scales`, None when the step takes no
+    eps_scale), and whether the step draws noise from each sample's generator."""
+    options: dict
+    eps_scales: tuple | None
+    draws_noise: bool
+
+    @classmethod
+    def check(cls, scheduler, options: dict | None, eps_scales: list) -> "StepKeywords":
+        """Checked once, before the loop, against `scheduler.step`: a ValueError names an option it does not take,
+        or epsilon scaling (any lambda != 1) with a step that has no `eps_scale`."""
+        accepted = inspect.signature(scheduler.step).parameters
+        name = type(scheduler).__name__
+        options = dict(options or {})
+        refused = sorted(key for key in options if key not in accepted)
+        if refused:
+            raise ValueError(f"{name} takes no {', '.join(refused)} (its step takes: "
+                             f"{', '.join(p for p in accepted if p not in ('model_output', 'timestep', 'sample'))})")
+        if any(value != 1.0 for value in eps_scales) and "eps_scale" not in accepted:
+            raise ValueError(f"epsilon scaling is not available with {name}; use DDIMScheduler or DDPMScheduler")
+        return cls(options, tuple(eps_scales) if "eps_scale" in accepted else None, "generator" in accepted)
+
+    def at_step(self, i: int, generators: list) -> dict:
+        """The keywords of step i (0 = the first) of a batch whose samples draw from `generators`."""
+        keywords = dict(self.options, generator=generators) if self.draws_noise else dict(self.options)
+        if self.eps_scales is not None:
+            keywords["eps_scale"] = self.eps_scales[i]
+        return keywords
 
 
 @torch.no_grad()
@@ -141,6 +170,45 @@ def sample(model, scheduler, n: int, *, shape=None, num_inference_steps: int | N
       One autocast context spans the whole call, so its low-precision copies of the weights are made once: the
       weights must not change during the call.
     """
+    run = _prepare_run(model, scheduler, n, shape, num_inference_steps, class_labels, eps_scale, step_options,
+                       device, dtype)
+    starting_noise = StartingNoise(x_T, leak)
+    outputs = []
+    bar = tqdm(total=math.ceil(n / batch_size) * len(scheduler.timesteps), desc="sampling", disable=not progress,
+               leave=False)
+    # One autocast context around the whole loop keeps its low-precision copies of the weights from step to
+    # step (leaving the outermost context drops them); the scheduler step runs with autocast off, in `dtype`.
+    with torch.autocast(run.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        for start in range(0, n, batch_size):
+            count = min(batch_size, n - start)
+            if run.num_inference_steps is not None and start > 0:
+                scheduler.set_timesteps(run.num_inference_steps)  # a fresh state per batch
+            generators = sample_generators(seed, first_index + start, count)
+            with torch.autocast(run.device.type, enabled=False):
+                x = starting_noise.draw(scheduler, start, run.shape, generators, run.device, dtype)
+            x = _denoise_batch(model, scheduler, run, x, start, generators, callback, bar)
+            if on_batch is not None:
+                on_batch(x, start)
+            else:
+                outputs.append(x)
+    bar.close()
+    return torch.cat(outputs) if on_batch is None else None
+
+
+@dataclass(frozen=True)
+class _SamplingRun:
+    """What every batch of a `sample` call shares, prepared and checked once."""
+    shape: tuple  # (C, H, W)
+    device: torch.device
+    dtype: torch.dtype
+    labels: torch.Tensor | None  # (n,) long
+    keywords: StepKeywords
+    num_inference_steps: int | None  # set again before every batch after the first
+
+
+def _prepare_run(model, scheduler, n, shape, num_inference_steps, class_labels, eps_scale, step_options, device,
+                 dtype) -> _SamplingRun:
+    """Set the scheduler's steps and check the run's options against it, before any model call (see `sample`)."""
     if not hasattr(scheduler, "add_noise"):
         raise ValueError(f"{type(scheduler).__name__} inverts (x0 -> x_T); sampling needs a sampler")
     num_inference_steps = num_inference_steps or getattr(scheduler, "num_inference_steps", None)
@@ -149,46 +217,26 @@ def sample(model, scheduler, n: int, *, shape=None, num_inference_steps: int | N
     config = getattr(model, "config", None)
     shape = tuple(shape or (config.in_channels, config.sample_size, config.sample_size))
     device = torch.device(device) if device is not None else model_device(model)
-    labels = label_tensor(class_labels, n, device)
-    eps_scales = eps_scale_schedule(eps_scale, len(scheduler.timesteps))
-    options = step_keywords(scheduler, step_options, eps_scales)
-    scaled = "eps_scale" in inspect.signature(scheduler.step).parameters
-    random_steps = "generator" in inspect.signature(scheduler.step).parameters
-    outputs = []
-    bar = tqdm(total=math.ceil(n / batch_size) * len(scheduler.timesteps), desc="sampling", disable=not progress,
-               leave=False)
-    # One autocast context around the whole loop keeps its low-precision copies of the weights from step to
-    # step (leaving the outermost context drops them); the scheduler step runs with autocast off, in `dtype`.
-    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        for start in range(0, n, batch_size):
-            count = min(batch_size, n - start)
-            if num_inference_steps is not None and start > 0:
-                scheduler.set_timesteps(num_inference_steps)  # a fresh state per batch
-            generators = sample_generators(seed, first_index + start, count)
-            with torch.autocast(device.type, enabled=False):
-                x = (x_T[start:start + count].to(device, dtype) if x_T is not None else
-                     initial_noise(scheduler, (count, *shape), leak, generators, device, dtype))
-            batch_labels = labels[start:start + count] if labels is not None else None
-            keywords = dict(options, generator=generators) if random_steps else dict(options)
-            for i, t in enumerate(scheduler.timesteps):
-                model_input = scheduler.scale_model_input(x, t)
-                output = model(model_input, t.to(device).expand(count), batch_labels)
-                with torch.autocast(device.type, enabled=False):
-                    output = output.to(dtype)
-                    if scaled:
-                        keywords["eps_scale"] = eps_scales[i]
-                    step = scheduler.step(output, t, x, **keywords)
-                    if callback is not None:
-                        callback(dict(step_index=i, timestep=t.item(), batch_start=start, x_t=x, model_output=output,
-                                      pred_original_sample=step.pred_original_sample, prev_sample=step.prev_sample))
-                x = step.prev_sample
-                bar.update(1)
-            if on_batch is not None:
-                on_batch(x, start)
-            else:
-                outputs.append(x)
-    bar.close()
-    return torch.cat(outputs) if on_batch is None else None
+    keywords = StepKeywords.check(scheduler, step_options, eps_scale_schedule(eps_scale, len(scheduler.timesteps)))
+    return _SamplingRun(shape, device, dtype, label_tensor(class_labels, n, device), keywords, num_inference_steps)
+
+
+def _denoise_batch(model, scheduler, run: _SamplingRun, x, start: int, generators: list, callback, bar):
+    """x_T (B, C, H, W) of samples start .. start + B - 1 -> x_0 (B, C, H, W): the model at every listed timestep
+    (under the caller's autocast), then scheduler.step in run.dtype with autocast off; callback(info) after each
+    step (see `sample`)."""
+    labels = run.labels[start:start + len(x)] if run.labels is not None else None
+    for i, t in enumerate(scheduler.timesteps):
+        output = model(scheduler.scale_model_input(x, t), t.to(run.device).expand(len(x)), labels)
+        with torch.autocast(run.device.type, enabled=False):
+            output = output.to(run.dtype)
+            step = scheduler.step(output, t, x, **run.keywords.at_step(i, generators))
+            if callback is not None:
+                callback(dict(step_index=i, timestep=t.item(), batch_start=start, x_t=x, model_output=output,
+                              pred_original_sample=step.pred_original_sample, prev_sample=step.prev_sample))
+        x = step.prev_sample
+        bar.update(1)
+    return x
 
 
 class ModelWrapper:

@@ -18,7 +18,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,8 +89,8 @@ def cached_latents(dataset: InMemoryImages, config: Config, run_dir: Path, world
         if config.data.random_flip:
             tensors["mirrored"] = _encode(vae, dataset.images.flip(-1), config, world, "encoding mirrored")
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path) + ".tmp", metadata={**key, "class_names": json.dumps(dataset.class_names)})
-        os.replace(str(path) + ".tmp", path)
+        with runs.written_then_renamed(path) as partial:
+            save_file(tensors, str(partial), metadata={**key, "class_names": json.dumps(dataset.class_names)})
     if world.size > 1:
         dist.barrier()
     with safe_open(str(path), framework="pt") as file:

@@ -110,7 +110,7 @@ def test_same_seed_same_images_in_and_across_processes(run_dir, tmp_path, capsys
 def test_manifest_records_every_setting(run_dir, tmp_path, capsys):
     args = sample_args(run_dir, tmp_path, "--scheduler", "ddim", "--eta", "0.5", "--leak-dc", "1=-0.25",
                        "--eps-scale", "1.02", "--eps-scale-slope", "-0.001", "--class", "bright", "--guidance", "2",
-                       "--seed", 7)
+                       "--guidance-rescale", 0.7, "--seed", 7)
     assert run_cli(sample_main, args, capsys)[0] == 0
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     settings = manifest["settings"]
@@ -118,6 +118,7 @@ def test_manifest_records_every_setting(run_dir, tmp_path, capsys):
         ("ddim", 8, 0.5, 6, 4)
     assert manifest["seed"] == settings["seed"] == 7
     assert settings["leak_dc"] == [[1, -0.25]] and settings["guidance"] == 2.0 and settings["class_label"] == "bright"
+    assert settings["guidance_rescale"] == 0.7
     assert manifest["class_label"] == 2  # "bright" is the third synthetic class
     # the schedule comes from the run's config.toml: scaled_linear, leading spacing, 1000 steps
     expected_steps = make_timesteps(8, 1000, "leading", 1).tolist()
@@ -282,6 +283,7 @@ def test_latent_diffusers_pipeline_decodes_through_its_vae(tmp_path, capsys):
     ("leak-dc channel out of range", "--leak-dc channel 3 is out of range"),
     ("class out of range", "--class must be an integer in"),
     ("eta with ddpm", "DDPMScheduler takes no eta"),
+    ("guidance rescale without guidance", "--guidance-rescale needs --guidance W"),
 ])
 def test_user_errors_print_one_line_and_exit_2(case, message, run_dir, tmp_path, capsys):
     extra = {
@@ -295,6 +297,7 @@ def test_user_errors_print_one_line_and_exit_2(case, message, run_dir, tmp_path,
         "leak-dc channel out of range": ["--leak-dc", "3=0.5"],
         "class out of range": ["--class", "3"],
         "eta with ddpm": ["--scheduler", "ddpm", "--eta", "0.5"],
+        "guidance rescale without guidance": ["--guidance-rescale", "0.7"],
     }[case]
     (tmp_path / "grid.png").write_bytes(b"\x89PNG not statistics")
     checkpoint = tmp_path / "no_such_run" if case == "missing checkpoint" else run_dir
@@ -398,6 +401,10 @@ def test_every_scheduler_alias_samples_and_is_recorded(alias, cls, nfe, run_dir,
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["scheduler"]["class"] == cls and manifest["nfe"] == nfe  # Heun: 2N - 1; PLMS: N + 1
     assert manifest["scheduler"]["config"]["beta_schedule"] == "scaled_linear"  # the run's schedule
+    # the pixel run clips x0; of these samplers only DDPM and Heun can, the others drop it, and say so
+    clipping = "clip_sample" if alias in ("ddpm", "heun") else "off"
+    assert manifest["x0_clipping"] == clipping
+    assert ("has no clip_sample: the checkpoint's schedule clips x0" in out) == (clipping == "off")
     images = np.stack([np.asarray(Image.open(tmp_path / f"{i:05d}.png")) for i in range(2)])
     assert images.std() > 1  # not blank
 

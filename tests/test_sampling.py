@@ -88,16 +88,20 @@ def test_initial_noise_rejects_statistics_of_another_shape():
         initial_noise(scheduler, (2, *SHAPE), leak=stats)
 
 
-def test_zero_terminal_snr_warns_that_a_leak_has_no_effect():
-    scheduler = DDIMScheduler(**SCALED_LINEAR, rescale_betas_zero_snr=True, prediction_type="v_prediction",
-                              timestep_spacing="trailing")
+@pytest.mark.parametrize("alias", list(ALIASES))
+def test_zero_terminal_snr_warns_that_a_leak_has_no_effect(alias):
+    """Every sampler, the sigma ones included (their alpha_bar[T - 1] = 0 is clamped to 2^-24, sigma_max 4096)."""
+    zero_snr = {"_class_name": "DDIMScheduler", **SCALED_LINEAR, "rescale_betas_zero_snr": True,
+                "prediction_type": "v_prediction"}
+    scheduler = from_config(zero_snr, alias, timestep_spacing="trailing")
     scheduler.set_timesteps(10)
     leak = torch.ones(2, *SHAPE)
     with pytest.warns(UserWarning, match="no effect"):
         x_T = initial_noise(scheduler, (2, *SHAPE), leak=leak, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(x_T, torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(0)))
+    if alias == "ddim":
+        assert torch.equal(x_T, torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(0)))
     # leading spacing starts at 900 < 999, where alpha_bar > 0: no warning
-    leading = DDIMScheduler(**SCALED_LINEAR, rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    leading = from_config(zero_snr, alias, timestep_spacing="leading")
     leading.set_timesteps(10)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -318,6 +322,39 @@ def test_classifier_free_guidance_wrapper_is_the_guided_combination():
         ClassifierFreeGuidance(TinyDenoiser(), 2.0)
 
 
+class LearnedSigma(torch.nn.Module):
+    """A class-conditional stand-in with learned variance: (B, 3, H, W) -> (B, 6, H, W), label-dependent halves."""
+    config = type("Config", (), {"num_classes": 3, "in_channels": 3, "sample_size": 8})()
+
+    def forward(self, x, timesteps, class_labels):
+        label = class_labels.view(-1, 1, 1, 1).float()
+        return torch.cat([x * (1 + label), torch.tanh(x) * (0.2 + label) - timesteps.view(-1, 1, 1, 1) / 1000], 1)
+
+
+def test_guidance_leaves_the_learned_variance_channels_conditional():
+    """GLIDE and DiT guide the first C channels only; the variance half is the conditional output's, bit for bit."""
+    x, t, labels = torch.randn(2, *SHAPE), torch.tensor([500, 500]), torch.tensor([0, 2])
+    model = LearnedSigma()
+    guided = ClassifierFreeGuidance(model, 3.0)(x, t, labels)
+    conditional, null = model(x, t, labels), model(x, t, torch.full_like(labels, 3))
+    assert guided.shape == (2, 6, 8, 8)
+    assert torch.equal(guided[:, 3:], conditional[:, 3:])
+    torch.testing.assert_close(guided[:, :3], null[:, :3] + 3.0 * (conditional[:, :3] - null[:, :3]))
+
+
+def test_guidance_rescale_matches_diffusers_rescale_noise_cfg():
+    """Lin et al. 2023 sec. 3.4 on random outputs, against diffusers' rescale_noise_cfg (phi = 0.7, their value)."""
+    guider_utils = pytest.importorskip("diffusers.guiders.guider_utils")
+    x, t, labels = torch.randn(3, *SHAPE), torch.tensor([500, 400, 300]), torch.tensor([0, 1, 2])
+    model = LearnedSigma()
+    guided = ClassifierFreeGuidance(model, 5.0, rescale=0.7)(x, t, labels)
+    conditional, null = model(x, t, labels)[:, :3], model(x, t, torch.full_like(labels, 3))[:, :3]
+    expected = guider_utils.rescale_noise_cfg(null + 5.0 * (conditional - null), conditional, guidance_rescale=0.7)
+    torch.testing.assert_close(guided[:, :3], expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"phi must be in \[0, 1\]"):
+        ClassifierFreeGuidance(model, 5.0, rescale=1.5)
+
+
 # ----------------------------------------------------------------------------- every sampler
 
 
@@ -347,6 +384,25 @@ def test_leak_enters_x_T_in_each_samplers_own_units(alias):
     plain = initial_noise(scheduler, (5, *SHAPE), generator=sample_generators(7, 0, 5))
     assert float(scheduler.init_noise_sigma) == pytest.approx(float(plain.std() / torch.cat(
         [torch.randn(1, *SHAPE, generator=g) for g in sample_generators(7, 0, 5)]).std()), rel=1e-5)
+
+
+@pytest.mark.parametrize("alias, schedule", [
+    ("unipc", {"beta_schedule": "squaredcos_cap_v2"}),
+    ("dpmpp_2m", {**SCALED_LINEAR, "rescale_betas_zero_snr": True, "prediction_type": "v_prediction"})])
+def test_leak_x_T_is_at_the_first_noise_level_where_the_first_timestep_repeats(alias, schedule):
+    """Karras sigmas on these schedules round the first timesteps to 999 several times; x_T is built at sigma_0,
+    where the sampler starts (add_noise's diffusers rule would take the second entry's smaller sigma)."""
+    scheduler = from_config({"_class_name": "DDIMScheduler", **schedule}, alias, use_karras_sigmas=True)
+    scheduler.set_timesteps(50)
+    assert scheduler.timesteps[0] == scheduler.timesteps[1] == 999
+    ab = scheduler.alphas_cumprod.double()[999]
+    sigma = ((1 - ab) / ab).sqrt()  # Karras sigmas start at the last training timestep's noise level
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the zero-SNR schedule's "a leak has no effect"
+        x_T = initial_noise(scheduler, (2, *SHAPE), leak=torch.full(SHAPE, 0.5),
+                            generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(0)).double()
+    torch.testing.assert_close(x_T.double(), (0.5 + sigma * noise) / (sigma ** 2 + 1).sqrt(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("alias", ["dpmpp_2m", "unipc", "heun", "pndm", "euler_a"])

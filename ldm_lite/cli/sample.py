@@ -30,6 +30,9 @@ def main(argv=None) -> int:
     settings = dataclass_from_args(SampleSettings, args, leak_dc=parse_leak_dc(args.leak_dc))
     start = time.perf_counter()
     manifest = generate(settings)
+    if manifest["x0_clipping_dropped"]:
+        print(f"note: {manifest['scheduler']['class']} has no {' or '.join(manifest['x0_clipping_dropped'])}: the "
+              "checkpoint's schedule clips x0, these samples do not (manifest: x0_clipping off)")
     if "quality" in manifest:
         from ldm_lite.metrics import format_table
         print(format_table([manifest["quality"]]))

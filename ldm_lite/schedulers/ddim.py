@@ -21,16 +21,12 @@ class DDIMScheduler(Scheduler):
                  thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
                  clip_sample_range: float = 1.0, sample_max_value: float = 1.0, timestep_spacing: str = "leading",
                  rescale_betas_zero_snr: bool = False):
-        self.set_alpha_to_one = set_alpha_to_one  # read by _step_coefficients, which the base constructor calls
-        super().__init__(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, prediction_type,
-                         clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value,
-                         timestep_spacing, steps_offset, rescale_betas_zero_snr)
-        self.config["set_alpha_to_one"] = set_alpha_to_one
+        self._init_schedule(self._keyword_arguments(locals()))
 
     def _step_coefficients(self, t, prev_t) -> dict:
         # float32, in diffusers' operation order (see base module docstring)
         ab = self.alphas_cumprod[t]
-        final = torch.tensor(1.0) if self.set_alpha_to_one else self.alphas_cumprod[0]
+        final = torch.tensor(1.0) if self.config["set_alpha_to_one"] else self.alphas_cumprod[0]
         ab_prev = self._alpha_bar_prev(prev_t, final)
         variance = ((1 - ab_prev) / (1 - ab)) * (1 - ab / ab_prev)  # sigma_t^2 / eta^2, Song et al. eq. 16
         return dict(sqrt_ab=ab ** 0.5, sqrt_one_minus_ab=(1 - ab) ** 0.5, sqrt_ab_prev=ab_prev ** 0.5,

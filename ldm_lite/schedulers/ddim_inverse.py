@@ -9,8 +9,7 @@ would need the model at x_t itself, which is not known yet.
 """
 import torch
 
-from ..schedules import (BETA_SCHEDULES, alphas_cumprod_from_betas, make_betas, make_timesteps,
-                         rescale_zero_terminal_snr)
+from ..schedules import make_timesteps
 from .base import PREDICTION_TYPES, SchedulerBase, SchedulerOutput, _check_choice, predict_x0_and_eps
 
 
@@ -35,24 +34,14 @@ class DDIMInverseScheduler(SchedulerBase):
                  set_alpha_to_one: bool = True, steps_offset: int = 0, prediction_type: str = "epsilon",
                  clip_sample_range: float = 1.0, timestep_spacing: str = "leading",
                  rescale_betas_zero_snr: bool = False):
-        if trained_betas is None:
-            _check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
+        config = self._keyword_arguments(locals())
         _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         _check_choice("timestep_spacing", timestep_spacing, ("leading", "trailing"))
         if prediction_type == "sample" and set_alpha_to_one:
             raise ValueError("prediction_type='sample' with set_alpha_to_one=True: the first inversion step starts "
                              "at alpha_bar = 1, where eps = (x - x0_hat) / sqrt(1 - alpha_bar) is 0 / 0; "
                              "use set_alpha_to_one=False")
-        self.config = dict(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
-                           beta_schedule=beta_schedule, trained_betas=trained_betas, clip_sample=clip_sample,
-                           set_alpha_to_one=set_alpha_to_one, steps_offset=steps_offset,
-                           prediction_type=prediction_type, clip_sample_range=clip_sample_range,
-                           timestep_spacing=timestep_spacing, rescale_betas_zero_snr=rescale_betas_zero_snr)
-        self.num_train_timesteps = num_train_timesteps
-        self.prediction_type = prediction_type
-        betas = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end, trained_betas)
-        self.betas = rescale_zero_terminal_snr(betas) if rescale_betas_zero_snr else betas
-        self.alphas_cumprod = alphas_cumprod_from_betas(self.betas)  # (T,) float32
+        self._set_training_schedule(config)
         self.initial_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
         self.num_inference_steps = None
         self._set_timestep_list(torch.arange(num_train_timesteps))  # every timestep until set_timesteps

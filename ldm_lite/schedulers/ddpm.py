@@ -25,12 +25,10 @@ class DDPMScheduler(Scheduler):
                  dynamic_thresholding_ratio: float = 0.995, clip_sample_range: float = 1.0,
                  sample_max_value: float = 1.0, timestep_spacing: str = "leading", steps_offset: int = 0,
                  rescale_betas_zero_snr: bool = False):
+        config = self._keyword_arguments(locals())
         _check_choice("variance_type", variance_type, VARIANCE_TYPES)
         self.variance_type = variance_type
-        super().__init__(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, prediction_type,
-                         clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value,
-                         timestep_spacing, steps_offset, rescale_betas_zero_snr)
-        self.config["variance_type"] = variance_type
+        self._init_schedule(config)
 
     def _step_coefficients(self, t, prev_t) -> dict:
         # float32, in diffusers' operation order (see base module docstring)

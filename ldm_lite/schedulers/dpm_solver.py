@@ -81,7 +81,7 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
                  lambda_min_clipped: float = -float("inf"), variance_type: str | None = None,
                  timestep_spacing: str = "linspace", steps_offset: int = 0, rescale_betas_zero_snr: bool = False,
                  use_dynamic_shifting: bool = False, time_shift_type: str = "exponential"):
-        config = {key: value for key, value in locals().items() if key != "self"}  # the keyword arguments
+        config = self._keyword_arguments(locals())
         config["algorithm_type"] = algorithm_type = _ALGORITHM_ALIASES.get(algorithm_type, algorithm_type)
         config["solver_type"] = solver_type = _SOLVER_ALIASES.get(solver_type, solver_type)
         if algorithm_type == "sde-dpmsolver":
@@ -133,9 +133,10 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         self.num_inference_steps = len(timesteps)
         self._coefficients = self._step_coefficients()
 
-    def add_noise(self, original_samples, noise, timesteps):
-        """Forward process x_t = alpha_t x0 + sigma_t noise (B, ...) for timesteps (B,) taken from `timesteps`."""
-        alpha_t, sigma_t = _vp(self._sigmas_at(timesteps, original_samples))
+    def _noised(self, original_samples, noise, sigma):
+        """Forward process x_t = alpha_t x0 + sigma_t noise (B, ...) at the VE noise level sigma (`add_noise` for
+        timesteps (B,) taken from `timesteps`)."""
+        alpha_t, sigma_t = _vp(sigma)
         return alpha_t * original_samples + sigma_t * noise
 
     # ---- one step ------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ class EulerDiscreteScheduler(SigmaScheduler):
                  use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False, sigma_min: float | None = None,
                  sigma_max: float | None = None, timestep_spacing: str = "linspace", timestep_type: str = "discrete",
                  steps_offset: int = 0, rescale_betas_zero_snr: bool = False, final_sigmas_type: str = "zero"):
-        config = {key: value for key, value in locals().items() if key != "self"}  # the keyword arguments
+        config = self._keyword_arguments(locals())
         _check_choice("interpolation_type", interpolation_type, INTERPOLATION_TYPES)
         _check_choice("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS_TYPES)
         if timestep_type != "discrete":

@@ -23,7 +23,7 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas=None, prediction_type: str = "epsilon",
                  timestep_spacing: str = "linspace", steps_offset: int = 0, rescale_betas_zero_snr: bool = False):
-        config = {key: value for key, value in locals().items() if key != "self"}  # the keyword arguments
+        config = self._keyword_arguments(locals())
         self._init_schedule(config)
 
     def set_timesteps(self, num_inference_steps: int, device=None):

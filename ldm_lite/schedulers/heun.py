@@ -14,7 +14,9 @@ class HeunDiscreteScheduler(SigmaScheduler):
     timestep twice: [t_0, t_1, t_1, ..., t_{N-1}, t_{N-1}], 2N - 1 model calls. Calls alternate between an Euler
     predictor from sigma_i to sigma_{i+1} (line 5 of Algorithm 1) and the corrector that averages the slopes at
     both ends (lines 7-8); the last call, towards sigma_N = 0, is a plain Euler step (line 6). `order` = 2.
-    clip_sample clamps every x0 estimate to +-clip_sample_range. diffusers' Heun has no zero-SNR option.
+    clip_sample clamps every x0 estimate to +-clip_sample_range. rescale_betas_zero_snr (Lin et al. 2023,
+    arXiv:2305.08891, Algorithm 1) clamps alpha_bar[T - 1] = 0 to 2^-24 (sigma_max = 4096), as Euler does;
+    diffusers' Heun has no zero-SNR option.
     """
 
     order = 2
@@ -23,8 +25,8 @@ class HeunDiscreteScheduler(SigmaScheduler):
                  beta_schedule: str = "linear", trained_betas=None, prediction_type: str = "epsilon",
                  use_karras_sigmas: bool = False, use_exponential_sigmas: bool = False,
                  use_beta_sigmas: bool = False, clip_sample: bool = False, clip_sample_range: float = 1.0,
-                 timestep_spacing: str = "linspace", steps_offset: int = 0):
-        config = {key: value for key, value in locals().items() if key != "self"}  # the keyword arguments
+                 timestep_spacing: str = "linspace", steps_offset: int = 0, rescale_betas_zero_snr: bool = False):
+        config = self._keyword_arguments(locals())
         self._init_schedule(config)
 
     def _reset_state(self):

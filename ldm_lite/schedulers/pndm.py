@@ -11,7 +11,7 @@ Adams-Bashforth instead.
 """
 import torch
 
-from ..schedules import BETA_SCHEDULES, TIMESTEP_SPACINGS, alphas_cumprod_from_betas, make_betas, make_timesteps
+from ..schedules import TIMESTEP_SPACINGS, make_timesteps
 from .base import SchedulerBase, SchedulerOutput, _check_choice
 from .sigmas import add_into, sub_into
 
@@ -25,6 +25,9 @@ class PNDMScheduler(SchedulerBase):
     (t_1 twice: the improved-Euler warm-up calls the model at t_1 before and after correcting); without, each of
     the first three steps calls the model at t_i, m_i, m_i, t_{i+1} with midpoint m_i = t_{i+1} + (T // N) // 2.
     `set_alpha_to_one`: after the last step use alpha_bar = 1 (clean x0) instead of alpha_bar[0].
+    `rescale_betas_zero_snr` (Lin et al. 2023, arXiv:2305.08891, Algorithm 1; not in diffusers' PNDM): every
+    update divides by alpha_bar at its start, so alpha_bar[T - 1] = 0 is clamped to 2^-24, as in the sigma
+    samplers; use it with prediction_type="v_prediction".
 
     Differences from diffusers:
     - Each update ends at the timestep of the next model call, read from the list. diffusers ends at
@@ -42,19 +45,12 @@ class PNDMScheduler(SchedulerBase):
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas=None, skip_prk_steps: bool = False,
                  set_alpha_to_one: bool = False, prediction_type: str = "epsilon",
-                 timestep_spacing: str = "leading", steps_offset: int = 0):
-        if trained_betas is None:
-            _check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
+                 timestep_spacing: str = "leading", steps_offset: int = 0, rescale_betas_zero_snr: bool = False):
+        config = self._keyword_arguments(locals())
         _check_choice("prediction_type", prediction_type, ("epsilon", "v_prediction"))
         _check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
-        self.config = dict(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
-                           beta_schedule=beta_schedule, trained_betas=trained_betas, skip_prk_steps=skip_prk_steps,
-                           set_alpha_to_one=set_alpha_to_one, prediction_type=prediction_type,
-                           timestep_spacing=timestep_spacing, steps_offset=steps_offset)
-        self.num_train_timesteps = num_train_timesteps
-        self.prediction_type = prediction_type
-        self.betas = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end, trained_betas)
-        self.alphas_cumprod = alphas_cumprod_from_betas(self.betas)  # (T,) float32
+        # the transfer divides by alpha_bar at its start: a zero-SNR alpha_bar[T - 1] is clamped
+        self._set_training_schedule(config, clamp_zero_snr=True)
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
         self.num_inference_steps = None
         self.timesteps = None

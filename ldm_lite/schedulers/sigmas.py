@@ -19,19 +19,14 @@ Functions (stable names, imported by other schedulers):
 Numbers follow diffusers' arithmetic (float32 schedule, float64 numpy interpolation, one cast to float32 at the
 end), so a model driven by these samplers takes the same trajectory as with diffusers.
 """
-import warnings
-
 import numpy as np
 import torch
 
-from ..schedules import TIMESTEP_SPACINGS, alphas_cumprod_from_betas, make_betas, make_timesteps, \
-    rescale_zero_terminal_snr
+from ..schedules import TIMESTEP_SPACINGS, make_timesteps
 from .base import SchedulerBase, _check_choice
 
 INTERPOLATION_TYPES = ("linear", "log_linear")
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
-# diffusers clamps the zero-SNR alpha_bar to 2^-24 in its sigma schedulers: sigma_max = 4096 instead of infinity
-ZERO_SNR_ALPHA_BAR = 2.0 ** -24
 
 
 # ---- noise levels --------------------------------------------------------------------------------------------
@@ -190,7 +185,6 @@ class SigmaScheduler(SchedulerBase):
 
     def _init_schedule(self, config: dict, prediction_types=("epsilon", "v_prediction", "sample")):
         """Validate the shared keywords of `config` (the constructor's arguments) and build the schedule."""
-        self.config = config
         _check_choice("prediction_type", config["prediction_type"], prediction_types)
         _check_choice("timestep_spacing", config["timestep_spacing"], TIMESTEP_SPACINGS)
         if config.get("use_beta_sigmas"):
@@ -198,20 +192,8 @@ class SigmaScheduler(SchedulerBase):
                              "use_karras_sigmas or use_exponential_sigmas")
         if config.get("use_karras_sigmas") and config.get("use_exponential_sigmas"):
             raise ValueError("use at most one of use_karras_sigmas and use_exponential_sigmas")
-        zero_snr = config.get("rescale_betas_zero_snr", False)
-        if zero_snr and config["prediction_type"] == "epsilon":
-            warnings.warn("rescale_betas_zero_snr with prediction_type='epsilon': at SNR 0 the model cannot predict "
-                          "the noise; use 'v_prediction'", stacklevel=3)
-        self.num_train_timesteps = T = config["num_train_timesteps"]
-        self.prediction_type = config["prediction_type"]
-        betas = make_betas(config["beta_schedule"], T, config["beta_start"], config["beta_end"],
-                           config["trained_betas"])
-        if len(betas) != T:
-            raise ValueError(f"trained_betas has {len(betas)} values, num_train_timesteps is {T}")
-        self.betas = rescale_zero_terminal_snr(betas) if zero_snr else betas
-        self.alphas_cumprod = alphas_cumprod_from_betas(self.betas)  # (T,) float32
-        if zero_snr:
-            self.alphas_cumprod[-1] = ZERO_SNR_ALPHA_BAR
+        self._set_training_schedule(config, clamp_zero_snr=True)
+        T = self.num_train_timesteps
         self.train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)  # (T,) float32, ascending
         self.num_inference_steps = None
         # before set_timesteps: every training timestep, then a clean sample
@@ -312,7 +294,22 @@ class SigmaScheduler(SchedulerBase):
     def add_noise(self, original_samples, noise, timesteps):
         """x_sigma = x0 + sigma noise (B, ...) for timesteps (B,) taken from `timesteps` (the k-diffusion
         variable; divide by sqrt(sigma^2 + 1) for the DDPM x_t)."""
-        sigma = self._sigmas_at(timesteps, original_samples)
+        return self._noised(original_samples, noise, self._sigmas_at(timesteps, original_samples))
+
+    def alpha_bar_at_first_step(self) -> float:
+        """1 / (1 + sigmas[0]^2): the signal level where the first step starts (2^-24 or less at zero SNR, whose
+        alpha_bar[T - 1] = 0 is clamped to 2^-24)."""
+        return float(1 / (1 + self.sigmas[0].double() ** 2))
+
+    def add_noise_at_first_step(self, original_samples, noise):
+        """The forward process (B, ...) at the first entry of the table, where `step` starts: unlike
+        `add_noise(x, noise, timesteps[:1])`, right where the first timestep repeats (index_for_timestep then
+        gives its second place: UniPC or DPM-Solver with Karras sigmas on a cosine or zero-SNR schedule)."""
+        sigma = self.sigmas[0].to(device=original_samples.device, dtype=original_samples.dtype)
+        return self._noised(original_samples, noise, sigma)
+
+    def _noised(self, original_samples, noise, sigma):
+        """x_sigma = x0 + sigma noise; sigma broadcastable against x0 (B, ...)."""
         return original_samples + noise * sigma
 
     def _sigmas_at(self, timesteps, like):

@@ -64,7 +64,7 @@ class UniPCMultistepScheduler(SigmaScheduler):
                  steps_offset: int = 0, final_sigmas_type: str = "zero", rescale_betas_zero_snr: bool = False,
                  use_dynamic_shifting: bool = False, time_shift_type: str = "exponential", sigma_min=None,
                  sigma_max=None, shift_terminal=None):
-        config = {key: value for key, value in locals().items() if key not in ("self", "__class__")}
+        config = self._keyword_arguments(locals())
         for key, default in ONLY_AT_DEFAULT.items():
             if config[key] != default:
                 raise ValueError(f"{key}={config[key]!r} is not supported by ldm_lite's UniPC (only {default!r})")
@@ -117,10 +117,10 @@ class UniPCMultistepScheduler(SigmaScheduler):
         """Identity: UniPC's sample is already the network input x_t."""
         return sample
 
-    def add_noise(self, original_samples, noise, timesteps):
-        """x_t = alpha x0 + sigma noise (B, ...) at the noise level of each listed timestep (B,) (diffusers'
-        convention: with Karras sigmas the level of the step, not of the training timestep)."""
-        sigma = self._sigmas_at(timesteps, original_samples)
+    def _noised(self, original_samples, noise, sigma):
+        """x_t = alpha x0 + sigma noise (B, ...) at the VE noise level sigma (`add_noise`: the level of each
+        listed timestep (B,), diffusers' convention: with Karras sigmas the level of the step, not of the
+        training timestep)."""
         alpha = 1 / (sigma ** 2 + 1) ** 0.5
         return alpha * original_samples + (sigma * alpha) * noise
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ldm_lite.runs import written_then_renamed
 from ldm_lite.study.config import QualityStudyConfig
 from ldm_lite.study.evaluate import Evaluator
 from ldm_lite.study.plan import Plan
@@ -71,9 +72,8 @@ def saved_extra(name: str, compute, models: dict, evaluator: Evaluator, grids: d
     drawn = {caption: grid for caption, grid in grids.items() if caption not in before}
     record = {"key": key, "grids": drawn, "value": _scan_to_json(value) if name == "scan" else value}
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".tmp")
-    partial.write_text(json.dumps(record))  # NaN stays a float (Python's json reads its NaN token back)
-    partial.replace(path)
+    with written_then_renamed(path) as partial:
+        partial.write_text(json.dumps(record))  # NaN stays a float (Python's json reads its NaN token back)
     return value
 
 

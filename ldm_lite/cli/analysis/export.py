@@ -16,4 +16,7 @@ def run(args):
     out = export_diffusers(args.run, args.out, use_ema=not args.no_ema)
     index = json.loads((out / "model_index.json").read_text())
     parts = ", ".join(f"{name}/ ({value[1]})" for name, value in index.items() if not name.startswith("_"))
-    print(f"wrote a diffusers {index['_class_name']} to {out}: {parts}, model_index.json")
+    print(f"wrote a diffusers {index['_class_name']} to {out}: {parts}, model_index.json, README.md")
+    if json.loads((out / "unet" / "config.json").read_text())["num_class_embeds"] is not None:
+        print("note: DDPMPipeline passes no class_labels, which this class-conditional UNet needs: README.md has "
+              "the lines that call the UNet and the scheduler directly")
