@@ -266,6 +266,8 @@ def _coerce(name: str, value, kind, nullable: bool):
         return None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")  # TOML's nan and inf, or a typed one
     if type(value) is not kind:
         raise ValueError(f"{name} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
     return value

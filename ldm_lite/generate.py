@@ -20,12 +20,14 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+from ldm_lite.checks import output_folder
 from ldm_lite.config import option
 from ldm_lite.distributed import World, init_world, share
 from ldm_lite.data import load_image, save_image_grid, to_float, to_uint8
 from ldm_lite.guidance import ClassifierFreeGuidance
 from ldm_lite.latents import decode_latents
 from ldm_lite.leak import LeakStats
+from ldm_lite.run_safety import FolderLock
 from ldm_lite.runs import LoadedModel, load_model
 from ldm_lite.sampling import eps_scale_schedule, sample
 from ldm_lite.schedulers import from_config, scheduler_class
@@ -200,13 +202,15 @@ def generate(settings: SampleSettings, progress: bool = True) -> dict:
     if world.size > 1 and device.type == "cuda":
         device = world.device
     try:
-        return _generate(settings, world, device, progress)
+        with FolderLock(settings.out, enabled=world.is_main):  # one sampling run per folder
+            return _generate(settings, world, device, progress)
     finally:
         if started_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
 def _generate(settings: SampleSettings, world: World, device: torch.device, progress: bool) -> dict:
+    output_folder(settings.out)
     loaded = load_model(settings.checkpoint, settings.use_ema, settings.scheduler_config)
     scheduler = build_scheduler(settings, loaded.scheduler_config)
     space = "latent" if loaded.vae is not None else "pixel"

@@ -43,6 +43,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ldm_lite import metrics, plots
+from ldm_lite.checks import comma_list
 from ldm_lite.config import PRECISIONS, config_from_dict, config_to_dict, option
 from ldm_lite.distributed import World, init_world, leave_torchrun, share
 from ldm_lite.data import brightness_terciles, load_dataset, save_image_grid, to_float, to_uint8
@@ -50,6 +51,7 @@ from ldm_lite.leak import LeakStats
 from ldm_lite.models import UNet, load_unet, unet_preset
 from ldm_lite.models.inception import FEATURE_DIM, load_fid_inception
 from ldm_lite.quality import PROTOCOL_VERSION, WEIGHTS_SHA1, FidStatistics, inception_features, quality_report
+from ldm_lite.run_safety import FolderLock
 from ldm_lite.runs import CHECKPOINT_NAME, load_checkpoint
 from ldm_lite.sampling import initial_noise, sample, sample_generators
 from ldm_lite.schedulers import from_config, scheduler_class
@@ -171,11 +173,8 @@ class QualityStudyConfig(StudyConfig):
 
 
 def _items(text: str, kind, name: str) -> list:
-    """A comma-separated flag as a list of `kind`; ValueError naming the flag."""
-    try:
-        return list(dict.fromkeys(kind(item.strip()) for item in text.split(",") if item.strip()))
-    except ValueError:
-        raise ValueError(f"{name} must be a comma-separated list of {kind.__name__}, got {text!r}") from None
+    """A comma-separated flag as a list of `kind`, repeats dropped; ValueError naming the flag."""
+    return list(dict.fromkeys(comma_list(text, kind, name)))
 
 
 class Clock:
@@ -1082,7 +1081,8 @@ def run_quality_study(config: QualityStudyConfig) -> dict | None:
     if not world.is_main:
         return shards.serve()
     # no collective after an error (the other ranks may be inside a job): rank 0 exits, and torchrun stops them
-    results = _run_quality_study(config, device, shards)
+    with FolderLock(config.out):  # one study per folder
+        results = _run_quality_study(config, device, shards)
     shards.close()
     return results
 

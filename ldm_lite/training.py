@@ -19,6 +19,7 @@ import functools
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from ldm_lite.data import InMemoryImages, brightness_terciles, load_dataset, sav
 from ldm_lite.latents import encode_latents
 from ldm_lite.models import UNet, unet_preset
 from ldm_lite.noise import min_snr_weights, perturb_noise, training_noise
+from ldm_lite.run_safety import FolderLock, StopRequest
 from ldm_lite.sampling import sample
 from ldm_lite.schedulers import DDPMScheduler, from_config
 from ldm_lite.schedules import snr
@@ -323,11 +325,28 @@ def start_run(config: Config, state: TrainState, checkpoint: dict | None, world:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (they will be written again)."""
+    """Drop log lines written after the checkpoint we resume from (they will be written again).
+
+    An incomplete last line (the process was killed while writing it) is dropped with a warning; a damaged line
+    anywhere else is refused in one line naming the file and the line.
+    """
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in lines))
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record_step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            if number < len(lines):
+                raise ValueError(f"{str(path)!r} line {number} is damaged ({line[:40]!r}); repair or delete the "
+                                 "file to resume") from None
+            print(f"warning: {str(path)!r}: dropped its incomplete last line (written when the run was "
+                  "killed)", file=sys.stderr)
+            continue
+        if record_step <= step:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 # ----------------------------------------------------------------------------- sample grids
@@ -408,7 +427,8 @@ def train(config: Config) -> Path:
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
     try:
-        return _train(config, world)
+        with FolderLock(config.run.out, enabled=world.is_main):  # one training per run folder
+            return _train(config, world)
     finally:
         torch.set_num_threads(threads)
         if started_group and dist.is_initialized():
@@ -440,7 +460,8 @@ def _train(config: Config, world: World) -> Path:
     scaler = torch.amp.GradScaler(world.device.type) if config.train.precision == "fp16" else None
     run = Run(config, world, run_dir, dataset, vae, make_scheduler(config), forward,
               null_label=dataset.num_classes if config.model.class_conditional else None, scaler=scaler)
-    _loop(run, state)
+    with StopRequest() as stop:
+        _loop(run, state, stop)
     return run_dir
 
 
@@ -493,8 +514,9 @@ def train_step(run: Run, state: TrainState, weights: torch.Tensor | None):
     return loss.detach(), grad_norm
 
 
-def _loop(run: Run, state: TrainState) -> None:
-    """Steps until train.steps or the time budget; logs, sample grids and checkpoints at their intervals."""
+def _loop(run: Run, state: TrainState, stop: StopRequest) -> None:
+    """Steps until train.steps or the time budget; logs, sample grids and checkpoints at their intervals.
+    After SIGINT / SIGTERM (`stop`) it finishes the step, saves a checkpoint and raises KeyboardInterrupt."""
     t, every, world = run.config.train, run.config.run, run.world
     weights = loss_weights(run.config, run.scheduler.alphas_cumprod)
     bar = tqdm(total=t.steps, initial=state.step, desc="training", unit="step",
@@ -507,10 +529,11 @@ def _loop(run: Run, state: TrainState) -> None:
         logger.add(state.step - 1, loss)
         bar.update(1)
         step, lr = state.step, learning_rate(run.config, state.step - 1)
-        # one process checks the clock every step; several agree on it at log steps (a collective call)
+        # one process checks the clock and signals every step; several agree on them at log steps (collectives)
         check_clock = world.size == 1 or _due(step, every.log_every)
         out_of_time = check_clock and _decide(time.monotonic() > deadline, world)
-        save = out_of_time or step == t.steps or _due(step, every.checkpoint_every)
+        stopping = check_clock and _decide(stop.signal_name is not None, world)
+        save = out_of_time or stopping or step == t.steps or _due(step, every.checkpoint_every)
         if save or _due(step, every.log_every):
             logger.flush(step, lr, grad_norm)  # raises TrainingDiverged before a NaN model could be saved
         if _due(step, every.sample_every) and world.is_main:
@@ -519,6 +542,10 @@ def _loop(run: Run, state: TrainState) -> None:
                               run.run_dir / "samples" / f"step_{step:07d}.png")
         if save and world.is_main:
             runs.atomic_save(state.payload(run.config), run.run_dir / runs.CHECKPOINT_NAME)
+        if stopping:
+            bar.close()
+            raise KeyboardInterrupt(f"{stop.signal_name or 'a signal to another process'} at step {step}: "
+                                    f"checkpoint saved in {run.run_dir}; run the same command to resume")
         if out_of_time:
             bar.write(f"stopping at step {step}: train.max_minutes={t.max_minutes} reached")
             break

@@ -1,0 +1,74 @@
+"""Run folders stay whole: one writer at a time (the folder lock), Ctrl-C / kill saves the work, and a log torn
+by a kill does not block the resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from ldm_lite import training
+from ldm_lite.generate import SampleSettings, generate
+from ldm_lite.run_safety import LOCK_FILE, FolderLock, StopRequest
+from ldm_lite.training import train
+
+from test_training import tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_a_held_run_folder_refuses_a_second_training_and_sampling(tmp_path):
+    run_dir = tmp_path / "run"
+    with FolderLock(run_dir):
+        with pytest.raises(ValueError, match=rf"'{run_dir}' is in use by pid {os.getpid()} on .*another --out"):
+            train(tiny_config(run_dir))
+        with pytest.raises(ValueError, match=rf"in use by pid {os.getpid()}"):
+            generate(SampleSettings(checkpoint=str(tmp_path / "unused"), out=str(run_dir)))
+    assert not (run_dir / "checkpoint.pt").exists() and not (run_dir / "metrics.jsonl").exists()
+
+
+def test_the_kernel_releases_the_lock_of_a_killed_process(tmp_path):
+    tmp_path.joinpath(LOCK_FILE).touch()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                               str(tmp_path / LOCK_FILE)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(ValueError, match="in use by another process"):  # it wrote no pid: named generically
+            FolderLock(tmp_path).__enter__()
+    finally:
+        holder.kill()  # SIGKILL: no clean-up code runs in the holder
+        holder.wait()
+    with FolderLock(tmp_path):
+        assert (tmp_path / LOCK_FILE).read_text() == f"pid {os.getpid()} on {os.uname().nodename}\n"
+
+
+def test_a_second_signal_stops_at_once():
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signal_name == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt, match="second SIGINT: stopped at once"):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # pytest's handler is back
+
+
+def metrics_lines(steps) -> list:
+    return [json.dumps({"step": step, "loss": 1.0 / step}) for step in steps]
+
+
+def test_a_torn_last_log_line_is_dropped_with_a_warning(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(metrics_lines([1, 2, 3])) + '\n{"step": 4, "lo')
+    training._truncate_metrics(path, 2)
+    assert path.read_text() == "\n".join(metrics_lines([1, 2])) + "\n"
+    assert f"warning: '{path}': dropped its incomplete last line" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ['{"step": 2, "lo', "garbage", '{"loss": 0.5}', "[1, 2]"])
+def test_a_damaged_log_line_before_the_last_is_refused_naming_file_and_line(tmp_path, damage):
+    path = tmp_path / "metrics.jsonl"
+    lines = metrics_lines([1, 2, 3])
+    path.write_text("\n".join([lines[0], damage, *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match=rf"'{path}' line 2 is damaged"):
+        training._truncate_metrics(path, 3)
