@@ -1,5 +1,5 @@
-"""Run folders stay whole: one writer at a time (the folder lock), Ctrl-C / kill saves the work, and a log torn
-by a kill does not block the resume."""
+"""Run folders stay whole: one writer at a time (the folder lock), a second Ctrl-C stops at once, and a log torn
+by a kill does not block the resume (Ctrl-C during training: test_training.py)."""
 import json
 import os
 import signal
@@ -11,6 +11,7 @@ import pytest
 from ldm_lite import training
 from ldm_lite.generate import SampleSettings, generate
 from ldm_lite.run_safety import LOCK_FILE, FolderLock, StopRequest
+from ldm_lite.study import QualityStudyConfig, run_study
 from ldm_lite.training import train
 
 from test_training import tiny_config
@@ -18,13 +19,15 @@ from test_training import tiny_config
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_a_held_run_folder_refuses_a_second_training_and_sampling(tmp_path):
+def test_a_held_run_folder_refuses_a_second_training_sampling_and_study(tmp_path):
     run_dir = tmp_path / "run"
     with FolderLock(run_dir):
         with pytest.raises(ValueError, match=rf"'{run_dir}' is in use by pid {os.getpid()} on .*another --out"):
             train(tiny_config(run_dir))
         with pytest.raises(ValueError, match=rf"in use by pid {os.getpid()}"):
             generate(SampleSettings(checkpoint=str(tmp_path / "unused"), out=str(run_dir)))
+        with pytest.raises(ValueError, match=rf"in use by pid {os.getpid()}"):
+            run_study(QualityStudyConfig(data="synthetic", out=str(run_dir), device="cpu"))
     assert not (run_dir / "checkpoint.pt").exists() and not (run_dir / "metrics.jsonl").exists()
 
 
