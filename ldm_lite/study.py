@@ -656,12 +656,15 @@ def reference_statistics(path: Path, images: torch.Tensor, config: QualityStudyC
     return stats
 
 
-def check_study_settings(config: QualityStudyConfig, out: Path) -> None:
+def check_study_settings(config: QualityStudyConfig, out: Path, record: bool = True) -> None:
     """Refuse to continue a study in `out` made with other settings (every field but RESUMABLE_FIELDS) unless
     --fresh, which deletes its records and evaluations first (train() deletes the checkpoints); then record
-    this study's settings in study.json."""
+    this study's settings in study.json. record=False only refuses: the call made before the inputs are
+    known good, so a study that fails on them leaves no record to block the corrected command."""
     path = out / "study.json"
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE_FIELDS}
+    if config.fresh and not record:
+        return
     if config.fresh:
         (out / "trained.json").unlink(missing_ok=True)
         (out / "choices.json").unlink(missing_ok=True)
@@ -672,7 +675,8 @@ def check_study_settings(config: QualityStudyConfig, out: Path) -> None:
         if differing:
             raise ValueError(f"{str(out)!r} holds a study made with other settings ({', '.join(differing)}); pass "
                              "--fresh to start over (deletes its models and evaluations) or choose another --out")
-    path.write_text(json.dumps(settings, indent=2))
+    if record:
+        path.write_text(json.dumps(settings, indent=2))
 
 
 def first_choices(out: Path, speed: dict) -> int | None:
@@ -1090,9 +1094,10 @@ def run_quality_study(config: QualityStudyConfig) -> dict | None:
 def _run_quality_study(config: QualityStudyConfig, device: torch.device, shards: Shards) -> dict:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    check_study_settings(config, out)
+    check_study_settings(config, out, record=False)
     clock = Clock(config.minutes)
     dataset = clock.time("load data", load_study_data, config)
+    check_study_settings(config, out)  # the data are good: record the settings
     data = to_float(dataset.images)
     network = shards.network = clock.time("load the FID network", load_fid_inception, device)
     speed = clock.time("measure speed", measure_speed, config, data.shape[1], network, device, shards.world.size)

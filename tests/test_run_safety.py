@@ -11,7 +11,7 @@ import pytest
 from ldm_lite import training
 from ldm_lite.generate import SampleSettings, generate
 from ldm_lite.run_safety import LOCK_FILE, FolderLock, StopRequest
-from ldm_lite.study import QualityStudyConfig, run_study
+from ldm_lite.study import QualityStudyConfig, check_study_settings, run_study
 from ldm_lite.training import train
 
 from test_training import tiny_config
@@ -75,3 +75,10 @@ def test_a_damaged_log_line_before_the_last_is_refused_naming_file_and_line(tmp_
     path.write_text("\n".join([lines[0], damage, *lines[1:]]) + "\n")
     with pytest.raises(ValueError, match=rf"'{path}' line 2 is damaged"):
         training._truncate_metrics(path, 3)
+
+
+def test_a_study_that_fails_on_its_data_leaves_no_record_to_block_the_corrected_command(tmp_path):
+    with pytest.raises(ValueError, match="nope"):
+        run_study(QualityStudyConfig(data=str(tmp_path / "nope"), out=str(tmp_path / "st1"), device="cpu"))
+    assert not (tmp_path / "st1" / "study.json").exists()
+    check_study_settings(QualityStudyConfig(data="synthetic", out=str(tmp_path / "st1")), tmp_path / "st1")
