@@ -22,7 +22,7 @@ UNET_PRESETS = ("ddpm_cifar10", "small", "tiny")
 # Short command-line aliases for the options changed most often.
 ALIASES = {"data": "data.source", "steps": "train.steps", "out": "run.out", "batch-size": "train.batch_size",
            "seed": "train.seed", "latent-vae": "latent.vae", "max-minutes": "train.max_minutes",
-           "resume": "run.resume", "fresh": "run.fresh"}
+           "resume": "run.resume", "fresh": "run.fresh", "allow-data-change": "run.allow_data_change"}
 
 
 def option(default, help: str, **extra):
@@ -194,6 +194,7 @@ class RunConfig:
     progress: bool = True
     resume: bool = True            # continue from <out>/checkpoint.pt when present
     fresh: bool = False            # delete <out>/checkpoint.pt and the log first, and start over
+    allow_data_change: bool = False  # resume although the images differ from those the run was trained on
 
     def __post_init__(self):
         _check(bool(self.out), "run.out", "must be a folder path", self.out)

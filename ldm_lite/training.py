@@ -100,6 +100,40 @@ def cached_latents(dataset: InMemoryImages, config: Config, run_dir: Path, world
     return latents, vae
 
 
+def data_record(dataset: InMemoryImages) -> dict:
+    """What a run records of its data: the class names and a fingerprint of the tensor it trains on (images,
+    or latents); file times are not used, since every copy changes them."""
+    return {"classes": list(dataset.class_names), "fingerprint": _tensor_digest(dataset.images)}
+
+
+def check_data(checkpoint: dict | None, record: dict, config: Config, world: World) -> dict:
+    """`record` (see `data_record`) with the history of data changes, after comparing it with the checkpoint's.
+
+    Other classes are refused in one line (the model has one embedding per class); other images are refused
+    unless run.allow_data_change, and then the change is printed and kept in the checkpoint ("changes").
+    Checkpoints of earlier versions record no data and are not checked.
+    """
+    saved = (checkpoint or {}).get("data")
+    if saved is None:
+        return record
+    where = str(Path(config.run.out))
+    if saved["classes"] != record["classes"]:
+        raise ValueError(f"{where!r} was trained on the classes {saved['classes']} but the data now hold "
+                         f"{record['classes']}; choose another --out or pass --fresh to start over")
+    changes = saved.get("changes", [])
+    if saved["fingerprint"] != record["fingerprint"]:
+        if not config.run.allow_data_change:
+            raise ValueError(f"the data's images differ from those {where!r} was trained on (fingerprint "
+                             f"{saved['fingerprint']}, now {record['fingerprint']}); pass --allow-data-change to "
+                             "resume on them, or --fresh to start over")
+        step = int(checkpoint["step"])
+        changes = [*changes, {"step": step, "from": saved["fingerprint"], "to": record["fingerprint"]}]
+        if world.is_main:
+            print(f"{where}: resuming at step {step} on changed data (fingerprint {saved['fingerprint']} -> "
+                  f"{record['fingerprint']}; --allow-data-change)")
+    return {**record, "changes": changes} if changes else record
+
+
 def _tensor_digest(tensor: torch.Tensor) -> str:
     import hashlib
     return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy()).hexdigest()[:16]
@@ -259,9 +293,10 @@ class TrainState:
     ema: UNet | None
     optimizer: torch.optim.Optimizer
     step: int = 0
+    data: dict | None = None  # `data_record` of the training data, checked on resume (`check_data`)
 
     def payload(self, config: Config) -> dict:
-        return runs.checkpoint_payload(config, self.model, self.ema, self.optimizer, self.step)
+        return {**runs.checkpoint_payload(config, self.model, self.ema, self.optimizer, self.step), "data": self.data}
 
     def restore(self, checkpoint: dict, config: Config, path: Path) -> None:
         """Load a checkpoint trained with the same settings (ValueError naming the differing keys otherwise)."""
@@ -318,7 +353,7 @@ def start_run(config: Config, state: TrainState, checkpoint: dict | None, world:
         state.restore(checkpoint, config, run_dir / runs.CHECKPOINT_NAME)
     if world.is_main:
         # fresh is a one-off request: a config.toml reused later must not delete this run
-        kept = dataclasses.replace(config, run=dataclasses.replace(config.run, fresh=False))
+        kept = dataclasses.replace(config, run=dataclasses.replace(config.run, fresh=False, allow_data_change=False))
         (run_dir / runs.RUN_CONFIG_FILE).write_text(to_toml(kept))
         _truncate_metrics(run_dir / runs.METRICS_FILE, state.step)
     return run_dir
@@ -445,11 +480,13 @@ def _train(config: Config, world: World) -> Path:
               f"{config.train.steps}); raise --steps to train further")
         return Path(config.run.out)
     dataset, vae = prepare_data(config, world, Path(config.run.out))
+    data = check_data(checkpoint, data_record(dataset), config, world)  # before a class change breaks the restore
     torch.manual_seed(config.train.seed)  # identical initial weights in every process
     model = build_model(config, dataset).to(world.device)
     if config.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     state = new_state(config, model)
+    state.data = data
     run_dir = start_run(config, state, checkpoint, world)
     if world.is_main and config.model.class_conditional:
         # label index -> name, for `python -m sample --class NAME` (folder names are not in the config)

@@ -2,13 +2,16 @@
 by a kill does not block the resume (Ctrl-C during training: test_training.py)."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from ldm_lite import training
+from ldm_lite.config import parse_overrides
 from ldm_lite.generate import SampleSettings, generate
 from ldm_lite.run_safety import LOCK_FILE, FolderLock, StopRequest
 from ldm_lite.study import QualityStudyConfig, check_study_settings, run_study
@@ -82,3 +85,31 @@ def test_a_study_that_fails_on_its_data_leaves_no_record_to_block_the_corrected_
         run_study(QualityStudyConfig(data=str(tmp_path / "nope"), out=str(tmp_path / "st1"), device="cpu"))
     assert not (tmp_path / "st1" / "study.json").exists()
     check_study_settings(QualityStudyConfig(data="synthetic", out=str(tmp_path / "st1")), tmp_path / "st1")
+
+
+def test_resume_refuses_other_classes_and_changed_images_unless_allowed(tmp_path, capsys):
+    from PIL import Image
+    images, run_dir = tmp_path / "images", tmp_path / "run"
+
+    def add_image(label: str, index: int):
+        (images / label).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (40 * index, 30 * index, 20 * index)).save(images / label / f"{index}.png")
+
+    for index, label in enumerate(("cats", "dogs", "cats", "dogs")):
+        add_image(label, index)
+    options = dict(data__source=images, data__labels="dataset", train__batch_size=2, run__checkpoint_every=1)
+    train(tiny_config(run_dir, train__steps=1, **options))
+    add_image("birds", 5)
+    with pytest.raises(ValueError, match=r"trained on the classes \['cats', 'dogs'\] but the data now hold "
+                                         r"\['birds', 'cats', 'dogs'\]"):
+        train(tiny_config(run_dir, train__steps=2, **options))
+    shutil.rmtree(images / "birds")
+    add_image("cats", 6)  # same classes, one image more
+    with pytest.raises(ValueError, match="images differ from those .* pass --allow-data-change"):
+        train(tiny_config(run_dir, train__steps=2, **options))
+    assert parse_overrides(["--allow-data-change"])[1] == {"run.allow_data_change": "true"}
+    capsys.readouterr()
+    train(tiny_config(run_dir, train__steps=2, run__allow_data_change="true", **options))
+    data = torch.load(run_dir / "checkpoint.pt", weights_only=True)["data"]
+    assert [change["step"] for change in data["changes"]] == [1] and data["changes"][0]["to"] == data["fingerprint"]
+    assert "resuming at step 1 on changed data" in capsys.readouterr().out
