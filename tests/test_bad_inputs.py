@@ -58,6 +58,7 @@ ROWS = [
     (["sample", "--ckpt", "{root}/missing", "--out", "{root}/s"], "does not exist"),
     (["analysis", "leak-stats", "--data", "{root}/missing", "--out", "{root}/l.safetensors"], "missing"),
     (["analysis", "fid", "--samples", "{root}/missing", "--ref", "{root}/missing.safetensors"], "missing"),
+    (["analysis", "fid", "--samples", "{root}/s", "--ref", "{root}/nope"], "nope"),  # --ref checked first
     (["analysis", "brightness", "--samples", "{root}/missing"], "does not exist"),
     (["analysis", "invert", "--ckpt", "{run}", "--images", "{root}/missing"], "--images"),
     (["analysis", "export", "{root}/missing", "{root}/e"], "does not exist"),
@@ -135,3 +136,20 @@ def test_a_bad_input_ends_in_one_line_and_a_non_zero_exit(files, argv, fragment,
     assert code != 0
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
     assert fragment in err
+
+
+def test_exposure_warns_when_the_resolution_is_not_the_models(files, capsys):
+    args = ["exposure", "--ckpt", str(files / "run"), "--resolution", "16", "--num-images", "2", "--steps", "1",
+            "--out", str(files / "exposure")]
+    assert run_main(analysis.main, args) == 0
+    assert "warning: --resolution 16, but the model was trained at 8" in capsys.readouterr().err
+
+
+def test_statistics_files_get_the_usual_permissions(files):
+    import os
+    from ldm_lite.leak import LeakStats
+    path = files / "leak.safetensors"
+    LeakStats.fit(torch.zeros(4, 3, 2, 2), kind="pixel").save(path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask

@@ -1,5 +1,6 @@
 """Flags and loaders shared by the analysis commands: the dataset flags, sample folders, and --ckpt."""
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +155,9 @@ def model_inputs(loaded, args) -> torch.Tensor:
     config = loaded.unet.config
     factor = loaded.vae.downscale if loaded.vae is not None else 1
     resolution = args.resolution if args.resolution is not None else config.sample_size * factor
+    if resolution != config.sample_size * factor:
+        print(f"warning: --resolution {resolution}, but the model was trained at {config.sample_size * factor}; "
+              "its measurements at another size may not mean much", file=sys.stderr)
     x0 = load_data(args.data, resolution, args.num_images, args.seed)
     if loaded.vae is not None:
         x0 = encode_latents(loaded.vae, x0, args.batch_size)
