@@ -82,7 +82,7 @@ def cached_latents(dataset: InMemoryImages, config: Config, run_dir: Path, world
     vae = load_vae(config.latent.vae, dtype=torch.float32).to(world.device).eval()
     path = Path(config.latent.cache) if config.latent.cache else run_dir / "latents.safetensors"
     key = {"format": LATENT_CACHE_FORMAT, "vae": vae.identity(), "scaling_factor": repr(vae.scaling_factor),
-           "shift_factor": repr(vae.shift_factor), "images": _tensor_digest(dataset.images),
+           "shift_factor": repr(vae.shift_factor), "images": runs.tensor_digest(dataset.images),
            "mirrored": str(config.data.random_flip)}
     if world.is_main and not _cache_matches(path, key, safe_open):
         tensors = {"latents": _encode(vae, dataset.images, config, world, "encoding latents"),
@@ -98,45 +98,6 @@ def cached_latents(dataset: InMemoryImages, config: Config, run_dir: Path, world
         mirrored = file.get_tensor("mirrored") if config.data.random_flip else None
         latents = InMemoryImages(file.get_tensor("latents"), file.get_tensor("labels"), dataset.class_names, mirrored)
     return latents, vae
-
-
-def data_record(dataset: InMemoryImages) -> dict:
-    """What a run records of its data: the class names and a fingerprint of the tensor it trains on (images,
-    or latents); file times are not used, since every copy changes them."""
-    return {"classes": list(dataset.class_names), "fingerprint": _tensor_digest(dataset.images)}
-
-
-def check_data(checkpoint: dict | None, record: dict, config: Config, world: World) -> dict:
-    """`record` (see `data_record`) with the history of data changes, after comparing it with the checkpoint's.
-
-    Other classes are refused in one line (the model has one embedding per class); other images are refused
-    unless run.allow_data_change, and then the change is printed and kept in the checkpoint ("changes").
-    Checkpoints of earlier versions record no data and are not checked.
-    """
-    saved = (checkpoint or {}).get("data")
-    if saved is None:
-        return record
-    where = str(Path(config.run.out))
-    if saved["classes"] != record["classes"]:
-        raise ValueError(f"{where!r} was trained on the classes {saved['classes']} but the data now hold "
-                         f"{record['classes']}; choose another --out or pass --fresh to start over")
-    changes = saved.get("changes", [])
-    if saved["fingerprint"] != record["fingerprint"]:
-        if not config.run.allow_data_change:
-            raise ValueError(f"the data's images differ from those {where!r} was trained on (fingerprint "
-                             f"{saved['fingerprint']}, now {record['fingerprint']}); pass --allow-data-change to "
-                             "resume on them, or --fresh to start over")
-        step = int(checkpoint["step"])
-        changes = [*changes, {"step": step, "from": saved["fingerprint"], "to": record["fingerprint"]}]
-        if world.is_main:
-            print(f"{where}: resuming at step {step} on changed data (fingerprint {saved['fingerprint']} -> "
-                  f"{record['fingerprint']}; --allow-data-change)")
-    return {**record, "changes": changes} if changes else record
-
-
-def _tensor_digest(tensor: torch.Tensor) -> str:
-    import hashlib
-    return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy()).hexdigest()[:16]
 
 
 def _cache_matches(path: Path, key: dict, safe_open) -> bool:
@@ -480,7 +441,8 @@ def _train(config: Config, world: World) -> Path:
               f"{config.train.steps}); raise --steps to train further")
         return Path(config.run.out)
     dataset, vae = prepare_data(config, world, Path(config.run.out))
-    data = check_data(checkpoint, data_record(dataset), config, world)  # before a class change breaks the restore
+    # before a class change breaks the restore
+    data = runs.check_data(checkpoint, runs.data_record(dataset), config, world.is_main)
     torch.manual_seed(config.train.seed)  # identical initial weights in every process
     model = build_model(config, dataset).to(world.device)
     if config.train.channels_last:
