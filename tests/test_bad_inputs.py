@@ -153,3 +153,28 @@ def test_statistics_files_get_the_usual_permissions(files):
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("error, line", [
+    (OSError(28, "No space left on device", "/data/out/00001.png"), "No space left on device: '/data/out/00001.png'"),
+    (FileExistsError(17, "File exists", "runs/x"), "File exists: 'runs/x'"),
+    (ValueError("two\nlines"), "two lines")])
+def test_any_remaining_os_error_is_one_line_naming_the_path(error, line, capsys):
+    def main(argv):
+        raise error
+    assert run_main(main, []) == 2
+    assert capsys.readouterr().err == f"error: {line}\n"
+
+
+
+def test_a_closed_pipe_stays_quiet(monkeypatch):
+    """BrokenPipeError is an OSError too, but output piped into `head` is not an error: no message, exit 0."""
+    import io
+    import sys
+    stderr = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+
+    def main(argv):
+        raise BrokenPipeError(32, "Broken pipe")
+    assert run_main(main, []) == 0
+    assert stderr.closed  # closed unread: nothing was written (a write would have come before the close)
