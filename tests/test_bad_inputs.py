@@ -15,7 +15,8 @@ from ldm_lite.cli import sample as sample_cli
 from ldm_lite.cli import train as train_cli
 from ldm_lite.config import load_config
 from ldm_lite.data import SYNTHETIC_CLASSES
-from ldm_lite.models import UNet
+from ldm_lite.export import export_diffusers
+from ldm_lite.models import UNet, unet_preset
 from ldm_lite.models.unet import save_unet
 from ldm_lite.training import new_state
 
@@ -26,12 +27,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """A run folder (an untrained 8x8 tiny model: only its shape matters), an export with truncated weights, a
-    torch.save pickle named .safetensors, an empty folder, a regular file and a TOML config holding nan."""
+    """A run folder (an untrained 8x8 tiny model: only its shape matters), a UNet file and a diffusers export
+    with truncated weights, a torch.save pickle named .safetensors, an empty folder, a regular file and a TOML
+    config holding nan."""
     root = tmp_path_factory.mktemp("bad_inputs")
     config = load_config(TINY, tiny_overrides(root / "run"))
     torch.manual_seed(0)
-    from ldm_lite.models import unet_preset
     model = UNet(unet_preset("tiny", in_channels=3, sample_size=8, num_classes=len(SYNTHETIC_CLASSES)))
     (root / "run").mkdir()
     runs.atomic_save(new_state(config, model).payload(config), root / "run" / runs.CHECKPOINT_NAME)
@@ -40,6 +41,9 @@ def files(tmp_path_factory):
     weights = (root / "unet.safetensors").read_bytes()
     (root / "truncated.safetensors").write_bytes(weights[:len(weights) // 2])
     (root / "truncated.pt").write_bytes((root / "run" / "checkpoint.pt").read_bytes()[:5000])
+    export = export_diffusers(root / "run", root / "export")
+    unet_weights = export / "unet" / "diffusion_pytorch_model.safetensors"
+    unet_weights.write_bytes(unet_weights.read_bytes()[:-100])
     torch.save({"weight": torch.zeros(2)}, root / "pickle.safetensors")
     (root / "empty").mkdir()
     (root / "afile").write_text("not a folder")
@@ -95,6 +99,7 @@ ROWS = [
     (["analysis", "leak-stats", "--data", "{root}", "--resolution", "8", "--vae", "{root}/pickle.safetensors",
       "--out", "{root}/l.safetensors"], "not a safetensors file"),
     (["sample", "--ckpt", "{root}/truncated.safetensors", "--out", "{root}/s2"], "truncated"),
+    (["sample", "--ckpt", "{root}/export", "--out", "{root}/s2"], "truncated"),
     (["sample", "--ckpt", "{root}/truncated.pt", "--out", "{root}/s2"], "not a readable PyTorch"),
     (["analysis", "hspace", "--ckpt", "{root}/truncated.safetensors"], "truncated"),
     # NaN and infinity: the option parser, the comma lists, TOML and --section.key=value
