@@ -256,8 +256,7 @@ def _generate(settings: SampleSettings, world: World, device: torch.device, prog
         out.mkdir(parents=True, exist_ok=True)
         if settings.png:
             write_grid(out, files)
-        (out / "manifest.json").write_text(json.dumps({**manifest, "processes": world.size}, indent=2,
-                                                      allow_nan=False))
+        (out / "manifest.json").write_text(json.dumps({**manifest, "processes": world.size}, indent=2))
         (out / PARTIAL_FILE).unlink(missing_ok=True)
     return manifest
 
