@@ -4,8 +4,6 @@ squeezed toward mid-grey), a histogram overlay (brightness.png) and brightness.c
 
 Also home of the --samples loader shared with the spectrum command.
 """
-
-
 from ldm_lite.checks import output_folder
 from ldm_lite.metrics import brightness_report, format_table
 from ldm_lite.plots import plot_brightness, write_csv
