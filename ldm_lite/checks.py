@@ -62,19 +62,21 @@ def safetensors_file(path) -> Path:
         prefix = file.read(8)
         length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
         if not 0 < length <= min(size - 8, SAFETENSORS_HEADER_LIMIT):
-            raise ValueError(f"{str(path)!r} is not a safetensors file (a PyTorch pickle or another format?)")
+            raise ValueError(f"{str(path)!r} is not a readable safetensors file (a PyTorch pickle or another "
+                             "format?)")
         try:
             header = json.loads(file.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ValueError(f"{str(path)!r} is not a safetensors file (its header is not JSON)") from None
+            raise ValueError(f"{str(path)!r} is not a readable safetensors file (its header is not JSON)") from None
     if not isinstance(header, dict):
-        raise ValueError(f"{str(path)!r} is not a safetensors file (its header is not a JSON object)")
+        raise ValueError(f"{str(path)!r} is not a readable safetensors file (its header is not a JSON object)")
     ends = [entry["data_offsets"][1] for key, entry in header.items()
             if key != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry]
     expected = 8 + length + max(ends, default=0)
     if size != expected:
         state = "truncated" if size < expected else "damaged"
-        raise ValueError(f"{str(path)!r} is {state}: it holds {size} bytes, its header describes {expected}")
+        raise ValueError(f"{str(path)!r} is not a readable safetensors file: it is {state} (it holds {size} bytes, "
+                         f"its header describes {expected})")
     return path
 
 
