@@ -27,7 +27,7 @@ EVAL_AUTOCASTS = ("auto", "bf16", "off")
 # Short command-line aliases for the options changed most often.
 ALIASES = {"data": "data.source", "steps": "train.steps", "out": "run.out", "batch-size": "train.batch_size",
            "seed": "train.seed", "latent-vae": "latent.vae", "max-minutes": "train.max_minutes",
-           "resume": "run.resume", "fresh": "run.fresh"}
+           "resume": "run.resume", "fresh": "run.fresh", "allow-data-change": "run.allow_data_change"}
 
 
 def option(default, help: str, **extra):
@@ -258,6 +258,7 @@ class RunConfig:
     eval_autocast: str = "auto"    # sampling precision: "auto" (bf16 where measured faster), "bf16" or "off"
     eval_batch_size: int = 100     # images per model call while evaluating
     eval_cache: str = ""           # reference-feature cache folder ('' = $LDM_LITE_CACHE, else runs/cache)
+    allow_data_change: bool = False  # resume although the images differ from those the run was trained on
 
     def __post_init__(self):
         _check(bool(self.out), "run.out", "must be a folder path", self.out)
@@ -337,6 +338,8 @@ def _coerce(name: str, value, kind, nullable: bool):
         return None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")  # TOML's nan and inf, or a typed one
     if type(value) is not kind:
         raise ValueError(f"{name} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
     return value

@@ -8,7 +8,7 @@ Labels: image folders are labelled ImageFolder style (index of the first-level s
 sorted order, 0 when the folder is flat); CIFAR-10 by its 10 classes; the synthetic data by its
 brightness tercile (0 dark, 1 mid, 2 bright).
 """
-import warnings
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -108,9 +108,12 @@ def read_images(paths, resolution: int, center_crop: bool = True, generator: tor
 
 
 def _warn_skipped(failed: list, where) -> None:
+    """One line on stderr naming the first unreadable file and why (a plain line, not a UserWarning pointing
+    into the progress bar's code)."""
     path, error = failed[0]
-    warnings.warn(f"skipped {len(failed)} unreadable image file(s) under {str(where)!r} (first: {path.name}: "
-                  f"{error})", stacklevel=3)
+    more = f" and {len(failed) - 1} more under {str(where)!r}" if len(failed) > 1 else ""
+    reason = " ".join(str(error).split()) or type(error).__name__
+    print(f"warning: skipped unreadable image {str(path)!r} ({reason}){more}", file=sys.stderr)
 
 
 def iter_image_folder(root, resolution: int, batch_size: int, center_crop: bool = True,

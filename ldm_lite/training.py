@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from ldm_lite.data import InMemoryImages, brightness_terciles, load_dataset, sav
 from ldm_lite.latents import encode_latents
 from ldm_lite.models import UNet, unet_preset
 from ldm_lite.noise import min_snr_weights, perturb_noise, training_noise
+from ldm_lite.run_safety import FolderLock, StopRequest
 from ldm_lite.sampling import sample
 from ldm_lite.schedulers import DDPMScheduler, from_config
 from ldm_lite.schedules import snr
@@ -81,7 +83,7 @@ def cached_latents(dataset: InMemoryImages, config: Config, run_dir: Path, world
     vae = load_vae(config.latent.vae, dtype=torch.float32).to(world.device).eval()
     path = Path(config.latent.cache) if config.latent.cache else run_dir / "latents.safetensors"
     key = {"format": LATENT_CACHE_FORMAT, "vae": vae.identity(), "scaling_factor": repr(vae.scaling_factor),
-           "shift_factor": repr(vae.shift_factor), "images": _tensor_digest(dataset.images),
+           "shift_factor": repr(vae.shift_factor), "images": runs.tensor_digest(dataset.images),
            "mirrored": str(config.data.random_flip)}
     if world.is_main and not _cache_matches(path, key, safe_open):
         tensors = {"latents": _encode(vae, dataset.images, config, world, "encoding latents"),
@@ -97,11 +99,6 @@ def cached_latents(dataset: InMemoryImages, config: Config, run_dir: Path, world
         mirrored = file.get_tensor("mirrored") if config.data.random_flip else None
         latents = InMemoryImages(file.get_tensor("latents"), file.get_tensor("labels"), dataset.class_names, mirrored)
     return latents, vae
-
-
-def _tensor_digest(tensor: torch.Tensor) -> str:
-    import hashlib
-    return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy()).hexdigest()[:16]
 
 
 def _cache_matches(path: Path, key: dict, safe_open) -> bool:
@@ -298,10 +295,11 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     step: int = 0
     train_seconds: float = 0.0
+    data: dict | None = None  # `data_record` of the training data, checked on resume (`check_data`)
 
     def payload(self, config: Config, train_seconds: float | None = None) -> dict:
         """The checkpoint; train_seconds: the training time to record, when it differs from the stored one."""
-        return {**runs.checkpoint_payload(config, self.model, self.ema, self.optimizer, self.step),
+        return {**runs.checkpoint_payload(config, self.model, self.ema, self.optimizer, self.step), "data": self.data,
                 "train_seconds": self.train_seconds if train_seconds is None else train_seconds}
 
     def restore(self, checkpoint: dict, config: Config, path: Path) -> None:
@@ -367,17 +365,34 @@ def start_run(config: Config, state: TrainState, checkpoint: dict | None, world:
 
 
 def _kept(config: Config) -> Config:
-    """The config as config.toml keeps it: fresh is a one-off request, so a config.toml reused later must not
-    delete this run."""
-    return dataclasses.replace(config, run=dataclasses.replace(config.run, fresh=False))
+    """The config as config.toml keeps it: fresh and allow_data_change are one-off requests, so a config.toml
+    reused later must not delete this run or accept other data silently."""
+    return dataclasses.replace(config, run=dataclasses.replace(config.run, fresh=False, allow_data_change=False))
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (they will be written again)."""
+    """Drop log lines written after the checkpoint we resume from (they will be written again).
+
+    An incomplete last line (the process was killed while writing it) is dropped with a warning; a damaged line
+    anywhere else is refused in one line naming the file and the line.
+    """
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in lines))
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record_step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            if number < len(lines):
+                raise ValueError(f"{str(path)!r} line {number} is damaged ({line[:40]!r}); repair or delete the "
+                                 "file to resume") from None
+            print(f"warning: {str(path)!r}: dropped its incomplete last line (written when the run was "
+                  "killed)", file=sys.stderr)
+            continue
+        if record_step <= step:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 # ----------------------------------------------------------------------------- sample grids
@@ -458,7 +473,8 @@ def train(config: Config) -> Path:
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
     try:
-        return _train(config, world)
+        with FolderLock(config.run.out, enabled=world.is_main):  # one training per run folder
+            return _train(config, world)
     finally:
         torch.set_num_threads(threads)
         if started_group and dist.is_initialized():
@@ -475,11 +491,14 @@ def _train(config: Config, world: World) -> Path:
               f"{config.train.steps}); raise --steps to train further")
         return Path(config.run.out)
     dataset, vae = prepare_data(config, world, Path(config.run.out))
+    # before a class change breaks the restore
+    data = runs.check_data(checkpoint, runs.data_record(dataset), config, world.is_main)
     torch.manual_seed(config.train.seed)  # identical initial weights in every process
     model = build_model(config, dataset).to(world.device)
     if config.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     state = new_state(config, model)
+    state.data = data
     run_dir = start_run(config, state, checkpoint, world)
     if world.is_main and config.model.class_conditional:
         # label index -> name, for `python -m sample --class NAME` (folder names are not in the config)
@@ -493,7 +512,8 @@ def _train(config: Config, world: World) -> Path:
     run = Run(config, world, run_dir, dataset, vae, make_scheduler(config), forward,
               null_label=dataset.num_classes if config.model.class_conditional else None, scaler=scaler,
               evaluator=evaluator)
-    _loop(run, state)
+    with StopRequest() as stop:
+        _loop(run, state, stop)
     return run_dir
 
 
@@ -553,9 +573,10 @@ def train_step(run: Run, state: TrainState, weights: torch.Tensor | None):
     return loss.detach(), grad_norm
 
 
-def _loop(run: Run, state: TrainState) -> None:
+def _loop(run: Run, state: TrainState, stop: StopRequest) -> None:
     """Steps until train.steps or the time budget; logs, evaluations, sample grids and checkpoints at their
-    intervals (an evaluation also when the run stops, unless it just had one)."""
+    intervals (an evaluation also when the run stops, unless it just had one). After SIGINT / SIGTERM (`stop`) it
+    finishes the step, saves a checkpoint and raises KeyboardInterrupt."""
     t, every, world = run.config.train, run.config.run, run.world
     weights = loss_weights(run.config, run.scheduler.alphas_cumprod)
     bar = tqdm(total=t.steps, initial=state.step, desc="training", unit="step",
@@ -574,17 +595,19 @@ def _loop(run: Run, state: TrainState) -> None:
             else:
                 run.config = _fix_horizon(run, step, (budget.spent() - probe_started) / (HORIZON_PROBE[1] -
                                                                                       HORIZON_PROBE[0]), budget)
-        # one process checks the clock every step; several agree on it at log steps (a collective call)
+        # one process checks the clock and signals every step; several agree on them at log steps (collectives)
         check_clock = world.size == 1 or _due(step, every.log_every)
         out_of_time = check_clock and _decide(budget.exhausted(), world)
-        stopping = out_of_time or step == t.steps
-        save = stopping or _due(step, every.checkpoint_every)
+        interrupted = check_clock and _decide(stop.signal_name is not None, world)
+        last = out_of_time or step == t.steps
+        save = last or interrupted or _due(step, every.checkpoint_every)
         if save or _due(step, every.log_every):
             logger.flush(step, lr, grad_norm)  # raises TrainingDiverged before a NaN model could be saved
-        if run.evaluator is not None and (_due(step, every.eval_every) or stopping):
+        evaluate = every.eval_every and not interrupted and (_due(step, every.eval_every) or last)
+        if evaluate and run.evaluator is not None:
             with budget.excluding():
                 _evaluate(run, state, budget, step)
-        if world.size > 1 and every.eval_every and (_due(step, every.eval_every) or stopping):
+        if evaluate and world.size > 1:
             dist.barrier()  # the other processes wait for rank 0's evaluation
         if _due(step, every.sample_every) and world.is_main:
             model = state.ema if state.ema is not None else state.model
@@ -593,6 +616,10 @@ def _loop(run: Run, state: TrainState) -> None:
         if save and world.is_main:
             runs.atomic_save(state.payload(run.config, state.train_seconds + budget.spent()),
                              run.run_dir / runs.CHECKPOINT_NAME)
+        if interrupted:
+            bar.close()
+            raise KeyboardInterrupt(f"{stop.signal_name or 'a signal to another process'} at step {step}: "
+                                    f"checkpoint saved in {run.run_dir}; run the same command to resume")
         if out_of_time:
             bar.write(f"stopping at step {step}: train.max_minutes={t.max_minutes} reached "
                       f"({t.budget_clock} clock)")

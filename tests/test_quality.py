@@ -210,6 +210,15 @@ def test_frechet_distance_closed_forms():
     assert quality.frechet_distance(mu1, a * identity, mu2, b * identity) == pytest.approx(expected, rel=1e-12)
 
 
+def test_fid_of_a_set_against_itself_is_never_negative():
+    """A distance: rounding left -1.4e-14 for some of these sets before the clamp at 0 (KID is not clamped)."""
+    distances = []
+    for seed in range(20):
+        x = torch.randn(50, 16, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        distances.append(quality.frechet_distance(x.mean(0), torch.cov(x.T), x.mean(0), torch.cov(x.T)))
+    assert min(distances) >= 0.0 and max(distances) < 1e-12
+
+
 def test_frechet_distance_matches_scipy_sqrtm_on_non_commuting_covariances():
     import scipy.linalg
     g = np.random.default_rng(0)

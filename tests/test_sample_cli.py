@@ -459,6 +459,21 @@ def test_a_killed_run_continues_where_it_stopped(run_dir, tmp_path, capsys, monk
     assert png_bytes(tmp_path / "killed") == png_bytes(tmp_path / "whole")
 
 
+@pytest.mark.parametrize("second", [dict(n=2), dict(n=3, scheduler="ddpm")])
+def test_fewer_images_into_a_folder_of_an_earlier_run_are_refused_unless_fresh(run_dir, tmp_path, capsys,
+                                                                                second):
+    first = ["--ckpt", run_dir, "--out", tmp_path, "--steps", 2, "--batch-size", 4]
+    assert run_cli(sample_main, [*first, "--n", 5], capsys)[0] == 0
+    again = [*first, *[part for key, value in second.items() for part in (f"--{key}", value)]]
+    code, _, err = run_cli(sample_main, again, capsys)
+    assert code == 2 and len(err.splitlines()) == 1
+    assert f"holds 5 images of an earlier run, {5 - second['n']} of them beyond" in err and "--fresh" in err
+    assert run_cli(sample_main, [*again, "--fresh"], capsys)[0] == 0
+    assert sorted(p.name for p in tmp_path.glob("0*.png")) == [f"{i:05d}.png" for i in range(second["n"])]
+    assert json.loads((tmp_path / "manifest.json").read_text())["images"] == sorted(
+        p.name for p in tmp_path.glob("0*.png"))
+
+
 @pytest.mark.parametrize("script, words", [("ldm-sample", "--scheduler"), ("ldm-train", "[diffusion]"),
                                            ("ldm-analysis", "fid-stats")])
 def test_installed_commands_work_outside_the_repository(tmp_path, script, words):

@@ -390,3 +390,27 @@ def test_fp16_autocast_with_a_gradient_scaler_matches_float32_closely(reference,
     run_dir = train(tiny_config(tmp_path / "fp16", train__precision="fp16", train__steps=2, model__dropout=0.1,
                                 noise__offset_noise="true"))
     assert losses(run_dir) == pytest.approx(reference_losses[:2], rel=0.01)
+
+
+def test_sigint_between_checkpoints_saves_and_the_resume_equals_an_uninterrupted_run(reference, tmp_path,
+                                                                                    monkeypatch):
+    reference_dir, reference_losses = reference
+    run_dir, real_step = tmp_path / "run", training.train_step
+    options = dict(model__dropout=0.1, noise__offset_noise="true", run__checkpoint_every=50)
+
+    def step_then_ctrl_c(run, state, weights):
+        result = real_step(run, state, weights)
+        if state.step == 4:  # after step 4 of 6; the checkpoints are due at steps 50 and 6
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(training, "train_step", step_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt, match=f"SIGINT at step 4: checkpoint saved in {run_dir}"):
+        train(tiny_config(run_dir, **options))
+    assert checkpoint_step(run_dir) == 4
+    monkeypatch.setattr(training, "train_step", real_step)
+    train(tiny_config(run_dir, **options))
+    assert losses(run_dir) == reference_losses  # each step logged once (checked by `losses`), the same values
+    resumed, uninterrupted = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (run_dir, reference_dir))
+    for entry in ("model", "ema"):
+        assert all(torch.equal(resumed[entry][k], uninterrupted[entry][k]) for k in uninterrupted[entry])

@@ -7,7 +7,21 @@ may be given several times; the values arrive as a list).
 import argparse
 import dataclasses
 
+from ldm_lite.checks import finite
 from ldm_lite.config import field_type
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that refuses NaN and infinity in every number it parses, in one line naming the flag (the one
+    place command-line options are checked for it; comma lists: `ldm_lite.checks.comma_list`)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        for action in self._actions:
+            value = getattr(namespace, action.dest, None)
+            if isinstance(value, float):
+                finite(value, action.option_strings[0] if action.option_strings else action.dest)
+        return namespace, extras
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, skip=()) -> None:

@@ -9,12 +9,12 @@ import time
 
 from ldm_lite.allocator import keep_freed_memory
 from ldm_lite.cli import run_main
-from ldm_lite.cli.options import add_dataclass_arguments, dataclass_from_args
+from ldm_lite.cli.options import ArgumentParser, add_dataclass_arguments, dataclass_from_args
 from ldm_lite.generate import SampleSettings, generate, parse_leak_dc
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sample", description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(prog="python -m sample", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_dataclass_arguments(parser, SampleSettings)
     parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=False,

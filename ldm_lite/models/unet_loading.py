@@ -12,6 +12,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, safe_open, save_file
 
+from ldm_lite.checks import safetensors_file
 from ldm_lite.models.weights_io import read_training_checkpoint, torch_load_weights
 
 EXPORT_FORMAT = "ldm_lite.unet.v1"
@@ -148,6 +149,7 @@ def unet_from_checkpoint(file: Path, use_ema: bool, map_location="cpu"):
 
 def read_exported(file: Path):
     """(UNetConfig fields, state dict) from a .safetensors written by `save_unet`."""
+    safetensors_file(file)
     with safe_open(str(file), framework="pt") as handle:
         metadata = handle.metadata() or {}
     if metadata.get("format") != EXPORT_FORMAT:
@@ -165,7 +167,8 @@ def read_diffusers_folder(folder: Path, map_location="cpu"):
     if not weight_files:
         raise ValueError(f"{folder}: config.json found but none of {DIFFUSERS_WEIGHT_FILES}")
     file = weight_files[0]  # safetensors first
-    state_dict = load_file(str(file)) if file.suffix == ".safetensors" else torch_load_weights(file, map_location)
+    state_dict = load_file(str(safetensors_file(file))) if file.suffix == ".safetensors" else \
+        torch_load_weights(file, map_location)
     return unet_fields_from_diffusers(config), rename_legacy_attention_keys(state_dict)
 
 

@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ldm_lite.checks import safetensors_file
 from ldm_lite.models.weights_io import torch_load_weights
 from ldm_lite.models.vae import PRESETS, AutoencoderKL, VAEConfig, vae_preset
 
@@ -51,6 +52,7 @@ def _select(state_dict: dict, prefix: str) -> dict:
 
 def _read_safetensors(file: Path) -> tuple:
     """(VAE tensors, prefix, our stored config or None): only the VAE's tensors are read from disk."""
+    safetensors_file(file)
     try:
         return _read_safetensors_unchecked(file)
     except SafetensorError as error:

@@ -1,8 +1,10 @@
-"""Reading PyTorch pickle weight files safely; shared by the UNet and VAE loaders and by `ldm_lite.runs`.
+"""Reading PyTorch pickle weight files safely; shared by the UNet and VAE loaders and by `ldm_lite.runs`. Also
+`save_safetensors`, which writes safetensors files with the usual permissions.
 
 `read_training_checkpoint` is the one reader of ldm_lite training checkpoints (format TRAIN_FORMAT): the UNet
 loader, the run loader and resuming a run all go through it.
 """
+import os
 import pickle
 import re
 from pathlib import Path
@@ -49,3 +51,13 @@ def read_training_checkpoint(file: Path, required=("unet_config", "model"), map_
     if missing:
         raise ValueError(f"checkpoint {str(file)!r} lacks {missing}: it is incomplete or was not written by ldm_lite")
     return checkpoint
+
+
+def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, then the mode a plain open() gives (0666 less the umask): save_file itself
+    creates every file as -rw------- (owner only)."""
+    from safetensors.torch import save_file
+    save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ldm_lite.checks import comma_list
 from ldm_lite.config import PRECISIONS, option
 from ldm_lite.schedulers import scheduler_class
 
@@ -122,11 +123,8 @@ class QualityStudyConfig(StudyConfig):
 
 
 def _items(text: str, kind, name: str) -> list:
-    """A comma-separated flag as a list of `kind`; ValueError naming the flag."""
-    try:
-        return list(dict.fromkeys(kind(item.strip()) for item in text.split(",") if item.strip()))
-    except ValueError:
-        raise ValueError(f"{name} must be a comma-separated list of {kind.__name__}, got {text!r}") from None
+    """A comma-separated flag as a list of `kind`, repeats dropped; ValueError naming the flag."""
+    return list(dict.fromkeys(comma_list(text, kind, name)))
 
 
 def grid_scale(config: StudyConfig) -> int:

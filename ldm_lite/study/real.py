@@ -16,8 +16,10 @@ import torch
 from ldm_lite import metrics, plots
 from ldm_lite.data import save_image_grid, to_float
 from ldm_lite.distributed import init_world
+from ldm_lite.fid_reference import reference_images, reference_path, reference_statistics
 from ldm_lite.leak import LeakStats
 from ldm_lite.models.inception import load_fid_inception
+from ldm_lite.run_safety import FolderLock
 from ldm_lite.schedulers import from_config
 from ldm_lite.study.config import CLASS_NAMES, QualityStudyConfig, grid_scale
 from ldm_lite.study.demo import class_rows, load_study_data, save_class_grid
@@ -25,7 +27,6 @@ from ldm_lite.study.evaluate import Evaluator, offset_training_noise
 from ldm_lite.study.findings import quality_findings, significant
 from ldm_lite.study.plan import (Clock, Plan, extra_seconds, measure_speed, plan_study, setting_seconds,
                                  study_parts)
-from ldm_lite.fid_reference import reference_images, reference_path, reference_statistics
 from ldm_lite.study.report import format_quality_results, write_report
 from ldm_lite.study.results import QualityResults, save_results
 from ldm_lite.study.resume import check_study_settings, first_choices, record_choices, saved_extra
@@ -156,7 +157,8 @@ def run_quality_study(config: QualityStudyConfig) -> QualityResults | None:
     if not world.is_main:
         return shards.serve()
     # no collective after an error (the other ranks may be inside a job): rank 0 exits, and torchrun stops them
-    results = _run_quality_study(config, device, shards)
+    with FolderLock(config.out):  # one study per folder
+        results = _run_quality_study(config, device, shards)
     shards.close()
     return results
 
@@ -164,10 +166,11 @@ def run_quality_study(config: QualityStudyConfig) -> QualityResults | None:
 def _run_quality_study(config: QualityStudyConfig, device: torch.device, shards: Shards) -> QualityResults:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    check_study_settings(config, out)
+    check_study_settings(config, out, record=False)
     clock = Clock(config.minutes)
     with clock("load data"):
         dataset = load_study_data(config)
+    check_study_settings(config, out)  # the data are good: record the settings
     data = to_float(dataset.images)
     with clock("load the FID network"):
         network = shards.network = load_fid_inception(device)

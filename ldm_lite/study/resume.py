@@ -16,12 +16,15 @@ from ldm_lite.study.plan import Plan
 RESUMABLE_FIELDS = ("out", "minutes", "progress", "fresh", "device", "cache", "eval_batch_size")
 
 
-def check_study_settings(config: QualityStudyConfig, out: Path) -> None:
+def check_study_settings(config: QualityStudyConfig, out: Path, record: bool = True) -> None:
     """Refuse to continue a study in `out` made with other settings (every field but RESUMABLE_FIELDS) unless
     --fresh, which deletes its records and evaluations first (train() deletes the checkpoints); then record
-    this study's settings in study.json."""
+    this study's settings in study.json. record=False only refuses: the call made before the inputs are
+    known good, so a study that fails on them leaves no record to block the corrected command."""
     path = out / "study.json"
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE_FIELDS}
+    if config.fresh and not record:
+        return
     if config.fresh:
         (out / "trained.json").unlink(missing_ok=True)
         (out / "choices.json").unlink(missing_ok=True)
@@ -32,7 +35,8 @@ def check_study_settings(config: QualityStudyConfig, out: Path) -> None:
         if differing:
             raise ValueError(f"{str(out)!r} holds a study made with other settings ({', '.join(differing)}); pass "
                              "--fresh to start over (deletes its models and evaluations) or choose another --out")
-    path.write_text(json.dumps(settings, indent=2))
+    if record:
+        path.write_text(json.dumps(settings, indent=2))
 
 
 def first_choices(out: Path, speed: dict) -> int | None:

@@ -7,6 +7,7 @@ import importlib
 import sys
 
 from ldm_lite.cli import run_main
+from ldm_lite.cli.options import ArgumentParser
 
 COMMANDS = {
     "schedules": "signal kept at the first sampled step, per schedule and spacing",
@@ -41,7 +42,7 @@ def main(argv=None):
     if command not in COMMANDS:
         raise ValueError(f"unknown command {command!r}; choose from {', '.join(COMMANDS)}")
     module = importlib.import_module(f"{__name__}.{command.replace('-', '_')}")
-    parser = argparse.ArgumentParser(prog=f"python -m analysis {command}", description=COMMANDS[command],
+    parser = ArgumentParser(prog=f"python -m analysis {command}", description=COMMANDS[command],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     module.add_arguments(parser)
     return module.run(parser.parse_args(argv[1:]))

@@ -3,11 +3,10 @@ DCT band of a dataset (per-band power, SNR_b(t), destruction time, signal leak p
 for common schedules and spacings, with and without offset noise, and measured vs theoretical correlation).
 Writes bands_*.png and bands_*.csv into --out. With --vae the analysis runs on VAE latents.
 """
-from pathlib import Path
-
 import torch
 
 from ldm_lite import metrics
+from ldm_lite.checks import output_folder
 from ldm_lite.models.vae_loading import load_vae
 from ldm_lite.plots import plot_bands, write_csv
 from ldm_lite.schedules import NAMED_SCHEDULES, named_alphas_cumprod
@@ -32,6 +31,7 @@ def add_arguments(parser):
 
 
 def run(args):
+    out = output_folder(args.out)
     names = args.schedules.split(",") if args.schedules else list(NAMED_SCHEDULES)
     unknown = [name for name in names if name not in NAMED_SCHEDULES]
     if unknown:
@@ -46,7 +46,6 @@ def run(args):
         x0 = encode_latents(load_vae(args.vae, dtype=torch.float32, seed=args.seed), x0)
     result = metrics.band_analysis(x0, schedules=schedules, bands=args.bands, num_inference_steps=args.steps,
                                    offset_noise=args.offset_noise, generator=torch.Generator().manual_seed(args.seed))
-    out = Path(args.out)
     figures = plot_bands(result, out)
     tables = {name: write_csv(rows, out / f"bands_{name}.csv") for name, rows in metrics.band_tables(result).items()}
     print_summary(result, x0)

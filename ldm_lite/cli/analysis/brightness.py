@@ -4,9 +4,7 @@ squeezed toward mid-grey), a histogram overlay (brightness.png) and brightness.c
 
 Also home of the --samples loader shared with the spectrum command.
 """
-from pathlib import Path
-
-
+from ldm_lite.checks import output_folder
 from ldm_lite.metrics import brightness_report, format_table
 from ldm_lite.plots import plot_brightness, write_csv
 
@@ -17,9 +15,9 @@ def add_arguments(parser):
 
 
 def run(args):
+    out = output_folder(args.out)
     samples, data = load_pair(args)
     report = brightness_report(samples, data)
-    out = Path(args.out)
     figure = plot_brightness(report, out / "brightness.png")
     table = write_csv(report["rows"], out / "brightness.csv")
     print(f"per-image brightness, {len(samples)} samples vs {len(data)} data images ({args.data}):")

@@ -1,11 +1,13 @@
 """Flags and loaders shared by the analysis commands: the dataset flags, sample folders, and --ckpt."""
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ldm_lite.checks import comma_list
 from ldm_lite.data import list_images, load_dataset, read_images, synthetic_brightness, to_float
 from ldm_lite.latents import encode_latents
 from ldm_lite.runs import load_model
@@ -30,8 +32,9 @@ def positive(value, name: str, minimum: int = 1):
     return value
 
 
-def load_data(source: str, resolution: int, num_images: int, seed: int = 0) -> torch.Tensor:
-    """A seeded random subset of `num_images` images (N, 3, R, R) float in [-1, 1] from a dataset spec."""
+def load_data(source: str, resolution: int, num_images: int, seed: int = 0, flag: str = "--data") -> torch.Tensor:
+    """A seeded random subset of `num_images` images (N, 3, R, R) float in [-1, 1] from a dataset spec given
+    by the option `flag` (named in the errors)."""
     positive(resolution, "--resolution")
     positive(num_images, "--num-images", 2)
     generator = torch.Generator().manual_seed(seed)
@@ -41,10 +44,10 @@ def load_data(source: str, resolution: int, num_images: int, seed: int = 0) -> t
         images = load_dataset(source, resolution).images
         return to_float(images[torch.randperm(len(images), generator=generator)[:num_images]])
     if not Path(source).is_dir():
-        raise ValueError(f"--data must be {DATA_HELP}; {source!r} is not an existing folder")
+        raise ValueError(f"{flag} must be {DATA_HELP}; {source!r} is not an existing folder")
     paths = list_images(source)
     if len(paths) < 2:
-        raise ValueError(f"--data {source!r} holds {len(paths)} image(s); need at least 2")
+        raise ValueError(f"{flag} {source!r} holds {len(paths)} image(s); need at least 2")
     chosen = [paths[i] for i in torch.randperm(len(paths), generator=generator)[:num_images].sort().values]
     return to_float(read_images(chosen, resolution, progress=True)[0])
 
@@ -141,10 +144,7 @@ def load_model_and_scheduler(args):
 
 
 def parse_floats(text: str, name: str) -> list:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
+    values = comma_list(text, float, name)
     if not values:
         raise ValueError(f"{name} must be a comma-separated list of numbers, got {text!r}")
     return values
@@ -155,6 +155,9 @@ def model_inputs(loaded, args) -> torch.Tensor:
     config = loaded.unet.config
     factor = loaded.vae.downscale if loaded.vae is not None else 1
     resolution = args.resolution if args.resolution is not None else config.sample_size * factor
+    if resolution != config.sample_size * factor:
+        print(f"warning: --resolution {resolution}, but the model was trained at {config.sample_size * factor}; "
+              "its measurements at another size may not mean much", file=sys.stderr)
     x0 = load_data(args.data, resolution, args.num_images, args.seed)
     if loaded.vae is not None:
         x0 = encode_latents(loaded.vae, x0, args.batch_size)

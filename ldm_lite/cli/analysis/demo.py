@@ -1,4 +1,5 @@
 """`python -m analysis demo`: the one-command bias study (see ldm_lite/study.py); flags from `StudyConfig`."""
+from ldm_lite.checks import output_folder
 from ldm_lite.cli.options import add_dataclass_arguments, dataclass_from_args
 from ldm_lite.study import StudyConfig, format_results, run_study
 
@@ -9,6 +10,7 @@ def add_arguments(parser):
 
 def run(args):
     config = dataclass_from_args(StudyConfig, args)
+    output_folder(config.out)
     results = run_study(config)
     print(format_results(results))
     print(f"\nreport: {config.out}/report.html ({results.total_seconds / 60:.1f} minutes)")

@@ -2,6 +2,7 @@
 DDPMPipeline folder: unet/, scheduler/, model_index.json, and vae/ for a latent run (see `ldm_lite.export`)."""
 import json
 
+from ldm_lite.checks import output_folder
 from ldm_lite.export import export_diffusers
 
 
@@ -13,6 +14,7 @@ def add_arguments(parser):
 
 
 def run(args):
+    output_folder(args.out, "OUT")
     out = export_diffusers(args.run, args.out, use_ema=not args.no_ema)
     index = json.loads((out / "model_index.json").read_text())
     parts = ", ".join(f"{name}/ ({value[1]})" for name, value in index.items() if not name.startswith("_"))

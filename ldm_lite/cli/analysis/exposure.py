@@ -4,11 +4,10 @@ forward-noised training data, and delta_t, against t (exposure.png, exposure.csv
 also the epsilon-scaling value whose sampling eps-norm best matches the forward one (eps_scale_scan.png/.csv).
 A latent model's data are encoded with its VAE first.
 """
-from pathlib import Path
-
 import torch
 
 from ldm_lite import metrics
+from ldm_lite.checks import output_folder
 from ldm_lite.plots import plot_eps_scale_scan, plot_exposure, write_csv
 
 from ldm_lite.cli.analysis.common import (add_data_arguments, add_model_arguments, load_model_and_scheduler,
@@ -26,6 +25,7 @@ def add_arguments(parser):
 
 
 def run(args):
+    out = output_folder(args.out)
     candidates = parse_floats(args.scan, "--scan") if args.scan else None
     if args.eps_scale <= 0:
         raise ValueError(f"--eps-scale must be > 0, got {args.eps_scale}")
@@ -36,7 +36,6 @@ def run(args):
     keys = ("eps_norm_forward", "eps_norm_sampling", "residual_std", "target_std", "delta", "delta_reference")
     rows = [dict(step=i, timestep=int(t), **{k: float(result[k][i]) for k in keys})
             for i, t in enumerate(result["timesteps"])]
-    out = Path(args.out)
     files = [plot_exposure(result, out / "exposure.png"), write_csv(rows, out / "exposure.csv")]
     print(f"exposure bias, {len(x0)} images of {args.data}, {args.scheduler} {args.steps} steps, eps scale "
           f"{args.eps_scale:g}; eps-norm gap (RMS relative) "

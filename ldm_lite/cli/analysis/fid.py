@@ -4,8 +4,8 @@ Prints one table row and writes it as CSV: fid, kid_mean, kid_std, precision, re
 seconds.
 FID is biased upward at small n: compare FIDs only at equal sample counts (docs/quality.md)."""
 import time
-from pathlib import Path
 
+from ldm_lite.checks import output_file
 from ldm_lite.metrics import format_table
 from ldm_lite.plots import write_csv
 from ldm_lite.quality import FidStatistics, load_images, quality_report, statistics_of
@@ -28,17 +28,20 @@ def add_arguments(parser):
 
 def run(args):
     started = time.perf_counter()
+    out = output_file(args.out)
+    # the reference is read (statistics) or loaded (images) before minutes go into the samples' features
     reference = FidStatistics.load(args.ref) if args.ref.endswith(".safetensors") else None
     if reference is not None:
-        reference.check_comparable()          # before spending minutes on the samples' features
+        reference.check_comparable()
+    else:
+        images, held = load_images(args.ref, args.max_images, args.resolution)
     samples = statistics_of(load_samples(args.samples), batch_size=args.batch_size, device=args.device,
                             source=args.samples)
     if reference is None:
-        images, held = load_images(args.ref, args.max_images, args.resolution)
         reference = statistics_of(images, batch_size=args.batch_size, device=args.device, source=args.ref,
                                   source_images=held)
     row = quality_report(samples, reference, kid=args.kid, with_precision_recall=args.precision_recall,
                          seconds=time.perf_counter() - started, seed=args.seed)
     print(f"samples {args.samples} vs reference {reference.source or args.ref}:")
     print(format_table([row]))
-    print(f"wrote {write_csv([row], Path(args.out))}")
+    print(f"wrote {write_csv([row], out)}")

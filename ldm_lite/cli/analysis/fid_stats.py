@@ -2,8 +2,7 @@
 feature statistics of a reference dataset for `python -m analysis fid` (protocol in ldm_lite/quality.py and
 docs/quality.md). The file holds mu, sigma (float64), the count, the features (float32, for KID) and, as
 metadata, the network's SHA1 and the protocol version; it is safetensors, never a pickle."""
-from pathlib import Path
-
+from ldm_lite.checks import output_file
 from ldm_lite.quality import load_images, statistics_of
 
 DATA_HELP = "an image folder (searched recursively), 'cifar10:ROOT' (torchvision files, training split) or 'synthetic'"
@@ -27,9 +26,7 @@ def add_arguments(parser):
 
 
 def run(args):
-    out = Path(args.out)
-    if out.suffix != ".safetensors":
-        raise ValueError(f"--out must end in .safetensors, got {str(out)!r}")
+    out = output_file(args.out, suffix=".safetensors")
     images, held = load_images(args.data, args.max_images, args.resolution)
     stats = statistics_of(images, batch_size=args.batch_size, device=args.device, source=args.data,
                           source_images=held)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ldm_lite import hspace
+from ldm_lite.checks import output_folder
 from ldm_lite.metrics import format_table
 from ldm_lite.plots import plot_edit_grid, plot_pca_explained, write_csv
 
@@ -50,6 +51,7 @@ def parse_steps(text: str | None, num_steps: int) -> list:
 
 
 def run(args):
+    out = output_folder(args.out)
     scales = parse_floats(args.scales, "--scales")
     for value, name, minimum in ((args.num_samples, "--num-samples", 2), (args.components, "--components", 1),
                                  (args.grid_samples, "--grid-samples", 1)):
@@ -69,7 +71,7 @@ def run(args):
     components = list(range(args.components))
     grid = hspace.edit_grid(loaded.unet, scheduler, per_timestep if args.per_timestep else joint, components,
                             scales, x_T, timesteps=edit_timesteps, seed=args.seed + 2, batch_size=args.batch_size)
-    files = write_outputs(Path(args.out), grid, joint, per_timestep, components, scales)
+    files = write_outputs(out, grid, joint, per_timestep, components, scales)
     print(f"h {tuple(captured['h'].shape[2:])} at {len(captured['timesteps'])} timesteps x {args.num_samples} "
           f"samples; edits ({'per-timestep' if args.per_timestep else 'joint'} PCA) at timesteps "
           f"{edit_timesteps[0]}..{edit_timesteps[-1]}")

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ldm_lite.checks import output_folder
 from ldm_lite.data import save_image_grid
 from ldm_lite.inversion import reconstruct, rms_per_image
 from ldm_lite.latents import decode_latents, encode_latents
@@ -67,7 +68,7 @@ def load_images(loaded, args) -> tuple:
         raise ValueError(f"--images {source!r} is not an existing folder")
     config = loaded.unet.config
     factor = loaded.vae.downscale if loaded.vae is not None else 1
-    images = load_data(source, config.sample_size * factor, args.num_images, args.seed)
+    images = load_data(source, config.sample_size * factor, args.num_images, args.seed, flag="--images")
     x0 = encode_latents(loaded.vae, images, args.batch_size) if loaded.vae is not None else images
     if x0.shape[1] != config.in_channels:
         raise ValueError(f"the model takes {config.in_channels} channels but the images give {x0.shape[1]}")
@@ -101,6 +102,7 @@ def plot_errors(rows: list, path) -> Path:
 
 
 def run(args):
+    out = output_folder(args.out)
     steps = parse_steps(args.steps)
     positive(args.batch_size, "--batch-size")
     loaded = load_model(args.ckpt, scheduler_config=args.scheduler_config)
@@ -116,7 +118,6 @@ def run(args):
                          rms_max=error.max().item(), image_rms_mean=rms_per_image(decoded, images).mean().item(),
                          x_T_mean=result.x_T.mean().item(), x_T_std=result.x_T.std().item()))
         grid += [noise_tiles(result.x_T, images.shape[-1]), decoded]
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     scale = max(1, 64 // images.shape[-1])  # small images enlarged so the grid stays readable
     save_image_grid(torch.cat(grid), out / "inversion_grid.png", nrow=len(images), scale=scale)

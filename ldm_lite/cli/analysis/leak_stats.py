@@ -1,10 +1,9 @@
 """`python -m analysis leak-stats --data DIR --out stats.safetensors`: fit signal-leak statistics
 (Everaert et al. 2024, arXiv:2309.15842) on an image folder, in pixel space or in a VAE's latent space.
 The file feeds `python -m sample --leak` (and `ldm_lite.sampling.initial_noise`)."""
-from pathlib import Path
-
 from PIL import Image
 
+from ldm_lite.checks import output_file
 from ldm_lite.data import list_images
 from ldm_lite.leak import KINDS, LeakStats
 from ldm_lite.models.vae_loading import load_vae
@@ -26,12 +25,10 @@ def add_arguments(parser):
 
 
 def run(args):
+    out = output_file(args.out, suffix=".safetensors")
     resolution = args.resolution or _first_image_side(args.data)
     if resolution < 1:
         raise ValueError(f"--resolution must be >= 1, got {resolution}")
-    out = Path(args.out)
-    if out.suffix != ".safetensors":
-        raise ValueError(f"--out must end in .safetensors, got {str(out)!r}")
     vae = None if args.vae is None else load_vae(args.vae).to(args.device)
     if vae is not None and resolution % vae.downscale:
         raise ValueError(f"--resolution must be a multiple of the VAE's downscale factor {vae.downscale}, "

@@ -1,8 +1,8 @@
 """`python -m analysis spectrum --samples DIR_OR_NPZ --data synthetic|cifar10:ROOT|FOLDER --out DIR`: radially
 averaged DCT power spectrum of samples vs data (log-log, spectrum.png), the per-radius log10 ratio
 (spectrum.csv) and the per-octave-band log10 ratio (spectrum_bands.csv, printed)."""
-from pathlib import Path
 
+from ldm_lite.checks import output_folder
 from ldm_lite.metrics import format_table, spectrum_report
 from ldm_lite.plots import plot_spectrum, write_csv
 
@@ -14,9 +14,9 @@ def add_arguments(parser):
 
 
 def run(args):
+    out = output_folder(args.out)
     samples, data = load_pair(args)
     report = spectrum_report(samples, data)
-    out = Path(args.out)
     rows = [dict(k=int(k), samples_power=float(s), data_power=float(d), log10_ratio=float(r))
             for k, s, d, r in zip(report["radius"], report["samples"], report["data"], report["log10_ratio"])]
     files = [plot_spectrum(report, out / "spectrum.png"), write_csv(rows, out / "spectrum.csv"),

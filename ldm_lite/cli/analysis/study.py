@@ -2,6 +2,7 @@
 beside the bias metrics (ldm_lite/study.py, the same pipeline and report as `demo`); flags from
 `QualityStudyConfig`. `torchrun --nproc_per_node N -m analysis study ...` splits its sampling and Inception features
 over N processes."""
+from ldm_lite.checks import output_folder
 from ldm_lite.cli.options import add_dataclass_arguments, dataclass_from_args
 from ldm_lite.study import QualityStudyConfig, format_results, run_study
 
@@ -15,6 +16,7 @@ def add_arguments(parser):
 
 def run(args):
     config = dataclass_from_args(QualityStudyConfig, args)
+    output_folder(config.out)
     results = run_study(config)
     if results is None:  # a torchrun rank other than 0: it sampled its shares; rank 0 reports
         return 0
