@@ -1,59 +1,42 @@
 """Training loop for pixel and latent diffusion: `train(config) -> run_dir`.
 
-One step (Ho et al. 2020, arXiv:2006.11239, Algorithm 1, with the configured bias fixes):
-    x0 ~ data, t ~ U{0..T-1}, eps ~ noise(config.noise)      (offset / pyramid noise, `ldm_lite.noise`)
-    x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) (eps + gamma xi)     (input perturbation: gamma > 0 only in x_t)
-    loss = mean_b w(t_b) |model(x_t, t, y) - target|^2       (target eps, v or x0; w = min-SNR weight or 1)
-
-Determinism: every step draws its randomness for the *global* batch from a generator seeded by
-(seed, step), and each of the world_size processes keeps its slice. So a run resumed from a checkpoint
-replays the same batches, and 1 process with batch B matches torchrun with 2 x B/2 (gradients are
-averaged by DistributedDataParallel). The global torch RNG (dropout) is reseeded the same way.
+One step draws its batch and computes the loss of `ldm_lite.objective` (Ho et al. 2020, Algorithm 1, with the
+configured bias fixes), then clips, steps AdamW and updates the EMA. Determinism: every step's batch comes from a
+generator seeded by (seed, step) (`objective.draw_batch`) and the global torch RNG (dropout) is reseeded the same
+way, so a resumed run replays the same batches and torchrun with 2 x B/2 matches 1 process with B (gradients are
+averaged by DistributedDataParallel). The run's state and folder: `ldm_lite.training_state`; the budget and the
+cosine horizon: `ldm_lite.training_budget`; quality while training: `ldm_lite.training_eval`.
 
 Run folder: config.toml (resolved config), metrics.jsonl (one line per log interval), checkpoint.pt
 (atomic: temp file, fsync, rename), samples/step_XXXXXXX.png (EMA model, DDIM).
 """
-import copy
-import dataclasses
-import functools
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ldm_lite import runs
 from ldm_lite.config import Config, to_toml
+from ldm_lite.data import InMemoryImages, brightness_terciles, load_dataset, save_image_grid
 from ldm_lite.distributed import World, init_world
-from ldm_lite.data import InMemoryImages, brightness_terciles, load_dataset, save_image_grid, to_float
-from ldm_lite.latents import encode_latents
+from ldm_lite.latent_cache import cached_latents
 from ldm_lite.models import UNet, unet_preset
-from ldm_lite.noise import min_snr_weights, perturb_noise, training_noise
+from ldm_lite.objective import (diffusion_loss, draw_batch, loss_weights, step_seed,  # noqa: F401 (re-exported)
+                                timestep_probabilities)
 from ldm_lite.run_safety import FolderLock, StopRequest
 from ldm_lite.sampling import sample
 from ldm_lite.schedulers import DDPMScheduler, from_config
-from ldm_lite.schedules import snr
-from ldm_lite.training_budget import HORIZON_PROBE, Budget, fixed_horizon, needs_horizon, with_stored_horizon
+from ldm_lite.training_budget import HORIZON_PROBE, Budget, fixed_horizon, needs_horizon
 from ldm_lite.training_eval import TrainingEvaluator, eval_record
-
-LATENT_CACHE_FORMAT = "ldm_lite.latents.v1"
-
+from ldm_lite.training_state import TrainState, kept_config, new_state, open_run, start_run
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the run stopped and the last good checkpoint was kept."""
-
-
-# ----------------------------------------------------------------------------- processes
-
-def step_seed(seed: int, step: int, stream: int = 0) -> int:
-    """A distinct 63-bit seed for (seed, step, stream); streams separate the batch draws from dropout."""
-    return (seed * 1_000_003 + step * 4 + stream) % (2 ** 63)
 
 
 # ----------------------------------------------------------------------------- data and model
@@ -68,62 +51,6 @@ def prepare_data(config: Config, world: World, run_dir: Path) -> tuple[InMemoryI
     if not config.latent.vae:
         return dataset, None
     return cached_latents(dataset, config, run_dir, world)
-
-
-def cached_latents(dataset: InMemoryImages, config: Config, run_dir: Path, world: World):
-    """(dataset of VAE latents, VAE): encode the images once and keep the latents in a safetensors cache.
-
-    The cache records the VAE identity (architecture, scaling and weights), the scaling/shift factors and a
-    hash of the images; it is rebuilt only when one of these changes. With random_flip the mirrored images
-    are encoded too, since the latent of a mirrored image is not exactly the mirrored latent.
-    """
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-    from ldm_lite.models.vae_loading import load_vae
-    vae = load_vae(config.latent.vae, dtype=torch.float32).to(world.device).eval()
-    path = Path(config.latent.cache) if config.latent.cache else run_dir / "latents.safetensors"
-    key = {"format": LATENT_CACHE_FORMAT, "vae": vae.identity(), "scaling_factor": repr(vae.scaling_factor),
-           "shift_factor": repr(vae.shift_factor), "images": runs.tensor_digest(dataset.images),
-           "mirrored": str(config.data.random_flip)}
-    if world.is_main and not _cache_matches(path, key, safe_open):
-        tensors = {"latents": _encode(vae, dataset.images, config, world, "encoding latents"),
-                   "labels": dataset.labels}
-        if config.data.random_flip:
-            tensors["mirrored"] = _encode(vae, dataset.images.flip(-1), config, world, "encoding mirrored")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with runs.written_then_renamed(path) as partial:
-            save_file(tensors, str(partial), metadata={**key, "class_names": json.dumps(dataset.class_names)})
-    if world.size > 1:
-        dist.barrier()
-    with safe_open(str(path), framework="pt") as file:
-        mirrored = file.get_tensor("mirrored") if config.data.random_flip else None
-        latents = InMemoryImages(file.get_tensor("latents"), file.get_tensor("labels"), dataset.class_names, mirrored)
-    return latents, vae
-
-
-def _cache_matches(path: Path, key: dict, safe_open) -> bool:
-    """Whether the latent cache at `path` holds `key`'s latents; False when it is missing or stale.
-
-    A file there that is not an ldm_lite latent cache (no format tag, or the keys of earlier caches) is never
-    replaced: latent.cache may point anywhere, so a typo must not overwrite someone's file.
-    """
-    if not path.exists():
-        return False
-    try:
-        with safe_open(str(path), framework="pt") as file:
-            metadata = file.metadata() or {}
-    except Exception:
-        metadata = None
-    legacy = metadata is not None and {"vae", "images", "mirrored"} <= set(metadata) and "format" not in metadata
-    if metadata is None or not (metadata.get("format") == LATENT_CACHE_FORMAT or legacy):
-        raise ValueError(f"latent.cache {str(path)!r} exists and is not an ldm_lite latent cache; refusing to "
-                         "overwrite it (choose another latent.cache path or delete the file)")
-    return all(metadata.get(k) == v for k, v in key.items() if k != "format")
-
-
-def _encode(vae, images: torch.Tensor, config: Config, world: World, desc: str) -> torch.Tensor:
-    """uint8 images (N, 3, H, W) -> scaled latents (N, C_lat, H/f, W/f) float32 (posterior mode)."""
-    return encode_latents(vae, images, config.latent.encode_batch_size, config.run.progress and world.is_main, desc)
 
 
 def build_model(config: Config, dataset: InMemoryImages) -> UNet:
@@ -146,112 +73,7 @@ def make_scheduler(config: Config, name: str = "ddpm", **overrides):
     return from_config(config, name, **overrides)
 
 
-def timestep_probabilities(config: Config, alphas_cumprod: torch.Tensor) -> torch.Tensor | None:
-    """Training-timestep distribution (T,) float64, or None for uniform t.
-
-    lognormal: EDM's density of the noise level, ln sigma ~ N(P_mean, P_std^2) (Karras et al. 2022,
-    arXiv:2206.00364, sec. 5 and Table 1), on the discrete VP schedule's sigma_t = sqrt((1 - ab_t) / ab_t): t gets the
-    probability of the ln sigma interval it stands for, between the midpoints to its neighbours (the tails go to
-    t = 0 and t = T - 1). With epsilon prediction this re-weights the objective toward the middle noise levels.
-    """
-    lognormal = config.diffusion.lognormal
-    if lognormal is None:
-        return None
-    mean, std = lognormal
-    ab = alphas_cumprod.double().clamp(1e-20, 1.0)
-    log_sigma = 0.5 * (torch.log1p(-ab.clamp(max=1 - 1e-16)) - torch.log(ab))   # increasing in t
-    edges = torch.cat([torch.tensor([-math.inf], dtype=torch.float64), (log_sigma[1:] + log_sigma[:-1]) / 2,
-                       torch.tensor([math.inf], dtype=torch.float64)])
-    cdf = torch.special.ndtr((edges - mean) / std)
-    return (cdf[1:] - cdf[:-1]).clamp(min=0)
-
-
-def loss_weights(config: Config, alphas_cumprod: torch.Tensor) -> torch.Tensor | None:
-    """Per-timestep min-SNR-gamma weights (T,) float32, or None when min_snr is off."""
-    d = config.diffusion
-    if not d.min_snr:
-        return None
-    return min_snr_weights(snr(alphas_cumprod.double()), d.snr_gamma, d.prediction_type).float()
-
-
-# ----------------------------------------------------------------------------- one step
-
-@dataclass
-class Batch:
-    """One process's share of a step: x0 (b, C, H, W) float, labels (b,) or None, timesteps (b,),
-    noise (b, C, H, W) (the target's eps) and input_noise (the eps that builds x_t)."""
-    x0: torch.Tensor
-    labels: torch.Tensor | None
-    timesteps: torch.Tensor
-    noise: torch.Tensor
-    input_noise: torch.Tensor
-
-
-@functools.lru_cache(maxsize=4)
-def epoch_permutation(num_items: int, seed: int, epoch: int) -> torch.Tensor:
-    """The visiting order (N,) of epoch `epoch`: a fresh permutation per epoch."""
-    return torch.randperm(num_items, generator=torch.Generator().manual_seed(step_seed(seed, epoch, stream=3)))
-
-
-def batch_indices(step: int, batch_size: int, num_items: int, seed: int) -> torch.Tensor:
-    """Dataset indices (B,) of global batch `step`: consecutive slices of per-epoch permutations."""
-    positions = torch.arange(step * batch_size, (step + 1) * batch_size)
-    epochs, offsets = positions // num_items, positions % num_items
-    indices = torch.empty_like(positions)
-    for epoch in epochs.unique().tolist():
-        mask = epochs == epoch
-        indices[mask] = epoch_permutation(num_items, seed, epoch)[offsets[mask]]
-    return indices
-
-
-def draw_batch(dataset: InMemoryImages, config: Config, step: int, world: World, null_label: int | None,
-               t_probabilities: torch.Tensor | None = None) -> Batch:
-    """Draw step `step`'s global batch from its own generator and keep this process's slice; t uniform, or drawn
-    from `t_probabilities` (T,) (`timestep_probabilities`)."""
-    train, noise_cfg = config.train, config.noise
-    B, b = train.batch_size, train.batch_size // world.size
-    g = torch.Generator().manual_seed(step_seed(train.seed, step))
-    shape = (B,) + tuple(dataset.images.shape[1:])
-    flip = torch.rand(B, generator=g) < 0.5 if config.data.random_flip else None
-    if t_probabilities is None:
-        timesteps = torch.randint(config.diffusion.num_train_timesteps, (B,), generator=g)
-    else:
-        timesteps = torch.multinomial(t_probabilities, B, replacement=True, generator=g)
-    noise = training_noise(shape, g, offset_strength=noise_cfg.strength("offset_noise_strength"),
-                           pyramid_discount=noise_cfg.strength("pyramid_discount"))
-    input_noise = (perturb_noise(noise, noise_cfg.strength("input_perturbation_gamma"), g)
-                   if noise_cfg.input_perturbation else noise)
-    drop = torch.rand(B, generator=g) < config.model.null_label_prob
-    mine = slice(world.rank * b, (world.rank + 1) * b)
-    indices = batch_indices(step, B, len(dataset), train.seed)[mine]
-    images, labels = dataset.batch(indices, flip[mine] if flip is not None else None)
-    x0 = to_float(images) if images.dtype == torch.uint8 else images.float()
-    if null_label is not None:
-        labels = torch.where(drop[mine], torch.full_like(labels, null_label), labels).to(world.device)
-    else:
-        labels = None
-    device = world.device
-    return Batch(x0.to(device), labels, timesteps[mine].to(device), noise[mine].to(device),
-                 input_noise[mine].to(device))
-
-
-def diffusion_loss(model, scheduler, batch: Batch, weights: torch.Tensor | None,
-                   autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Mean over the batch of the (min-SNR weighted) per-sample MSE between prediction and target; 0-dim."""
-    x_t = scheduler.add_noise(batch.x0, batch.input_noise, batch.timesteps)
-    if scheduler.prediction_type == "epsilon":
-        target = batch.noise
-    elif scheduler.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(batch.x0, batch.noise, batch.timesteps)
-    else:
-        target = batch.x0
-    with torch.autocast(batch.x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        prediction = model(x_t, batch.timesteps, batch.labels)
-    per_sample = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
-    if weights is not None:
-        per_sample = per_sample * weights.to(per_sample.device)[batch.timesteps]
-    return per_sample.mean()
-
+# ----------------------------------------------------------------------------- optimisation schedules
 
 def learning_rate(config: Config, step: int) -> float:
     """Linear warmup over train.warmup_steps (Ho et al. use 5,000), then constant, or with lr_schedule = cosine
@@ -282,117 +104,6 @@ def ema_decay(config: Config, step: int) -> float:
 def update_ema(ema_params: list, params: list, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * param, for every parameter at once."""
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-@dataclass
-class TrainState:
-    """Everything a step changes: the model, its EMA copy (or None), the optimizer, the step count and the
-    training time so far on the budget's clock (all invocations, evaluations excluded)."""
-    model: UNet
-    ema: UNet | None
-    optimizer: torch.optim.Optimizer
-    step: int = 0
-    train_seconds: float = 0.0
-    data: dict | None = None  # `data_record` of the training data, checked on resume (`check_data`)
-
-    def payload(self, config: Config, train_seconds: float | None = None) -> dict:
-        """The checkpoint; train_seconds: the training time to record, when it differs from the stored one."""
-        return {**runs.checkpoint_payload(config, self.model, self.ema, self.optimizer, self.step), "data": self.data,
-                "train_seconds": self.train_seconds if train_seconds is None else train_seconds}
-
-    def restore(self, checkpoint: dict, config: Config, path: Path) -> None:
-        """Load a checkpoint trained with the same settings (ValueError naming the differing keys otherwise)."""
-        runs.check_resume(checkpoint, config, path)
-        self.model.load_state_dict(checkpoint["model"])
-        if self.ema is not None:
-            self.ema.load_state_dict(checkpoint["ema"] if checkpoint["ema"] is not None else checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.step = int(checkpoint["step"])
-        self.train_seconds = float(checkpoint.get("train_seconds", 0.0))
-        if "rng" in checkpoint and "torch" in checkpoint["rng"]:
-            torch.set_rng_state(checkpoint["rng"]["torch"])
-
-
-def new_state(config: Config, model: UNet) -> TrainState:
-    t = config.train
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-                                  weight_decay=t.weight_decay, fused=True)  # fused: 4x faster than the default on CPU
-    ema = copy.deepcopy(model).requires_grad_(False).eval() if t.ema_decay > 0 else None
-    return TrainState(model, ema, optimizer)
-
-
-def open_run(config: Config, world: World) -> tuple[Config, dict | None]:
-    """Create run.out and return (config, the checkpoint to resume from or None for a new run); a resumed cosine
-    run keeps the learning-rate horizon it stored.
-
-    With run.fresh an existing checkpoint and log are deleted first. A checkpoint trained with other settings
-    is refused (`runs.check_resume`) before any data is loaded.
-    """
-    run_dir = Path(config.run.out)
-    path = run_dir / runs.CHECKPOINT_NAME
-    if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        leftover = path.with_name(path.name + ".tmp")
-        if leftover.exists():  # a save interrupted by a crash; checkpoint.pt is the last good one
-            leftover.unlink()
-        if config.run.fresh:
-            for name in (runs.CHECKPOINT_NAME, runs.METRICS_FILE):
-                (run_dir / name).unlink(missing_ok=True)
-    if world.size > 1:
-        dist.barrier()
-    if not path.exists():
-        return config, None
-    if not config.run.resume:
-        raise ValueError(f"{str(run_dir)!r} already holds a checkpoint; pass --run.resume=true to continue it, "
-                         "--fresh to start over, or choose another --out")
-    checkpoint = runs.load_checkpoint(path)
-    config = with_stored_horizon(config, checkpoint["config"])
-    runs.check_resume(checkpoint, config, path)
-    return config, checkpoint
-
-
-def start_run(config: Config, state: TrainState, checkpoint: dict | None, world: World) -> Path:
-    """Restore the checkpoint into `state` and write config.toml and the trimmed log (rank 0)."""
-    run_dir = Path(config.run.out)
-    if checkpoint is not None:
-        state.restore(checkpoint, config, run_dir / runs.CHECKPOINT_NAME)
-    if world.is_main:
-        (run_dir / runs.RUN_CONFIG_FILE).write_text(to_toml(_kept(config)))
-        _truncate_metrics(run_dir / runs.METRICS_FILE, state.step)
-    return run_dir
-
-
-def _kept(config: Config) -> Config:
-    """The config as config.toml keeps it: fresh and allow_data_change are one-off requests, so a config.toml
-    reused later must not delete this run or accept other data silently."""
-    return dataclasses.replace(config, run=dataclasses.replace(config.run, fresh=False, allow_data_change=False))
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (they will be written again).
-
-    An incomplete last line (the process was killed while writing it) is dropped with a warning; a damaged line
-    anywhere else is refused in one line naming the file and the line.
-    """
-    if not path.exists():
-        return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record_step = json.loads(line)["step"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            if number < len(lines):
-                raise ValueError(f"{str(path)!r} line {number} is damaged ({line[:40]!r}); repair or delete the "
-                                 "file to resume") from None
-            print(f"warning: {str(path)!r}: dropped its incomplete last line (written when the run was "
-                  "killed)", file=sys.stderr)
-            continue
-        if record_step <= step:
-            kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))
 
 
 # ----------------------------------------------------------------------------- sample grids
@@ -632,7 +343,7 @@ def _fix_horizon(run: Run, step: int, seconds_per_step: float, budget: Budget) -
     """The config with the cosine horizon the budget allows, written to config.toml (rank 0)."""
     config = fixed_horizon(run.config, step, seconds_per_step, budget)
     if run.world.is_main:
-        (run.run_dir / runs.RUN_CONFIG_FILE).write_text(to_toml(_kept(config)))
+        (run.run_dir / runs.RUN_CONFIG_FILE).write_text(to_toml(kept_config(config)))
     return config
 
 

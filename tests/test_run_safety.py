@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from ldm_lite import training
+from ldm_lite import training_state
 from ldm_lite.config import parse_overrides
 from ldm_lite.generate import SampleSettings, generate
 from ldm_lite.run_safety import LOCK_FILE, FolderLock, StopRequest
@@ -66,7 +66,7 @@ def metrics_lines(steps) -> list:
 def test_a_torn_last_log_line_is_dropped_with_a_warning(tmp_path, capsys):
     path = tmp_path / "metrics.jsonl"
     path.write_text("\n".join(metrics_lines([1, 2, 3])) + '\n{"step": 4, "lo')
-    training._truncate_metrics(path, 2)
+    training_state._truncate_metrics(path, 2)
     assert path.read_text() == "\n".join(metrics_lines([1, 2])) + "\n"
     assert f"warning: '{path}': dropped its incomplete last line" in capsys.readouterr().err
 
@@ -77,7 +77,7 @@ def test_a_damaged_log_line_before_the_last_is_refused_naming_file_and_line(tmp_
     lines = metrics_lines([1, 2, 3])
     path.write_text("\n".join([lines[0], damage, *lines[1:]]) + "\n")
     with pytest.raises(ValueError, match=rf"'{path}' line 2 is damaged"):
-        training._truncate_metrics(path, 3)
+        training_state._truncate_metrics(path, 3)
 
 
 def test_a_study_that_fails_on_its_data_leaves_no_record_to_block_the_corrected_command(tmp_path):

@@ -19,8 +19,8 @@ from ldm_lite import training
 from ldm_lite.config import load_config
 from ldm_lite.models import load_unet
 from ldm_lite.schedules import alphas_cumprod_from_betas, make_betas, rescale_zero_terminal_snr
-from ldm_lite.training import (Batch, TrainingDiverged, batch_indices, diffusion_loss, draw_batch, make_scheduler,
-                               train)
+from ldm_lite.objective import Batch, batch_indices, diffusion_loss, draw_batch
+from ldm_lite.training import TrainingDiverged, make_scheduler, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "train" / "configs" / "synthetic_tiny.toml"

@@ -17,7 +17,8 @@ from ldm_lite.data import load_dataset, to_uint8
 from ldm_lite.quality import FidStatistics, inception_features, quality_report
 from ldm_lite.sampling import sample
 from ldm_lite.schedulers import from_config
-from ldm_lite.training import draw_batch, ema_decay, learning_rate, timestep_probabilities, train, update_ema
+from ldm_lite.objective import draw_batch, timestep_probabilities
+from ldm_lite.training import ema_decay, learning_rate, train, update_ema
 from ldm_lite.training_budget import Budget, fixed_horizon, with_stored_horizon
 from ldm_lite.training_eval import EVAL_SEED
 from ldm_lite.distributed import World
