@@ -51,6 +51,7 @@ class EvalRow:
     tercile_share: float | None
     sampler: str
     steps: int
+    x0_clipped: bool
     autocast: str
     eval_seconds: float
     event: str = "eval"
@@ -94,10 +95,13 @@ class TrainingEvaluator:
             choice = "bf16" if gain >= BF16_MIN_GAIN else "off"
         self.autocast_dtype, self.autocast_chosen = (torch.bfloat16 if choice == "bf16" else None), True
 
+    def scheduler(self):
+        """The evaluation sampler on the run's schedule, with the run's x0 clipping where the class has it."""
+        return from_config(self.config, self.config.run.eval_sampler)
+
     def draw(self, model, n: int, class_labels) -> torch.Tensor:
         """n samples (n, C, H, W) in [-1, 1] from the run's sampler at fixed seeds."""
-        run = self.config.run
-        scheduler = from_config(self.config, run.eval_sampler)
+        run, scheduler = self.config.run, self.scheduler()
         return sample(model, scheduler, n, shape=tuple(self.data.shape[1:]), num_inference_steps=run.eval_steps,
                       class_labels=class_labels, seed=EVAL_SEED, batch_size=run.eval_batch_size, progress=False,
                       device=self.device, autocast_dtype=self.autocast_dtype).cpu()
@@ -123,6 +127,7 @@ class TrainingEvaluator:
                        kid=quality["kid_mean"], kid_std=quality["kid_std"], fid=quality["fid"],
                        n=quality["n_samples"], w1=luminance["wasserstein"], std_ratio=luminance["std_ratio"],
                        tercile_share=share, sampler=run.eval_sampler, steps=run.eval_steps,
+                       x0_clipped=_clips_x0(self.scheduler()),
                        autocast="bf16" if self.autocast_dtype is not None else "off",
                        eval_seconds=time.perf_counter() - started)
 
@@ -151,6 +156,11 @@ def read_eval_rows(run_dir) -> list[dict]:
     if not rows:
         raise ValueError(f"{path} holds no evaluations; train with --run.eval_every=N to log them")
     return [{k: (math.nan if v is None else v) for k, v in r.items()} for r in sorted(rows, key=lambda r: r["step"])]
+
+
+def _clips_x0(scheduler) -> bool:
+    """Whether the sampler limits its x0 prediction (clip_sample or dynamic thresholding)."""
+    return bool(scheduler.config.get("clip_sample") or scheduler.config.get("thresholding"))
 
 
 def _class_means(dataset: InMemoryImages) -> list[float]:

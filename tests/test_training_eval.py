@@ -49,7 +49,7 @@ def test_logged_kid_and_fid_equal_quality_report_on_the_same_samples(evaluated_r
     evals = [r for r in rows if r.get("event") == "eval"]
     assert [r["step"] for r in evals] == [2, 4]                 # every 2 steps; the end is step 4, not twice
     last = evals[-1]
-    assert last["images_seen"] == 4 * 8 and last["n"] == 6 and last["autocast"] == "off"
+    assert last["images_seen"] == 4 * 8 and last["n"] == 6 and last["autocast"] == "off" and last["x0_clipped"]
     # The same samples drawn independently: the checkpoint's EMA model, DDIM on the run's schedule, null labels.
     model = runs.load_model(run_dir).unet.eval()
     scheduler = from_config(config, "ddim")
