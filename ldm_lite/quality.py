@@ -261,7 +261,8 @@ class FidStatistics:
 
 # ----------------------------------------------------------------------------------------------- distances
 
-def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> float:
+def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor,
+                     factor1: torch.Tensor | None = None) -> float:
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2): mu (D,), sigma (D, D) symmetric PSD, in float64.
 
     |mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr (S1 S2)^(1/2). With S1 = V diag(l) V^T (eigh) and B = V diag(sqrt l),
@@ -270,24 +271,44 @@ def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor,
     eigenproblem is (n - 1) x (n - 1). Eigenvalues below the rounding level (D eps times the matrix's scale, the
     rank rule of numpy.linalg.matrix_rank) count as zero: square roots of rounding noise would otherwise add
     about D sqrt(eps |S|), so that identical singular statistics would give 1e-4 instead of 0.
+    factor1: a given B (D, r) with S1 = B B^T skips the D x D eigh, e.g. the centred features of n < D images
+    over sqrt(n - 1) (`covariance_factor`): then the work is an (n x n) eigenproblem.
     """
     mu1, sigma1, mu2, sigma2 = (t.to(torch.float64) for t in (mu1, sigma1, mu2, sigma2))
     rounding = sigma1.shape[0] * torch.finfo(torch.float64).eps
-    eigenvalues, vectors = torch.linalg.eigh(sigma1)
-    kept = eigenvalues > rounding * eigenvalues.max()
-    factor = vectors[:, kept] * eigenvalues[kept].sqrt()                        # B: S1 = B B^T, (D, r)
+    if factor1 is None:
+        eigenvalues, vectors = torch.linalg.eigh(sigma1)
+        kept = eigenvalues > rounding * eigenvalues.max()
+        factor = vectors[:, kept] * eigenvalues[kept].sqrt()                    # B: S1 = B B^T, (D, r)
+        largest = eigenvalues.max()
+    else:
+        factor, largest = factor1.to(torch.float64), sigma1.trace()            # the trace bounds the largest
     middle = factor.T @ sigma2 @ factor                                         # (r, r)
     middle_eigenvalues = torch.linalg.eigvalsh((middle + middle.T) / 2)       # symmetric up to rounding
-    scale = eigenvalues.max() * torch.linalg.matrix_norm(sigma2)               # bounds |middle|
+    scale = largest * torch.linalg.matrix_norm(sigma2)                         # bounds |middle|
     trace_root = middle_eigenvalues[middle_eigenvalues > rounding * scale].sqrt().sum()
     difference = mu1 - mu2
     distance = float(difference.dot(difference) + sigma1.trace() + sigma2.trace() - 2 * trace_root)
     return max(distance, 0.0)  # a distance: rounding leaves -1e-14 for a set against itself
 
 
+def covariance_factor(features: torch.Tensor) -> torch.Tensor:
+    """B (D, n) float64 with B B^T the unbiased covariance of features (n, D): the centred features / sqrt(n - 1)."""
+    x = features.to(torch.float64)
+    return (x - x.mean(dim=0)).T / math.sqrt(len(x) - 1)
+
+
 def fid_from_statistics(a: FidStatistics, b: FidStatistics) -> float:
-    """FID between two sets of statistics made under the same protocol and network."""
+    """FID between two sets of statistics made under the same protocol and network. When one side keeps its
+    features and has fewer images than features (samples at n = 500 of 2048), its covariance factor replaces the
+    2048 x 2048 eigendecomposition (FID is symmetric, so either side may be S1)."""
     a.check_comparable(b)
+    small = [s for s in (a, b) if s.features is not None and s.count < s.features.shape[1]]
+    if small:
+        first = min(small, key=lambda s: s.count)
+        second = b if first is a else a
+        return frechet_distance(first.mu, first.sigma, second.mu, second.sigma,
+                                factor1=covariance_factor(first.features))
     return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
 
 

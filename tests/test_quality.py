@@ -372,3 +372,21 @@ def test_commands_end_to_end(tmp_path, network, capsys):
                                         (fake, tmp_path / "old.safetensors", "cannot be compared")]:
         assert run_main(main, ["fid", "--samples", str(samples), "--ref", str(reference)]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_fid_through_the_feature_factor_equals_the_eigendecomposition():
+    """With n < D images, S1 = B B^T for B the centred features / sqrt(n - 1): FID without the D x D eigh agrees
+    with the general path, and fid_from_statistics takes it from either side."""
+    g = torch.Generator().manual_seed(3)
+    few = torch.randn(20, 64, generator=g, dtype=torch.float64) @ torch.randn(64, 64, generator=g,
+                                                                              dtype=torch.float64)
+    few = few.float().double()  # features are kept in float32, as FidStatistics holds them
+    many = torch.randn(300, 64, generator=g, dtype=torch.float64) + 0.3
+    mu1, s1, mu2, s2 = few.mean(0), torch.cov(few.T), many.mean(0), torch.cov(many.T)
+    general = quality.frechet_distance(mu1, s1, mu2, s2)
+    factored = quality.frechet_distance(mu1, s1, mu2, s2, factor1=quality.covariance_factor(few))
+    assert factored == pytest.approx(general, rel=1e-10)
+    small = FidStatistics(mu1, s1, 20, features=few.float())
+    large = FidStatistics(mu2, s2, 300)
+    assert quality.fid_from_statistics(small, large) == pytest.approx(general, rel=1e-10)
+    assert quality.fid_from_statistics(large, small) == pytest.approx(general, rel=1e-10)
