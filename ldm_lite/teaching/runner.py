@@ -12,6 +12,8 @@ from pathlib import Path
 from ldm_lite.teaching.lesson import RESULTS_FILE, lesson_files, output_root, repo_root
 from ldm_lite.teaching.page import RUN_RECORD, read_json, write_index
 
+QUICK_BUDGET_S = 150  # every lesson in quick mode, one after the other, on 2 CPU cores
+
 
 def run_lessons(files, quick: bool = False, python: str | None = None, out_root=None) -> list[dict]:
     """Run lesson scripts one after the other as subprocesses; [{"lesson", "returncode", "seconds", "reason"}].
@@ -80,5 +82,9 @@ def main(argv=None) -> int:
     for row in results:
         status = "ok" if row["returncode"] == 0 else f"FAILED (exit {row['returncode']}): {row['reason']}"
         print(f"{row['lesson']:<32} {row['seconds']:>7.1f} s  {status}")
-    print(f"total {sum(r['seconds'] for r in results):.1f} s; index: {index}")
+    total = sum(r["seconds"] for r in results)
+    print(f"total {total:.1f} s; index: {index}")
+    if args.quick and not args.numbers:
+        verdict = "within" if total <= QUICK_BUDGET_S else "OVER"
+        print(f"quick mode: {total:.0f} s for all lessons, {verdict} the budget of {QUICK_BUDGET_S} s on 2 CPU cores")
     return 0 if all(r["returncode"] == 0 for r in results) else 1
