@@ -95,7 +95,7 @@ for k, component in enumerate(COMPONENTS):
 
 # %% [markdown]
 # Is a principal direction special, or would any push of the same size do as much? Fifty random directions, each
-# scaled to the same norm as the $+50\sigma_0$ edit along $d_0$, applied to the same eight starting points (all
+# scaled to the same norm as the $+50\sigma_0$ edit along $d_0$, applied to the first two starting points (all
 # fifty in one batch), give the answer.
 
 # %%
@@ -104,12 +104,14 @@ generator = torch.Generator().manual_seed(11)
 random_directions = torch.randn(NUM_RANDOM, directions.directions.shape[1], generator=generator, dtype=torch.float64)
 random_directions *= SCALES[-1] * directions.std[0] / random_directions.norm(dim=1, keepdim=True)
 per_step = random_directions.reshape(NUM_RANDOM, *directions.shape).float()  # (50, steps, C_mid, h, w)
-offsets = {t: per_step[:, i].repeat_interleave(len(x_T), dim=0) for i, t in enumerate(directions.timesteps)}
-unedited = hspace.sample_with_edit(unet, scheduler, x_T, None, num_inference_steps=STEPS, progress=False)
-random_edits = hspace.sample_with_edit(unet, scheduler, x_T.repeat(NUM_RANDOM, 1, 1, 1), hspace.HEdit(offsets),
-                                       num_inference_steps=STEPS, batch_size=NUM_RANDOM * len(x_T), progress=False)
-random_changes = (random_edits.reshape(NUM_RANDOM, *x_T.shape) - unedited).abs().mean(dim=(1, 2, 3, 4))  # (50,)
-pc0_change = (grid[0, -1] - unedited).abs().mean().item()
+probe_x_T = x_T[:2]
+offsets = {t: per_step[:, i].repeat_interleave(len(probe_x_T), dim=0) for i, t in enumerate(directions.timesteps)}
+unedited = hspace.sample_with_edit(unet, scheduler, probe_x_T, None, num_inference_steps=STEPS, progress=False)
+random_edits = hspace.sample_with_edit(unet, scheduler, probe_x_T.repeat(NUM_RANDOM, 1, 1, 1), hspace.HEdit(offsets),
+                                       num_inference_steps=STEPS, batch_size=NUM_RANDOM * len(probe_x_T),
+                                       progress=False)
+random_changes = (random_edits.reshape(NUM_RANDOM, *probe_x_T.shape) - unedited).abs().mean(dim=(1, 2, 3, 4))
+pc0_change = (grid[0, -1, :2] - unedited).abs().mean().item()
 beaten = (random_changes < pc0_change).double().mean().item()
 h_size = h.flatten(2).norm(dim=2).mean().item()
 step_move = SCALES[-1] * directions.std[0].item() / len(directions.timesteps) ** 0.5  # RMS share of one step
