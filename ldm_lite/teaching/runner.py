@@ -3,6 +3,7 @@ one after the other as subprocesses, record each one's exit status and time, and
 import argparse
 import codecs
 import json
+import os
 import re
 import subprocess
 import sys
@@ -39,8 +40,12 @@ def run_lessons(files, quick: bool = False, python: str | None = None, out_root=
 
 
 def _run_showing_stderr(command: list) -> tuple[int, str]:
-    """Run `command` in the repository root, passing its stderr through; (exit code, last non-empty stderr line)."""
-    process = subprocess.Popen(command, cwd=repo_root(), stderr=subprocess.PIPE)
+    """Run `command` in the repository root, passing its stderr through; (exit code, last non-empty stderr line).
+    The lesson imports this repository's ldm_lite (a script's own folder, docs/lessons/, comes first on sys.path,
+    so without PYTHONPATH it would import whichever ldm_lite is installed)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(repo_root()), os.environ.get("PYTHONPATH"))
+                                                      if p)}
+    process = subprocess.Popen(command, cwd=repo_root(), stderr=subprocess.PIPE, env=env)
     decoder, tail = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""
     for chunk in iter(lambda: process.stderr.read1(65536), b""):
         text = decoder.decode(chunk)
