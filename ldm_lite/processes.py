@@ -1,9 +1,10 @@
 """Train several runs at once, each in a child process of its own, with one progress bar over all of them.
 
 Each child is `python -m train --config <written config.toml>` (`ldm_lite.cli.train`, run from this package's
-folder): a fresh interpreter that imports only this ldm_lite, never the caller's `__main__`. That is what lets a lesson script, a notebook cell or the study
-(possibly rank 0 under torchrun) train models in parallel: a spawn-based process pool re-runs the caller's
-`__main__` in every worker, which breaks a script whose top-level code starts the pool again.
+folder): a fresh interpreter that imports only this ldm_lite, never the caller's `__main__`. That is what lets a
+lesson script, a notebook cell or the study (possibly rank 0 under torchrun) train models in parallel: a
+spawn-based process pool re-runs the caller's `__main__` in every worker, which breaks a script whose top-level
+code starts the pool again.
 
 The children inherit the environment except torchrun's variables (`distributed.TORCHRUN_VARIABLES`), so a
 child of a torchrun rank trains on its own instead of joining the group; `hide_cuda` keeps them on the CPU.
@@ -28,7 +29,8 @@ PROCESS_RECORD = "process.json"
 PACKAGE_PARENT = Path(__file__).resolve().parents[1]  # the folder holding ldm_lite/, for the children's imports
 # `python -m` would put the working directory first on sys.path, so a child started beside another checkout would
 # import that one's ldm_lite; the child puts this package's folder first instead, then runs `python -m train`.
-CHILD_CODE = "import sys; sys.path.insert(0, sys.argv.pop(1)); from ldm_lite.cli.train import entry_point; entry_point()"
+CHILD_CODE = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
+              "from ldm_lite.cli.train import entry_point; entry_point()")
 
 
 class TrainingProcessFailed(RuntimeError):

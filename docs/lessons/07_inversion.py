@@ -148,7 +148,8 @@ def ddpm_from(start, maps):
 friendly_error = (ddpm_from(noisy[0], noise_maps) - x0).abs().max().item()
 map_std = [z.std().item() for z in noise_maps[:-1]]
 lesson.finding(f"Edit-friendly DDPM inversion (20 steps) returns x0 within {friendly_error:.2g} (by construction); "
-               f"its noise maps have std from {min(map_std):.3g} to {max(map_std):.3g} over the steps (white noise: 1).")
+               f"its noise maps have std from {min(map_std):.3g} to {max(map_std):.3g} over the steps (white noise: "
+               "1).")
 
 # %% [markdown]
 # What makes the maps useful for editing is what they carry. Start DDPM from *another* $x_{t_1}$ (fresh noise) and
