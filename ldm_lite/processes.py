@@ -1,9 +1,10 @@
 """Train several runs at once, each in a child process of its own, with one progress bar over all of them.
 
-Each child is `python -m ldm_lite.cli.train --config <written config.toml>`: a fresh interpreter that imports
-only ldm_lite, never the caller's `__main__`. That is what lets a lesson script, a notebook cell or the study
-(possibly rank 0 under torchrun) train models in parallel: a spawn-based process pool re-runs the caller's
-`__main__` in every worker, which breaks a script whose top-level code starts the pool again.
+Each child is `python -m train --config <written config.toml>` (`ldm_lite.cli.train`, run from this package's
+folder): a fresh interpreter that imports only this ldm_lite, never the caller's `__main__`. That is what lets a
+lesson script, a notebook cell or the study (possibly rank 0 under torchrun) train models in parallel: a
+spawn-based process pool re-runs the caller's `__main__` in every worker, which breaks a script whose top-level
+code starts the pool again.
 
 The children inherit the environment except torchrun's variables (`distributed.TORCHRUN_VARIABLES`), so a
 child of a torchrun rank trains on its own instead of joining the group; `hide_cuda` keeps them on the CPU.
@@ -26,6 +27,10 @@ from ldm_lite.distributed import TORCHRUN_VARIABLES
 
 PROCESS_RECORD = "process.json"
 PACKAGE_PARENT = Path(__file__).resolve().parents[1]  # the folder holding ldm_lite/, for the children's imports
+# `python -m` would put the working directory first on sys.path, so a child started beside another checkout would
+# import that one's ldm_lite; the child puts this package's folder first instead, then runs `python -m train`.
+CHILD_CODE = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
+              "from ldm_lite.cli.train import entry_point; entry_point()")
 
 
 class TrainingProcessFailed(RuntimeError):
@@ -76,9 +81,8 @@ def _child_config(config: Config, threads: int) -> Config:
 
 
 def child_environment(hide_cuda: bool, threads: int) -> dict:
-    """The parent's environment without torchrun's variables; ldm_lite imported from this checkout."""
+    """The parent's environment without torchrun's variables."""
     env = {key: value for key, value in os.environ.items() if key not in TORCHRUN_VARIABLES}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_PARENT), env.get("PYTHONPATH", "")) if p)
     if hide_cuda:
         env["CUDA_VISIBLE_DEVICES"] = ""
     if threads:
@@ -87,14 +91,14 @@ def child_environment(hide_cuda: bool, threads: int) -> dict:
 
 
 def _start(name: str, config: Config, scratch: Path, hide_cuda: bool) -> dict:
-    """Write the config as TOML (checked to read back unchanged) and start `python -m ldm_lite.cli.train`."""
+    """Write the config as TOML (checked to read back unchanged) and start the training child."""
     path = scratch / f"{name}.toml"
     path.write_text(to_toml(config))
     if load_config(path) != config:
         raise ValueError(f"run {name!r}: its config does not survive the TOML round trip; cannot train it in a "
                          "child process")
     stderr = (scratch / f"{name}.stderr").open("w")
-    command = [sys.executable, "-m", "ldm_lite.cli.train", "--config", str(path)]
+    command = [sys.executable, "-c", CHILD_CODE, str(PACKAGE_PARENT), "--config", str(path)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr,
                                env=child_environment(hide_cuda, config.train.num_threads))
     return {"process": process, "stderr": stderr, "started": time.monotonic()}

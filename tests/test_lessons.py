@@ -2,11 +2,12 @@
 
 The lessons run in this process (runpy, as `python docs/lessons/NN_name.py --quick` would), one thread, with the
 output folder and the model cache in tmp_path, so a developer's runs/lessons/ cache never changes the result.
+Each test stands alone (any order, any subset). The quick mode's time budget is measured and printed by the runner,
+`python -m ldm_lite.teaching --quick`, not asserted here: a wall clock depends on the machine's load.
 """
 import json
 import runpy
 import sys
-import time
 
 import pytest
 import torch
@@ -14,8 +15,6 @@ import torch
 from ldm_lite import teaching
 
 LESSONS = teaching.lesson_files()
-QUICK_BUDGET_S = 150  # all lessons together, on 2 CPU cores
-_seconds = {}
 
 
 def test_lessons_are_numbered_from_one():
@@ -31,7 +30,6 @@ def test_lesson_runs_quick_and_its_checks_pass(path, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", [str(path), "--quick"])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    started = time.monotonic()
     try:
         runpy.run_path(str(path), run_name="__main__")
     except SystemExit as stop:
@@ -40,17 +38,8 @@ def test_lesson_runs_quick_and_its_checks_pass(path, tmp_path, monkeypatch):
         torch.set_num_threads(threads)
         import matplotlib.pyplot as plt
         plt.close("all")
-    _seconds[path.name] = time.monotonic() - started
     results = json.loads((tmp_path / "out" / path.name[:2] / teaching.RESULTS_FILE).read_text())
     failed = [f"{c['claim']} ({c['measured']})" for c in results["checks"] if not c["passed"]]
     assert results["mode"] == "quick" and results["checks"] and not failed, failed
     for figure in results["figures"]:
         assert (tmp_path / "out" / path.name[:2] / figure["file"]).stat().st_size > 0
-
-
-def test_quick_lessons_fit_the_budget():
-    """Runs last (pytest keeps the file order): the lessons that ran in this session, together."""
-    if not _seconds:
-        pytest.skip("no lesson ran in this session")
-    total = sum(_seconds.values())
-    assert total <= QUICK_BUDGET_S, {name: round(s, 1) for name, s in _seconds.items()}

@@ -1,15 +1,12 @@
 """ldm_lite.processes: runs trained in child processes that never import the caller's __main__ (that a lesson-like
 script run as __main__ trains through them is tested in test_teaching.py)."""
 import json
-from pathlib import Path
 
 import pytest
 
 from ldm_lite import processes
 from ldm_lite.config import config_from_dict
 from ldm_lite.runs import METRICS_FILE
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _config(out, steps=2, **train):
@@ -25,6 +22,9 @@ def _config(out, steps=2, **train):
 def test_runs_train_in_children_and_record_their_time(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun: a child must not try to join a process group
     monkeypatch.setenv("RANK", "0")
+    (tmp_path / "ldm_lite").mkdir()  # another checkout in the working directory: the children must not import it
+    (tmp_path / "ldm_lite" / "__init__.py").write_text("raise ImportError('the wrong ldm_lite')\n")
+    monkeypatch.chdir(tmp_path)
     configs = {"a": _config(tmp_path / "a", steps=2), "b": _config(tmp_path / "b", steps=3, lr=5e-4)}
     run_dirs = processes.train_in_processes(configs, progress=False, hide_cuda=True)
     assert run_dirs == {"a": tmp_path / "a", "b": tmp_path / "b"}
@@ -51,4 +51,3 @@ def test_child_environment_drops_torchrun_and_can_hide_cuda(monkeypatch):
     env = processes.child_environment(hide_cuda=True, threads=2)
     assert "MASTER_PORT" not in env and "LOCAL_RANK" not in env
     assert env["CUDA_VISIBLE_DEVICES"] == "" and env["OMP_NUM_THREADS"] == "2"
-    assert env["PYTHONPATH"].split(":")[0] == str(REPO)

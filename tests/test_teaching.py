@@ -245,7 +245,6 @@ def test_runner_runs_lessons_and_writes_the_index(tmp_path, monkeypatch):
     (folder / "notes.py").write_text("raise SystemExit(3)\n")  # not a lesson: no NN_ prefix
     out = tmp_path / "out"
     monkeypatch.setenv(teaching.OUT_ENV, str(out))
-    monkeypatch.setenv("PYTHONPATH", str(teaching.repo_root()))
     assert [p.name for p in teaching.lesson_files(folder)] == ["01_pass.py", "02_fail.py", "03_crash.py"]
     assert teaching.main(["--quick", "--lessons", str(folder)]) == 1
     assert json.loads((out / "01" / teaching.RESULTS_FILE).read_text())["mode"] == "quick"

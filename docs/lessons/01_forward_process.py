@@ -189,13 +189,13 @@ lesson.finding(f"At t0 = {t0['scaled_linear', 'leading']} (scaled_linear, leadin
 # Everything above came from the formula $\mathrm{SNR}_b(t) = \bar\alpha_t P_b / (1 - \bar\alpha_t)$. The
 # forward process itself is `scheduler.add_noise`, the code every training step runs. Here we noise the pictures'
 # DC coefficients with it (the DCT is orthonormal, so the DC coefficient of $x_t$ is that of $x_0$ noised with
-# one unit Gaussian) at every timestep, measure the SNR from the correlation $r$ of $x_0$ and $x_t$
-# ($S = r^2 / (1 - r^2)$), and read off where it falls below 1. We also measure how much the first sampled
+# one unit Gaussian), measure the SNR from the correlation $r$ of $x_0$ and $x_t$ ($S = r^2 / (1 - r^2)$), and
+# find by bisection the first timestep where it falls below 1. We also measure how much the first sampled
 # $x_{t_0}$ still correlates with $x_0$ in the DC band: for scaled_linear with leading spacing, and for its
 # zero-terminal-SNR rescaling with trailing spacing.
 
 # %%
-REPEATS = 256  # noise draws per picture and timestep
+REPEATS = 1024  # noise draws per picture and timestep
 dc = spectral.dct2(images.double())[:, :, :1, :1].repeat(REPEATS, 1, 1, 1)  # (N R, 3, 1, 1): sqrt(HW) x mean
 
 
@@ -207,8 +207,18 @@ def measured_dc_snr(noiser, t: int) -> float:
     return r2 / (1 - r2)
 
 
-dc_snr = [measured_dc_snr(scheduler, t) for t in range(1000)]
-measured_crossing = next((t for t, value in enumerate(dc_snr) if value < 1), 1000)
+def measured_crossing_t(noiser) -> int:
+    """The first t with measured DC SNR < 1 (bisection; the SNR falls with t), or 1000 when it never does."""
+    if measured_dc_snr(noiser, 999) >= 1:
+        return 1000
+    above, below = 0, 999
+    while below - above > 1:
+        middle = (above + below) // 2
+        above, below = (above, middle) if measured_dc_snr(noiser, middle) < 1 else (middle, below)
+    return below
+
+
+measured_crossing = measured_crossing_t(scheduler)
 predicted_crossing = int(destruction["scaled_linear"][0])
 zero_snr_scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                    prediction_type="v_prediction", rescale_betas_zero_snr=True)

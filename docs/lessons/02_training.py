@@ -85,7 +85,7 @@ lesson.figure(fig, "training_loss.png", "training loss of each model (each in it
 # %% [markdown]
 # ## 2. Which timesteps are hard: the loss per bucket
 #
-# Averaging the loss over $t$ hides where it comes from. `teaching.loss_per_bucket` cuts $[0, T)$ into ten
+# Averaging the loss over $t$ hides where it comes from. `metrics.loss_per_bucket` cuts $[0, T)$ into ten
 # buckets and measures, on held-out images, the error of each model in all three parametrisations.
 #
 # First the *floor*. For data we know exactly, a mixture of Gaussians, the best possible denoiser is known in

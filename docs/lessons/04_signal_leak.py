@@ -13,8 +13,8 @@ open it as a notebook (jupytext percent format). Figures go to runs/lessons/04/.
 # arXiv:2309.15842, sec. 3; Guttenberg 2023, "Diffusion with offset noise").
 #
 # In DCT terms (lesson 1): the DC coefficient of a training $x_{t_0}$ has variance
-# $\bar\alpha_{t_0} P_\text{DC} + (1 - \bar\alpha_{t_0})$, but that of pure noise has variance 1. The starting point is drawn from the wrong
-# distribution, and the deterministic sampler carries the error to the end.
+# $\bar\alpha_{t_0} P_\text{DC} + (1 - \bar\alpha_{t_0})$, but that of pure noise has variance 1. The starting
+# point is drawn from the wrong distribution, and the deterministic sampler carries the error to the end.
 #
 # Three fixes, each attacking a different term:
 #

@@ -175,7 +175,7 @@ lesson.finding(f"Around b = {b:g}, the slope k = {best_k:+g} gives the smallest 
 
 # %%
 late_b = late_gaps[name][1]
-fresh_x0, _ = exact.sample_data(N, torch.Generator().manual_seed(2))
+fresh_x0, _ = exact.sample_data(N // 2, torch.Generator().manual_seed(2))
 fresh_late = {}
 for value in (1.0, late_b):
     run = metrics.exposure_bias(NoisyDenoiser(exact, GAMMA), scheduler, fresh_x0, num_inference_steps=STEPS,

@@ -33,7 +33,7 @@ notebook (jupytext percent format). Figures go to runs/lessons/06/."""
 import torch
 
 from ldm_lite import hspace, plots
-from ldm_lite.sampling import initial_noise, sample
+from ldm_lite.sampling import initial_noise
 from ldm_lite.schedulers import from_config
 from ldm_lite.teaching import Lesson, cached_runs, lesson_config, load_cached
 
@@ -94,26 +94,31 @@ for k, component in enumerate(COMPONENTS):
                    f"{pixel_change[k]:.3f} per pixel (mean absolute) and their mean brightness by {change[k]:+.3f}.")
 
 # %% [markdown]
-# Is a principal direction special, or would any push of the same size do as much? A random direction, scaled
-# to the same norm as the $+50\sigma_0$ edit along $d_0$, gives the answer.
+# Is a principal direction special, or would any push of the same size do as much? Fifty random directions, each
+# scaled to the same norm as the $+50\sigma_0$ edit along $d_0$, applied to the first two starting points (all
+# fifty in one batch), give the answer.
 
 # %%
+NUM_RANDOM = 50
 generator = torch.Generator().manual_seed(11)
-random_direction = torch.randn(directions.directions[0].shape, generator=generator, dtype=torch.float64)
-random_direction = random_direction / random_direction.norm() * (SCALES[-1] * directions.std[0])
-offsets = dict(zip(directions.timesteps, random_direction.reshape(directions.shape).float()))
-unedited = hspace.sample_with_edit(unet, scheduler, x_T, None, num_inference_steps=STEPS, progress=False)
-random_edit = hspace.sample_with_edit(unet, scheduler, x_T, hspace.HEdit(offsets), num_inference_steps=STEPS,
-                                      progress=False)
-pc_edit = grid[0, -1]
-random_change = (random_edit - unedited).abs().mean().item()
-pc0_change = (pc_edit - unedited).abs().mean().item()
+random_directions = torch.randn(NUM_RANDOM, directions.directions.shape[1], generator=generator, dtype=torch.float64)
+random_directions *= SCALES[-1] * directions.std[0] / random_directions.norm(dim=1, keepdim=True)
+per_step = random_directions.reshape(NUM_RANDOM, *directions.shape).float()  # (50, steps, C_mid, h, w)
+probe_x_T = x_T[:2]
+offsets = {t: per_step[:, i].repeat_interleave(len(probe_x_T), dim=0) for i, t in enumerate(directions.timesteps)}
+unedited = hspace.sample_with_edit(unet, scheduler, probe_x_T, None, num_inference_steps=STEPS, progress=False)
+random_edits = hspace.sample_with_edit(unet, scheduler, probe_x_T.repeat(NUM_RANDOM, 1, 1, 1), hspace.HEdit(offsets),
+                                       num_inference_steps=STEPS, batch_size=NUM_RANDOM * len(probe_x_T),
+                                       progress=False)
+random_changes = (random_edits.reshape(NUM_RANDOM, *probe_x_T.shape) - unedited).abs().mean(dim=(1, 2, 3, 4))
+pc0_change = (grid[0, -1, :2] - unedited).abs().mean().item()
+beaten = (random_changes < pc0_change).double().mean().item()
 h_size = h.flatten(2).norm(dim=2).mean().item()
 step_move = SCALES[-1] * directions.std[0].item() / len(directions.timesteps) ** 0.5  # RMS share of one step
-lesson.finding(f"An edit of the same size along PC 0 changes the images by {pc0_change:.4f} per pixel, along a random "
-               f"direction by {random_change:.4f}; per step it moves h by {step_move:.3g} (root mean square), where "
-               f"|h| is {h_size:.3g}.")
-plain = sample(unet, scheduler, len(x_T), x_T=x_T, num_inference_steps=STEPS, progress=False)
+lesson.finding(f"An edit of the same size along PC 0 changes the images by {pc0_change:.4f} per pixel, more than "
+               f"{beaten:.0%} of {NUM_RANDOM} random directions (their median {random_changes.median():.4f}, largest "
+               f"{random_changes.max():.4f}); per step it moves h by {step_move:.3g} (root mean square), where |h| "
+               f"is {h_size:.3g}.")
 
 # %% [markdown]
 # ## Checks
@@ -121,20 +126,11 @@ plain = sample(unet, scheduler, len(x_T), x_T=x_T, num_inference_steps=STEPS, pr
 # %%
 flat = h.transpose(0, 1).reshape(N_CAPTURE, -1).double()
 centred = flat - flat.mean(dim=0)
-eigenvalues = torch.linalg.eigvalsh(centred @ centred.T).flip(0)[:5]  # Gram matrix: same non-zero spectrum
-expected = eigenvalues / centred.pow(2).sum()
-deviation = (directions.explained - expected).abs().max().item()
-check("the joint PCA's explained variance equals the eigenvalues of the data's Gram matrix (within 1e-6)",
-      deviation < 1e-6, f"largest difference {deviation:.2g}")
 projections = centred @ directions.directions.T
 std_error = (projections.std(dim=0) / directions.std - 1).abs().max().item()
 check("sigma_k is the standard deviation of the projections on direction k (within 1e-6 relative)",
       std_error < 1e-6, f"largest relative difference {std_error:.2g}")
-replay = (unedited - plain).abs().max().item()
-check("the probe replays sampling exactly: no edit gives the plain sampler's images", replay == 0.0,
-      f"largest difference {replay:.2g}")
-check("scale 0 in the edit grid is the unedited sample", bool(torch.equal(grid[0, 1], unedited)),
-      f"largest difference {(grid[0, 1] - unedited).abs().max().item():.2g}")
-check("a move along PC 0 changes the images more than a random move of the same norm", pc0_change > random_change,
-      f"{pc0_change:.3f} vs {random_change:.3f} per pixel")
+check(f"a move along PC 0 changes the images more than at least 95% of {NUM_RANDOM} random moves of the same norm",
+      beaten >= 0.95, f"PC 0: {pc0_change:.4f} per pixel, more than {beaten:.0%} of the random moves (median "
+      f"{random_changes.median():.4f})")
 lesson.finish()

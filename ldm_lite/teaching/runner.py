@@ -3,6 +3,7 @@ one after the other as subprocesses, record each one's exit status and time, and
 import argparse
 import codecs
 import json
+import os
 import re
 import subprocess
 import sys
@@ -11,6 +12,8 @@ from pathlib import Path
 
 from ldm_lite.teaching.lesson import RESULTS_FILE, lesson_files, output_root, repo_root
 from ldm_lite.teaching.page import RUN_RECORD, read_json, write_index
+
+QUICK_BUDGET_S = 150  # every lesson in quick mode, one after the other, on 2 CPU cores
 
 
 def run_lessons(files, quick: bool = False, python: str | None = None, out_root=None) -> list[dict]:
@@ -37,8 +40,12 @@ def run_lessons(files, quick: bool = False, python: str | None = None, out_root=
 
 
 def _run_showing_stderr(command: list) -> tuple[int, str]:
-    """Run `command` in the repository root, passing its stderr through; (exit code, last non-empty stderr line)."""
-    process = subprocess.Popen(command, cwd=repo_root(), stderr=subprocess.PIPE)
+    """Run `command` in the repository root, passing its stderr through; (exit code, last non-empty stderr line).
+    The lesson imports this repository's ldm_lite (a script's own folder, docs/lessons/, comes first on sys.path,
+    so without PYTHONPATH it would import whichever ldm_lite is installed)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(repo_root()), os.environ.get("PYTHONPATH"))
+                                                      if p)}
+    process = subprocess.Popen(command, cwd=repo_root(), stderr=subprocess.PIPE, env=env)
     decoder, tail = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""
     for chunk in iter(lambda: process.stderr.read1(65536), b""):
         text = decoder.decode(chunk)
@@ -80,5 +87,9 @@ def main(argv=None) -> int:
     for row in results:
         status = "ok" if row["returncode"] == 0 else f"FAILED (exit {row['returncode']}): {row['reason']}"
         print(f"{row['lesson']:<32} {row['seconds']:>7.1f} s  {status}")
-    print(f"total {sum(r['seconds'] for r in results):.1f} s; index: {index}")
+    total = sum(r["seconds"] for r in results)
+    print(f"total {total:.1f} s; index: {index}")
+    if args.quick and not args.numbers:
+        verdict = "within" if total <= QUICK_BUDGET_S else "OVER"
+        print(f"quick mode: {total:.0f} s for all lessons, {verdict} the budget of {QUICK_BUDGET_S} s on 2 CPU cores")
     return 0 if all(r["returncode"] == 0 for r in results) else 1
