@@ -18,7 +18,6 @@ a finished (recipe, seed) is skipped, an interrupted one resumes from its checkp
 OUT/settings.json, and a resumed comparison must use the same.
 """
 import argparse
-import dataclasses
 import json
 import math
 import sys
@@ -33,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from ldm_lite import fid_reference, runs  # noqa: E402
 from ldm_lite.cli.analysis.curves import format_curve_table  # noqa: E402
 from ldm_lite.config import config_from_dict  # noqa: E402
-from ldm_lite.data import brightness_terciles, load_dataset  # noqa: E402
+from ldm_lite.data import brightness_terciles, list_images, load_dataset  # noqa: E402
 from ldm_lite.models import UNet, unet_preset  # noqa: E402
 from ldm_lite.models.inception import load_fid_inception  # noqa: E402
 from ldm_lite.plots import plot_training_curves, write_csv  # noqa: E402
@@ -96,13 +95,12 @@ def training_data(args):
     return brightness_terciles(load_dataset(str(args.data), 32, progress=False))
 
 
-def real_data_floor(args) -> dict:
+def real_data_floor(args, network) -> dict:
     """n test images (spread evenly over the split) scored against the cached reference of the training data
     (computed here once, with both threads, while the first runs train; they read it at their first evaluation)."""
     floor_file = Path(args.out) / f"floor_n{args.samples}.json"
     if floor_file.is_file():
         return json.loads(floor_file.read_text())
-    network = load_fid_inception("cpu")
     features = lambda x: inception_features(x, network=network, progress=True)  # noqa: E731
     images = fid_reference.reference_images(training_data(args).images, args.reference_images)
     path = fid_reference.reference_path(images, str(Path(args.out) / "cache"))
@@ -111,7 +109,7 @@ def real_data_floor(args) -> dict:
     row = quality_report(FidStatistics.from_features(features(held_out)), reference, kid=True)
     floor = {"kid": row["kid_mean"], "kid_std": row["kid_std"], "fid": row["fid"], "n": row["n_samples"],
              "source": str(args.test)}
-    floor_file.write_text(json.dumps(floor))
+    runs.write_text(floor_file, json.dumps(floor))
     return floor
 
 
@@ -136,32 +134,20 @@ def comparison_settings(args) -> dict:
     wanted["eval_autocast"] = "bf16" if gain >= BF16_MIN_GAIN else "off"
     wanted["bf16_sampling_gain"] = gain
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(wanted, indent=1))
+    runs.write_text(path, json.dumps(wanted, indent=1))
     return wanted
 
 
 def configs_to_train(jobs: list, args, settings: dict) -> dict:
-    """{run name: Config} of the jobs with budget left, each given the rest of its budget (a finished run has
-    processes.PROCESS_RECORD, written when its process exits 0)."""
+    """{run name: Config} of the jobs not finished yet (a finished run has processes.PROCESS_RECORD, written when
+    its process exits 0); an interrupted one resumes and trains what is left of train.max_minutes."""
     configs = {}
     for spec, seed in jobs:
         config = recipe_config(spec, seed, args, settings["eval_autocast"])
-        run_dir = Path(config.run.out)
-        remaining = args.minutes - _trained_seconds(run_dir) / 60
-        if (run_dir / PROCESS_RECORD).is_file() or remaining <= 0.01:
-            continue
-        train = dataclasses.replace(config.train, max_minutes=remaining)
-        configs[run_dir.name] = dataclasses.replace(config, train=train)
-        print(f"{run_dir.name}: {remaining:.1f} of {args.minutes:g} min to train", flush=True)
+        if not (Path(config.run.out) / PROCESS_RECORD).is_file():
+            configs[Path(config.run.out).name] = config
+    print(f"to train ({args.minutes:g} min each): {', '.join(configs) or 'none'}", flush=True)
     return configs
-
-
-def _trained_seconds(run_dir: Path) -> float:
-    """Training time a run's checkpoint records (0 without one)."""
-    path = run_dir / runs.CHECKPOINT_NAME
-    if not path.is_file():
-        return 0.0
-    return float(torch.load(path, map_location="cpu", weights_only=False).get("train_seconds", 0.0))
 
 
 def report(args, floor: dict) -> None:
@@ -234,10 +220,13 @@ def main(argv=None) -> int:
         recipe_overrides(spec)
     settings = comparison_settings(args)
     print(f"evaluation sampling precision: {settings['eval_autocast']} (bf16 gain {settings['bf16_sampling_gain']:.2f})")
+    network = load_fid_inception("cpu")  # a missing FID wheel fails here, before any training
+    if len(list_images(args.test)) < args.samples:
+        parser.error(f"{args.test} holds fewer than --samples {args.samples} images")
     configs = {} if args.report_only else configs_to_train(jobs, args, settings)
     with ThreadPoolExecutor(1) as pool:  # training starts at once; the reference (needed at the runs' first
         training = pool.submit(train_in_processes, configs, progress=False, threads=1, processes=args.jobs)
-        floor = real_data_floor(args)    # evaluation) and the floor meanwhile
+        floor = real_data_floor(args, network)  # evaluation) and the floor meanwhile
         training.result()
     report(args, floor)
     return 0

@@ -203,7 +203,7 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False          # torch.compile the model
     seed: int = 0
-    max_minutes: float = 0.0       # stop (with a checkpoint) after this much time; 0 = no limit
+    max_minutes: float = 0.0       # the run's training time, across resumes: stop with a checkpoint; 0 = no limit
     budget_clock: str = "wall"     # what max_minutes counts: "wall" time, or "cpu" time of this process
     num_threads: int = 0           # CPU threads for this process during training; 0 = torch's default
     keep_freed_memory: bool = False  # python -m train: glibc keeps freed memory (ldm_lite/allocator.py)

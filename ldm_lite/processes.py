@@ -33,7 +33,7 @@ CHILD_CODE = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
               "from ldm_lite.cli.train import entry_point; entry_point()")
 
 
-class TrainingProcessFailed(RuntimeError):
+class TrainingProcessFailed(ChildProcessError):
     """A child training process exited with a non-zero code; the message names the run and its last stderr line."""
 
 
@@ -99,7 +99,9 @@ def _start(name: str, config: Config, scratch: Path, hide_cuda: bool) -> dict:
                          "child process")
     stderr = (scratch / f"{name}.stderr").open("w")
     command = [sys.executable, "-c", CHILD_CODE, str(PACKAGE_PARENT), "--config", str(path)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr,
+    # a session of its own: a terminal's Ctrl-C reaches the parent alone, whose clean-up sends each child one
+    # SIGTERM (a child that got the SIGINT too would count that SIGTERM as a second signal and stop unsaved)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
                                env=child_environment(hide_cuda, config.train.num_threads))
     return {"process": process, "stderr": stderr, "started": time.monotonic()}
 
@@ -113,14 +115,16 @@ def _finish(name: str, child: dict, run_dir: Path) -> None:
         last = lines[-1].strip() if lines else "(nothing on stderr)"
         raise TrainingProcessFailed(f"training run {name!r} ({run_dir}) failed with exit code {returncode}: {last}")
     record = {"seconds": round(time.monotonic() - child["started"], 2), "returncode": returncode}
-    (run_dir / PROCESS_RECORD).write_text(json.dumps(record))
+    runs.write_text(run_dir / PROCESS_RECORD, json.dumps(record))
 
 
-def _stop(process: subprocess.Popen) -> None:
+def _stop(process: subprocess.Popen, grace_s: float = 120.0) -> None:
+    """SIGTERM: the child finishes its step and saves a checkpoint (`run_safety.StopRequest`); killed after
+    grace_s."""
     if process.poll() is None:
         process.terminate()
         try:
-            process.wait(timeout=10)
+            process.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
@@ -137,7 +141,7 @@ def process_seconds(run_dir: Path) -> float | None:
 def logged_step(run_dir: Path) -> int:
     """The last step written to a run's metrics log (0 before the first line)."""
     try:
-        lines = (Path(run_dir) / runs.METRICS_FILE).read_text().splitlines()
-        return json.loads(lines[-1])["step"] if lines else 0
-    except (FileNotFoundError, ValueError, KeyError, IndexError):
+        records = runs.read_metrics(Path(run_dir) / runs.METRICS_FILE)
+    except (FileNotFoundError, ValueError):
         return 0
+    return records[-1]["step"] if records else 0

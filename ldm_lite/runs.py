@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,6 +73,35 @@ def written_then_renamed(path):
         partial.unlink(missing_ok=True)
         raise
     partial.replace(path)
+
+
+def write_text(path, text: str) -> None:
+    """Replace the text file `path` so that no reader (or resume after a kill) ever sees half of it."""
+    with written_then_renamed(path) as partial:
+        partial.write_text(text)
+
+
+def read_metrics(path, warn: bool = False) -> list[dict]:
+    """The records of a metrics.jsonl, in file order. An incomplete last line (a process killed while writing it,
+    or one still writing) is left out, with a warning naming the file when `warn`; a damaged line anywhere else is
+    a ValueError naming the file and the line."""
+    path = Path(path)
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            record["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            if number < len(lines):
+                raise ValueError(f"{str(path)!r} line {number} is damaged ({line[:40]!r}); repair or delete the "
+                                 "file") from None
+            if warn:
+                print(f"warning: {str(path)!r}: dropped its incomplete last line (written when the run was "
+                      "killed)", file=sys.stderr)
+            continue
+        records.append(record)
+    return records
 
 
 def checkpoint_payload(config: Config, model, ema, optimizer, step: int) -> dict:
@@ -301,5 +331,5 @@ def _load_run(path: Path, config: Config, config_source: str, use_ema: bool) -> 
 
 
 __all__ = ["CHECKPOINT_NAME", "RUN_CONFIG_FILE", "CLASSES_FILE", "METRICS_FILE", "LoadedModel", "atomic_save",
-           "written_then_renamed", "check_data", "check_resume", "checkpoint_payload", "class_names", "data_record",
+           "written_then_renamed", "write_text", "read_metrics", "check_data", "check_resume", "checkpoint_payload", "class_names", "data_record",
            "load_checkpoint", "load_model", "run_config", "stored_config", "tensor_digest", "training_differences"]

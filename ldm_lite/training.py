@@ -293,7 +293,12 @@ def _loop(run: Run, state: TrainState, stop: StopRequest) -> None:
     bar = tqdm(total=t.steps, initial=state.step, desc="training", unit="step",
                disable=not (every.progress and world.is_main), dynamic_ncols=True)
     logger = Logger(run.run_dir, world, bar, t.batch_size)
-    budget, first_step, probe_started = Budget(run.config), state.step, None
+    budget, first_step, probe_started = Budget(run.config, state.train_seconds), state.step, None
+    if budget.exhausted():
+        bar.close()
+        print(f"{run.run_dir}: the run has used its budget (train.max_minutes={t.max_minutes}, "
+              f"{budget.already / 60:.1f} min trained); raise --max-minutes to train further")
+        return
     state.model.train()
     while state.step < t.steps:
         loss, grad_norm = train_step(run, state, weights)
@@ -303,13 +308,14 @@ def _loop(run: Run, state: TrainState, stop: StopRequest) -> None:
         if needs_horizon(run.config) and step - first_step in HORIZON_PROBE:
             if step - first_step == HORIZON_PROBE[0]:
                 probe_started = budget.spent()
-            else:
-                run.config = _fix_horizon(run, step, (budget.spent() - probe_started) / (HORIZON_PROBE[1] -
-                                                                                      HORIZON_PROBE[0]), budget)
-        # one process checks the clock and signals every step; several agree on them at log steps (collectives)
+            else:  # every process decays on the slowest one's horizon, so their models stay identical
+                per_step = _agree_max((budget.spent() - probe_started) / (HORIZON_PROBE[1] - HORIZON_PROBE[0]), world)
+                run.config = _fix_horizon(run, step, per_step, budget)
+        # one process checks the clock every step; several agree on it at log steps (a collective), and on a
+        # stop signal at every step (torchrun's agent kills the processes 30 s after forwarding one)
         check_clock = world.size == 1 or _due(step, every.log_every)
         out_of_time = check_clock and _decide(budget.exhausted(), world)
-        interrupted = check_clock and _decide(stop.signal_name is not None, world)
+        interrupted = _decide(stop.signal_name is not None, world)
         last = out_of_time or step == t.steps
         save = last or interrupted or _due(step, every.checkpoint_every)
         if save or _due(step, every.log_every):
@@ -317,7 +323,8 @@ def _loop(run: Run, state: TrainState, stop: StopRequest) -> None:
         evaluate = every.eval_every and not interrupted and (_due(step, every.eval_every) or last)
         if evaluate and run.evaluator is not None:
             with budget.excluding():
-                _evaluate(run, state, budget, step)
+                _evaluate(run, step, budget.total(), state.ema if state.ema is not None else state.model)
+            logger.started = time.perf_counter()  # images_per_s counts training only
         if evaluate and world.size > 1:
             dist.barrier()  # the other processes wait for rank 0's evaluation
         if _due(step, every.sample_every) and world.is_main:
@@ -325,8 +332,7 @@ def _loop(run: Run, state: TrainState, stop: StopRequest) -> None:
             write_sample_grid(run.config, model, run.vae, run.dataset.num_classes,
                               run.run_dir / "samples" / f"step_{step:07d}.png")
         if save and world.is_main:
-            runs.atomic_save(state.payload(run.config, state.train_seconds + budget.spent()),
-                             run.run_dir / runs.CHECKPOINT_NAME)
+            runs.atomic_save(state.payload(run.config, budget.total()), run.run_dir / runs.CHECKPOINT_NAME)
         if interrupted:
             bar.close()
             raise KeyboardInterrupt(f"{stop.signal_name or 'a signal to another process'} at step {step}: "
@@ -335,7 +341,7 @@ def _loop(run: Run, state: TrainState, stop: StopRequest) -> None:
             bar.write(f"stopping at step {step}: train.max_minutes={t.max_minutes} reached "
                       f"({t.budget_clock} clock)")
             break
-    state.train_seconds += budget.spent()
+    state.train_seconds = budget.total()
     bar.close()
 
 
@@ -343,14 +349,13 @@ def _fix_horizon(run: Run, step: int, seconds_per_step: float, budget: Budget) -
     """The config with the cosine horizon the budget allows, written to config.toml (rank 0)."""
     config = fixed_horizon(run.config, step, seconds_per_step, budget)
     if run.world.is_main:
-        (run.run_dir / runs.RUN_CONFIG_FILE).write_text(to_toml(kept_config(config)))
+        runs.write_text(run.run_dir / runs.RUN_CONFIG_FILE, to_toml(kept_config(config)))
     return config
 
 
-def _evaluate(run: Run, state: TrainState, budget: Budget, step: int) -> None:
-    """One evaluation of the EMA model (the model itself without EMA), logged to metrics.jsonl."""
-    model = state.ema if state.ema is not None else state.model
-    row = run.evaluator.evaluate(model, step, state.train_seconds + budget.spent())
+def _evaluate(run: Run, step: int, train_seconds: float, model) -> None:
+    """One evaluation of `model` (the EMA copy, else the model), logged to metrics.jsonl."""
+    row = run.evaluator.evaluate(model, step, train_seconds)
     with open(run.run_dir / runs.METRICS_FILE, "a") as file:
         file.write(json.dumps(eval_record(row)) + "\n")
     tqdm.write(f"step {step}: KID {row.kid:.4f} +- {row.kid_std:.4f}, FID {row.fid:.2f} (n = {row.n}), "
@@ -363,8 +368,13 @@ def _due(step: int, every: int) -> bool:
 
 def _decide(flag: bool, world: World) -> bool:
     """Agree on a stop decision across processes (any process out of time stops all)."""
+    return bool(_agree_max(float(flag), world))
+
+
+def _agree_max(value: float, world: World) -> float:
+    """The largest of every process's `value` (a collective call under torchrun; on the device nccl needs)."""
     if world.size == 1:
-        return flag
-    value = torch.tensor([float(flag)])
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=world.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())

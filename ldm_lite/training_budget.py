@@ -3,8 +3,9 @@ the cosine learning-rate horizon a budgeted run fixes from its measured speed.
 
 "cpu" counts this process's CPU time (time.process_time), which on one thread equals the wall time of a quiet
 machine, and does not grow while other work holds the cores: runs compared side by side on a busy machine get the
-same compute. Training time accumulates across resumes (TrainState.train_seconds); max_minutes is what one
-invocation may add.
+same compute. max_minutes is the run's whole budget: training time accumulates across resumes (the checkpoint's
+train_seconds), so an interrupted run resumed with the same command trains only what is left, toward the same
+cosine horizon; a larger max_minutes extends it.
 """
 import contextlib
 import dataclasses
@@ -17,17 +18,23 @@ HORIZON_PROBE = (5, 25)   # steps between which a budgeted cosine run measures i
 
 
 class Budget:
-    """Training time on the budget's clock since the run (or its resume) started, evaluations excluded."""
+    """Training time on the budget's clock, evaluations excluded: `already` seconds from earlier invocations of
+    the run plus what this one spends; `limit` is what this invocation may spend."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, already: float = 0.0):
         t = config.train
         self.clock = time.process_time if t.budget_clock == "cpu" else time.monotonic
-        self.limit = 60 * t.max_minutes if t.max_minutes else math.inf
+        self.already = already
+        self.limit = 60 * t.max_minutes - already if t.max_minutes else math.inf
         self.started, self.excluded = self.clock(), 0.0
 
     def spent(self) -> float:
         """Seconds of training this invocation."""
         return self.clock() - self.started - self.excluded
+
+    def total(self) -> float:
+        """Seconds of training of the run, all invocations."""
+        return self.already + self.spent()
 
     def exhausted(self) -> bool:
         return self.spent() > self.limit

@@ -14,7 +14,6 @@ features the study uses). Sampling runs under one autocast setting whatever the 
 different precision compare; "auto" measures float32 against bf16 on the model once and keeps bf16 when it is at
 least 1.1x faster (recorded in each row).
 """
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -26,10 +25,10 @@ from ldm_lite import fid_reference, metrics
 from ldm_lite.config import Config
 from ldm_lite.data import InMemoryImages, to_float, to_uint8
 from ldm_lite.models.inception import load_fid_inception
-from ldm_lite.runs import METRICS_FILE
+from ldm_lite.runs import METRICS_FILE, read_metrics
 from ldm_lite.quality import FidStatistics, inception_features, quality_report
 from ldm_lite.sampling import sample
-from ldm_lite.schedulers import from_config
+from ldm_lite.schedulers import from_config, x0_clipping
 
 EVAL_SEED = 12345          # the samples' seed: fixed, so successive evaluations see the same x_T
 BF16_MIN_GAIN = 1.1        # "auto" keeps bf16 when it samples at least this much faster than float32
@@ -69,14 +68,15 @@ class TrainingEvaluator:
         self.images = fid_reference.reference_images(dataset.images, config.run.eval_reference_images)
         self.data = to_float(self.images)                                 # (N, C, H, W) in [-1, 1]
         self.class_means = _class_means(dataset) if config.model.class_conditional else None
-        self.network, self.reference = None, None           # loaded at the first evaluation, not at start-up
+        self.scheduler()                                    # a bad run.eval_sampler fails now, not at step N
+        self.network = load_fid_inception(device)           # so does a missing FID wheel
+        self.reference = None                               # computed at the first evaluation (cached)
         self.autocast_dtype, self.autocast_chosen = None, False
 
     def prepare(self) -> None:
-        """Load the Inception network and the reference statistics (computed and cached when missing)."""
+        """Load the reference statistics (computed and cached when missing)."""
         if self.reference is not None:
             return
-        self.network = load_fid_inception(self.device)
         path = fid_reference.reference_path(self.images, self.config.run.eval_cache)
         self.reference = fid_reference.reference_statistics(
             path, self.images, self.features,
@@ -127,7 +127,7 @@ class TrainingEvaluator:
                        kid=quality["kid_mean"], kid_std=quality["kid_std"], fid=quality["fid"],
                        n=quality["n_samples"], w1=luminance["wasserstein"], std_ratio=luminance["std_ratio"],
                        tercile_share=share, sampler=run.eval_sampler, steps=run.eval_steps,
-                       x0_clipped=_clips_x0(self.scheduler()),
+                       x0_clipped=x0_clipping(self.scheduler()) != "off",
                        autocast="bf16" if self.autocast_dtype is not None else "off",
                        eval_seconds=time.perf_counter() - started)
 
@@ -151,16 +151,10 @@ def read_eval_rows(run_dir) -> list[dict]:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise ValueError(f"{str(run_dir)!r} is not a training run folder (no {METRICS_FILE})")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r.get("event") == "eval"]
+    rows = [r for r in read_metrics(path) if r.get("event") == "eval"]
     if not rows:
         raise ValueError(f"{path} holds no evaluations; train with --run.eval_every=N to log them")
     return [{k: (math.nan if v is None else v) for k, v in r.items()} for r in sorted(rows, key=lambda r: r["step"])]
-
-
-def _clips_x0(scheduler) -> bool:
-    """Whether the sampler limits its x0 prediction (clip_sample or dynamic thresholding)."""
-    return bool(scheduler.config.get("clip_sample") or scheduler.config.get("thresholding"))
 
 
 def _class_means(dataset: InMemoryImages) -> list[float]:

@@ -3,7 +3,6 @@ the run folder (resume or fresh start, strict about settings), and the files wri
 import copy
 import dataclasses
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,7 +89,7 @@ def start_run(config: Config, state: TrainState, checkpoint: dict | None, world:
     if checkpoint is not None:
         state.restore(checkpoint, config, run_dir / runs.CHECKPOINT_NAME)
     if world.is_main:
-        (run_dir / runs.RUN_CONFIG_FILE).write_text(to_toml(kept_config(config)))
+        runs.write_text(run_dir / runs.RUN_CONFIG_FILE, to_toml(kept_config(config)))
         _truncate_metrics(run_dir / runs.METRICS_FILE, state.step)
     return run_dir
 
@@ -109,18 +108,5 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record_step = json.loads(line)["step"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            if number < len(lines):
-                raise ValueError(f"{str(path)!r} line {number} is damaged ({line[:40]!r}); repair or delete the "
-                                 "file to resume") from None
-            print(f"warning: {str(path)!r}: dropped its incomplete last line (written when the run was "
-                  "killed)", file=sys.stderr)
-            continue
-        if record_step <= step:
-            kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = [record for record in runs.read_metrics(path, warn=True) if record["step"] <= step]
+    runs.write_text(path, "".join(json.dumps(record) + "\n" for record in kept))  # a kill leaves the old log

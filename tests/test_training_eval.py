@@ -10,18 +10,18 @@ import torch
 from scipy.stats import norm
 
 from conftest import fid_weights_installed
-from ldm_lite import fid_reference, runs
+from ldm_lite import fid_reference, runs, training
 from ldm_lite.cli.analysis import main as analysis_main
 from ldm_lite.config import load_config
 from ldm_lite.data import load_dataset, to_uint8
+from ldm_lite.distributed import World
+from ldm_lite.objective import draw_batch, timestep_probabilities
 from ldm_lite.quality import FidStatistics, inception_features, quality_report
 from ldm_lite.sampling import sample
 from ldm_lite.schedulers import from_config
-from ldm_lite.objective import draw_batch, timestep_probabilities
 from ldm_lite.training import ema_decay, learning_rate, train, update_ema
 from ldm_lite.training_budget import Budget, fixed_horizon, with_stored_horizon
 from ldm_lite.training_eval import EVAL_SEED
-from ldm_lite.distributed import World
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -138,20 +138,37 @@ def test_cosine_learning_rate_closed_form():
     assert learning_rate(constant, 500) == 0.01
 
 
-def test_budgeted_cosine_run_stores_its_horizon_and_resumes_with_it(tmp_path):
+def test_budgeted_cosine_run_fixes_its_horizon_once_and_a_resume_keeps_it(tmp_path, monkeypatch):
+    calls = []
+
+    def spy(config, step, seconds_per_step, budget):
+        fixed = fixed_horizon(config, step, seconds_per_step, budget)
+        calls.append((step, seconds_per_step, fixed.train.lr_horizon_steps))
+        return fixed
+
+    monkeypatch.setattr(training, "fixed_horizon", spy)
     overrides = {"data.source": "synthetic", "data.resolution": "8", "data.synthetic_size": "32",
-                 "model.preset": "tiny", "train.steps": "30", "train.batch_size": "4",
-                 "train.lr_schedule": "cosine", "train.max_minutes": "30", "run.out": str(tmp_path / "run"),
-                 "run.log_every": "5", "run.checkpoint_every": "30", "run.progress": "false"}
+                 "model.preset": "tiny", "train.steps": "100000", "train.batch_size": "4", "train.lr": "0.01",
+                 "train.lr_schedule": "cosine", "train.max_minutes": "0.05", "train.budget_clock": "cpu",
+                 "run.out": str(tmp_path / "run"), "run.log_every": "1", "run.checkpoint_every": "0",
+                 "run.progress": "false"}
     run_dir = train(load_config(None, overrides))
-    stored = runs.load_checkpoint(run_dir / runs.CHECKPOINT_NAME)["config"]["train"]["lr_horizon_steps"]
-    assert stored >= 30                        # fixed at step 25 from the speed; capped by train.steps = 30
-    toml = (run_dir / runs.RUN_CONFIG_FILE).read_text()
-    assert f"lr_horizon_steps = {stored}" in toml
-    # The same command with more steps resumes (not refused for lr_horizon_steps) and keeps the horizon.
-    resumed = train(load_config(None, {**overrides, "train.steps": "32"}))
-    checkpoint = runs.load_checkpoint(resumed / runs.CHECKPOINT_NAME)
-    assert checkpoint["step"] == 32 and checkpoint["config"]["train"]["lr_horizon_steps"] == stored
+    (step, per_step, horizon), = calls                 # fixed once, at the end of the speed probe
+    first = runs.load_checkpoint(run_dir / runs.CHECKPOINT_NAME)
+    assert step == 25 and per_step > 0 and first["step"] < 100000      # stopped by the budget, not train.steps
+    assert first["config"]["train"]["lr_horizon_steps"] == horizon
+    assert f"lr_horizon_steps = {horizon}" in (run_dir / runs.RUN_CONFIG_FILE).read_text()
+    assert 3.0 <= first["train_seconds"]               # 0.05 min of CPU time, kept for the resume
+    fixed = load_config(None, {**overrides, "train.lr_horizon_steps": str(horizon)})
+    logged = [r for r in runs.read_metrics(run_dir / runs.METRICS_FILE) if "lr" in r]
+    assert [r["lr"] for r in logged[-3:]] == [pytest.approx(learning_rate(fixed, r["step"] - 1)) for r in logged[-3:]]
+    # The same command again: the budget is spent, nothing trains; a larger budget resumes on the same horizon.
+    train(load_config(None, overrides))
+    assert runs.load_checkpoint(run_dir / runs.CHECKPOINT_NAME)["step"] == first["step"]
+    train(load_config(None, {**overrides, "train.max_minutes": "0.06"}))
+    resumed = runs.load_checkpoint(run_dir / runs.CHECKPOINT_NAME)
+    assert resumed["step"] > first["step"] and resumed["config"]["train"]["lr_horizon_steps"] == horizon
+    assert len(calls) == 1
 
 
 # ----------------------------------------------------------------------------- timesteps and EMA

@@ -14,6 +14,8 @@ from typing import ClassVar
 
 import torch
 
+from ldm_lite.runs import write_text
+
 # 1: the first versioned layout; a results.json without "format_version" (written before it, version 0) has the
 # same fields, with non-finite floats written as the strings "nan", "inf" and "-inf" as now
 FORMAT_VERSION = 1
@@ -75,7 +77,7 @@ def results_to_json(results: DemoResults | QualityResults) -> dict:
 
 
 def save_results(results: DemoResults | QualityResults, path: Path) -> None:
-    Path(path).write_text(json.dumps(results_to_json(results), indent=2))
+    write_text(path, json.dumps(results_to_json(results), indent=2))
 
 
 def load_results(source) -> DemoResults | QualityResults:

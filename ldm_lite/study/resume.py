@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ldm_lite.runs import written_then_renamed
+from ldm_lite.runs import write_text
 from ldm_lite.study.config import QualityStudyConfig
 from ldm_lite.study.evaluate import Evaluator
 from ldm_lite.study.plan import Plan
@@ -36,7 +36,7 @@ def check_study_settings(config: QualityStudyConfig, out: Path, record: bool = T
             raise ValueError(f"{str(out)!r} holds a study made with other settings ({', '.join(differing)}); pass "
                              "--fresh to start over (deletes its models and evaluations) or choose another --out")
     if record:
-        path.write_text(json.dumps(settings, indent=2))
+        write_text(path, json.dumps(settings, indent=2))
 
 
 def first_choices(out: Path, speed: dict) -> int | None:
@@ -57,7 +57,7 @@ def first_choices(out: Path, speed: dict) -> int | None:
 
 
 def record_choices(out: Path, plan: Plan, speed: dict) -> None:
-    (out / "choices.json").write_text(json.dumps({"samples": plan.samples, "autocast": speed["autocast"]}))
+    write_text(out / "choices.json", json.dumps({"samples": plan.samples, "autocast": speed["autocast"]}))
 
 
 def saved_extra(name: str, compute, models: dict, evaluator: Evaluator, grids: dict):
@@ -76,8 +76,7 @@ def saved_extra(name: str, compute, models: dict, evaluator: Evaluator, grids: d
     drawn = {caption: grid for caption, grid in grids.items() if caption not in before}
     record = {"key": key, "grids": drawn, "value": _scan_to_json(value) if name == "scan" else value}
     path.parent.mkdir(parents=True, exist_ok=True)
-    with written_then_renamed(path) as partial:
-        partial.write_text(json.dumps(record))  # NaN stays a float (Python's json reads its NaN token back)
+    write_text(path, json.dumps(record))  # NaN stays a float (Python's json reads its NaN token back)
     return value
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from ldm_lite.config import config_from_dict
 from ldm_lite.models import load_unet
 from ldm_lite.processes import train_in_processes
-from ldm_lite.runs import CHECKPOINT_NAME, load_checkpoint
+from ldm_lite.runs import CHECKPOINT_NAME, load_checkpoint, write_text
 from ldm_lite.schedulers import from_config
 from ldm_lite.study.config import QualityStudyConfig, StudyConfig
 from ldm_lite.study.plan import Clock, Plan
@@ -84,7 +84,7 @@ def train_study_models(config: QualityStudyConfig, names: list, clock: Clock, pl
         for name in pair:
             record[name] = int(load_checkpoint(Path(configs[name].run.out) / CHECKPOINT_NAME)["step"])
         record.setdefault("steps", min(record[name] for name in pair))
-        (out / "trained.json").write_text(json.dumps(record))
+        write_text(out / "trained.json", json.dumps(record))
     return {name: load_trained(config, name, record.get("steps", config.steps), device) for name in names}
 
 

@@ -16,7 +16,7 @@ import torch
 
 from ldm_lite.config import config_from_dict, config_to_dict
 from ldm_lite.processes import process_seconds, train_in_processes
-from ldm_lite.runs import METRICS_FILE, load_model
+from ldm_lite.runs import METRICS_FILE, load_model, read_metrics
 from ldm_lite.teaching.lesson import CACHE_ENV, output_root
 from ldm_lite.training import train
 
@@ -145,5 +145,4 @@ def load_cached(run: CachedRun):
 
 def training_log(run: CachedRun) -> list[dict]:
     """The run's metrics.jsonl lines (step, loss, ...)."""
-    lines = (run.run_dir / METRICS_FILE).read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    return read_metrics(run.run_dir / METRICS_FILE)
