@@ -5,7 +5,6 @@ bench/convergence.py).
 The cache file is named by the images' content (so by the data, resolution and count), the FID protocol version
 and the network's weights, so a changed dataset or protocol never reads stale features.
 """
-import hashlib
 import os
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import torch
 
 from ldm_lite.models.inception import WEIGHTS_SHA1
 from ldm_lite.quality import PROTOCOL_VERSION, FidStatistics
-from ldm_lite.runs import written_then_renamed
+from ldm_lite.runs import tensor_digest, written_then_renamed
 
 CACHE_ENV = "LDM_LITE_CACHE"
 DEFAULT_CACHE = "runs/cache"
@@ -33,7 +32,7 @@ def cache_folder(cache: str = "") -> Path:
 
 def reference_path(images: torch.Tensor, cache: str = "") -> Path:
     """The cache file of the reference features of `images` (uint8 (N, C, H, W))."""
-    digest = hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()[:20]
+    digest = tensor_digest(images, digits=20)
     name = f"fid_reference_{digest}_{len(images)}_protocol{PROTOCOL_VERSION}_{WEIGHTS_SHA1[:12]}.safetensors"
     return cache_folder(cache) / name
 

@@ -195,9 +195,9 @@ def check_data(checkpoint: dict | None, record: dict, config: Config, is_main: b
     return {**record, "changes": changes} if changes else record
 
 
-def tensor_digest(tensor: torch.Tensor) -> str:
-    """The first 16 hex digits of the SHA-256 of a tensor's bytes."""
-    return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy()).hexdigest()[:16]
+def tensor_digest(tensor: torch.Tensor, digits: int = 16) -> str:
+    """The first `digits` hex digits of the SHA-256 of a tensor's bytes."""
+    return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy()).hexdigest()[:digits]
 
 
 def run_config(path: Path) -> tuple | None:
