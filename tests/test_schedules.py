@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from ldm_lite.schedulers import DDIMScheduler, DDPMScheduler
-from ldm_lite.schedules import (make_betas, make_timesteps, max_quadratic_steps, rescale_zero_terminal_snr, schedule_table,
-                                signal_at_first_step)
+from ldm_lite.schedules import (make_betas, make_timesteps, max_quadratic_steps, rescale_zero_terminal_snr,
+                                schedule_table, signal_at_first_step)
 
 PREDICTIONS = ["epsilon", "v_prediction", "sample"]
 SPACINGS = ["leading", "linspace", "trailing"]

@@ -47,9 +47,9 @@ TRAIN_TIMESTEPS = DiffusionConfig.num_train_timesteps  # T of every study model 
 class Setting:
     """One evaluated way of sampling: `model` with `sampler` at `steps` steps (`nfe` model calls) from `start`
     noise with epsilon scale `eps_scale` (the mean lambda of lambda_t = eps_slope t + b when eps_slope is not 0,
-    `eps_lambdas`); `level` is the NFE target of part 1 it stands for. clip_sample: the
-    sampler's x0 clipping, None for the run's own (on for pixel models, where the sampler has it); spacing: a
-    timestep spacing instead of the run's (None)."""
+    `eps_lambdas`); `level` is the NFE target of part 1 it stands for. clip_sample: the sampler's x0 clipping,
+    None for the run's own (on for pixel models, where the sampler has it); spacing: a timestep spacing instead of
+    the run's (None)."""
     model: str
     sampler: str
     steps: int
