@@ -673,6 +673,12 @@ def test_slope_and_clipping_findings_follow_the_numbers():
         "lambda_t = 0.001 t + b, from 1.0195 at the noisiest step to 1.0005 at the last (mean 1.01), against the "
         "constant 1.01: KID 0.0350 -> 0.0300 (-0.0050, beyond two standard deviations), FID 3.50 -> 3.00.")
     assert eps_findings(eps, [])[0].startswith("FID picks lambda = 1.01, the grid's largest (FID 3.50)")
+    # the same from the study's own table of part 2 (its rows carry what the sentences need)
+    parts = study_parts(QualityStudyConfig(out="unused", data="synthetic", eps_scales="1.0,1.01", eps_slopes="0.001"))
+    rows = {s.key: {**dataclasses.asdict(s), **{c: 0.0 for c in study_module.BIAS_COLUMNS}, **r,
+                    "x0_clipping": "clip_sample", "t0": 951.0} for s, r in zip(parts["eps"], eps)}
+    table = quality_tables(parts, rows, None, [], [])["eps"]
+    assert eps_findings(table, []) == eps_findings(eps, [])
     samplers = [_row(0.050, sampler="ddim", nfe=20, level=20, std_ratio=2.5),
                 _row(0.0495, sampler="ddim (x0 clipped)", x0_clipping="clip_sample", nfe=20, level=20, w1=0.05),
                 _row(0.047, sampler="ddim (quadratic spacing)", nfe=20, level=20)]

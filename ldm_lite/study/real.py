@@ -211,7 +211,7 @@ def _run_quality_study(config: QualityStudyConfig, device: torch.device, shards:
 
 # ----------------------------------------------------------------------------- tables and figures
 
-IDENTITY = {"samplers": ("sampler", "x0_clipping", "level", "nfe", "steps", "t0"), "eps": ("eps_scale", "eps_slope"),
+IDENTITY = {"samplers": ("sampler", "x0_clipping", "level", "nfe", "steps", "t0"), "eps": ("eps_scale", "eps_slope", "steps"),
             "leak": ("start",), "fixes": ("model", "start")}
 BIAS_COLUMNS = ("w1", "w1_sd", "ks", "std_ratio", "mean", "hf_log10", "n", "seconds")
 
