@@ -66,8 +66,7 @@ def test_from_config_refuses_a_schedule_key_the_class_would_drop(monkeypatch):
 @pytest.mark.parametrize("name", ["dpmpp_2m", "euler", "euler_a", "heun", "unipc", "pndm", "DDIMInverseScheduler"])
 def test_only_ddpm_and_ddim_take_quadratic_spacing(name):
     """DDIM's quadratic spacing (which diffusers lacks) is refused in one line naming the classes that take it."""
-    quadratic = {**ZERO_SNR, "rescale_betas_zero_snr": False, "prediction_type": "epsilon",
-                 "timestep_spacing": "quadratic"}
+    quadratic = {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear", "timestep_spacing": "quadratic"}
     with pytest.raises(ValueError) as refused:
         from_config(quadratic, name)
     cls = scheduler_class(name)
