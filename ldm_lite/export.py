@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from ldm_lite.models.vae_loading import original_from_diffusers
 from ldm_lite.runs import CLASSES_FILE, load_model
+from ldm_lite.schedules import QUADRATIC_SPACING, TIMESTEP_SPACINGS
 
 # The diffusers release this layout was checked against (tests/test_export.py); diffusers reads the field.
 DIFFUSERS_VERSION = "0.42.1"
@@ -170,8 +171,8 @@ def export_diffusers(run, out, use_ema: bool = True) -> Path:
 
     run: anything `ldm_lite.runs.load_model` accepts (a run folder, a training checkpoint, a diffusers folder).
     use_ema: export the EMA weights of a training checkpoint when it has them, else the raw ones.
-    ValueError, one line, for a UNet that UNet2DModel cannot express or an unusable output path; nothing is
-    written then.
+    ValueError, one line, for a UNet that UNet2DModel cannot express, a schedule diffusers cannot express (DDIM's
+    quadratic spacing) or an unusable output path; nothing is written then.
     """
     out = Path(out)
     loaded = load_model(run, use_ema=use_ema)
@@ -179,6 +180,9 @@ def export_diffusers(run, out, use_ema: bool = True) -> Path:
     scheduler_config = dict(loaded.scheduler_config)
     if "_class_name" not in scheduler_config:
         raise ValueError(f"the schedule of {str(run)!r} names no scheduler class (_class_name)")
+    if scheduler_config.get("timestep_spacing") == QUADRATIC_SPACING:
+        raise ValueError(f"the schedule of {str(run)!r} uses timestep_spacing={QUADRATIC_SPACING!r} (DDIM's quadratic "
+                         f"spacing), which diffusers has no spacing for; use one of {', '.join(TIMESTEP_SPACINGS)}")
     _check_out(out)
     (out / "model_index.json").unlink(missing_ok=True)   # an earlier export is incomplete until rewritten
     index = {"_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_VERSION,

@@ -32,7 +32,7 @@ from ldm_lite.run_safety import FolderLock
 from ldm_lite.runs import LoadedModel, load_model
 from ldm_lite.sampling import eps_scale_schedule, sample
 from ldm_lite.schedulers import from_config, scheduler_class, x0_clipping, x0_clipping_dropped
-from ldm_lite.schedules import TIMESTEP_SPACINGS, signal_at_first_step
+from ldm_lite.schedules import ALL_TIMESTEP_SPACINGS, signal_at_first_step
 
 PARTIAL_FILE = "manifest.partial.json"  # settings of an unfinished run, for resuming it
 
@@ -73,7 +73,8 @@ class SampleSettings:
     guidance: float | None = option(None, "classifier-free guidance weight w: eps_null + w (eps_cond - eps_null)")
     guidance_rescale: float = option(0.0, "guidance rescale phi (Lin et al. 2023, sec. 3.4; they use 0.7): the "
                                      "guided output is pulled towards the conditional output's std; 0 is off")
-    spacing: str | None = option(None, "override the schedule's timestep_spacing", choices=TIMESTEP_SPACINGS)
+    spacing: str | None = option(None, "override the schedule's timestep_spacing (quadratic: DDPM and DDIM only)",
+                                 choices=ALL_TIMESTEP_SPACINGS)
     scheduler_config: str | None = option(None, "scheduler_config.json to use instead of the checkpoint's "
                                            "schedule (needed for weights that carry none)", metavar="JSON")
     device: str = option("cpu", "torch device, e.g. cpu or cuda")

@@ -5,6 +5,7 @@ Every `plot_*` function takes the dict returned by the matching `ldm_lite.metric
 function, writes one PNG and returns its path.
 """
 import csv
+import math
 from pathlib import Path
 
 import torch
@@ -218,18 +219,33 @@ def plot_exposure(result: dict, path) -> Path:
 
 
 def plot_eps_scale_scan(scan: dict, path) -> Path:
-    """Eps-norm ratio sampling / forward along the chain for every candidate eps scale."""
+    """Left: the eps-norm gap along the chain, sampling / forward - 1 per sampled timestep, one line per candidate
+    lambda (below 1 blue, above red, 1 black). Right: its RMS over the chain against lambda, the best circled; a
+    best at the grid's edge says its optimum may lie beyond. scan: `metrics.scan_eps_scale`'s result."""
     plt = _pyplot()
-    forward = scan["forward"]
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for scale, gap, trace in zip(scan["candidates"], scan["gap"], scan["traces"]):
-        ax.plot(trace["timesteps"], trace["eps_norm"] / forward["eps_norm"], marker=".",
-                linewidth=2.5 if scale == scan["best"] else 1, label=f"eps scale {scale:g} (gap {gap:.4f})")
-    ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
-    ax.set(xlabel="timestep t", ylabel="eps-norm ratio sampling / forward",
-           title=f"Epsilon-scaling scan (best {scan['best']:g})")
-    ax.invert_xaxis()
-    ax.legend(fontsize=7)
+    forward, candidates = scan["forward"], scan["candidates"]
+    fig, (along, rms) = plt.subplots(1, 2, figsize=(12, 4.5))
+    below = max([1 - c for c in candidates if c < 1], default=1.0)  # the farthest lambda on each side of 1
+    above = max([c - 1 for c in candidates if c > 1], default=1.0)
+    for scale, gap, trace in zip(candidates, scan["gap"], scan["traces"]):
+        shade = 0.4 + 0.6 * abs(scale - 1) / (below if scale < 1 else above)  # darker further from 1
+        colour = "black" if scale == 1 else plt.get_cmap("Blues" if scale < 1 else "Reds")(shade)
+        along.plot(trace["timesteps"], trace["eps_norm"] / forward["eps_norm"] - 1, marker=".", color=colour,
+                   linewidth=2.5 if scale == scan["best"] else 1, label=f"lambda {scale:g} (RMS {gap:.4f})")
+    along.axhline(0.0, color="grey", linestyle="--", linewidth=1)
+    along.set(xlabel="timestep t (sampling runs left to right)", ylabel="eps-norm sampling / forward - 1",
+              title="Eps-norm gap along sampling, per lambda")
+    along.invert_xaxis()
+    along.legend(fontsize=7)
+    order = sorted(range(len(candidates)), key=candidates.__getitem__)
+    rms.plot([candidates[i] for i in order], [scan["gap"][i] for i in order], marker="o", color="C2")
+    best_gap = scan["gap"][candidates.index(scan["best"])]
+    if math.isfinite(best_gap):
+        rms.plot([scan["best"]], [best_gap], marker="o", markersize=14, markerfacecolor="none", color="black")
+    edge = " (at the grid's edge)" if scan["best"] in (min(candidates), max(candidates)) else ""
+    rms.set(xlabel="epsilon scale lambda", ylabel="RMS relative eps-norm gap",
+            title=f"Exposure metric: best lambda {scan['best']:g}{edge}")
+    fig.tight_layout()
     return _save(fig, path)
 
 

@@ -14,7 +14,10 @@ import math
 import torch
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
-TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
+TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")  # diffusers' spacings: every sampler takes them
+# DDIM's quadratic spacing (Song et al. 2021, arXiv:2010.02502, App. D.2): diffusers lacks it, DDPM and DDIM take it
+QUADRATIC_SPACING = "quadratic"
+ALL_TIMESTEP_SPACINGS = TIMESTEP_SPACINGS + (QUADRATIC_SPACING,)
 
 
 def _cosine_alpha_bar(t: float) -> float:
@@ -79,7 +82,10 @@ def make_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000, ti
 
     `leading`: arange(N) * (T // N) + steps_offset (Stable Diffusion: 981 ... 1 for N = 50, offset 1);
     `trailing`: round(arange(T, 0, -T / N)) - 1 (999 ... 19 for N = 50);
-    `linspace`: round(linspace(0, T - 1, N)) (999 ... 0).
+    `linspace`: round(linspace(0, T - 1, N)) (999 ... 0);
+    `quadratic`: int(linspace(0, sqrt(0.8 T), N) ** 2) + steps_offset, as the DDIM paper's code (Song et al. 2021,
+    arXiv:2010.02502, App. D.2): 800 ... 0 for T = 1000, dense at low noise; defined up to
+    `max_quadratic_steps(T)` steps (29 for T = 1000), beyond which int() repeats timesteps.
     """
     T, N = num_train_timesteps, num_inference_steps
     if not isinstance(N, int) or not 1 <= N <= T:
@@ -91,11 +97,22 @@ def make_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000, ti
         steps = torch.arange(T, 0, -T / N, dtype=torch.float64).round() - 1
     elif timestep_spacing == "linspace":
         steps = torch.linspace(0, T - 1, N, dtype=torch.float64).round().flip(0)
+    elif timestep_spacing == QUADRATIC_SPACING:
+        steps = (torch.linspace(0, math.sqrt(0.8 * T), N, dtype=torch.float64) ** 2).floor().flip(0) + steps_offset
+        if len(steps.unique()) < N:
+            raise ValueError(f"quadratic spacing repeats timesteps beyond {max_quadratic_steps(T)} steps of T = {T} "
+                             f"(int(linspace(0, sqrt(0.8 T), N) ** 2)), got {N}; use fewer steps or another spacing")
     else:
-        raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {timestep_spacing!r}")
+        raise ValueError(f"timestep_spacing must be one of {ALL_TIMESTEP_SPACINGS}, got {timestep_spacing!r}")
     if steps.max() > T - 1 or steps.min() < 0:
         raise ValueError(f"steps_offset={steps_offset} moves timesteps outside [0, {T - 1}]")
     return steps.long()
+
+
+def max_quadratic_steps(num_train_timesteps: int) -> int:
+    """The most steps of quadratic spacing without a repeated timestep: floor(sqrt(0.8 T)) + 1 (its first gap,
+    0.8 T / (N - 1)^2, must reach 1)."""
+    return math.isqrt(int(0.8 * num_train_timesteps)) + 1
 
 
 def default_steps_offset(timestep_spacing: str) -> int:
@@ -138,6 +155,8 @@ def schedule_table(num_inference_steps: int = 50, num_train_timesteps: int = 100
 
     Each row: schedule name, spacing, first timestep t0, sqrt(alpha_bar[t0]) and the terminal SNR
     at t = T - 1 (steps_offset by `default_steps_offset`). Used by `python -m analysis schedules`.
+    The spacings are diffusers' (TIMESTEP_SPACINGS), which every sampler takes; quadratic spacing (DDPM and DDIM
+    only) starts at t0 = int(0.8 T) whatever N and stops at `max_quadratic_steps(T)`, below the default 50.
     """
     rows = []
     for name, alphas_cumprod in named_alphas_cumprod(None, num_train_timesteps).items():

@@ -5,6 +5,7 @@ parameter, GroupNorm affines included, is moved off its initial value, so no out
 """
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -270,10 +271,16 @@ def test_command_writes_the_folder(exported, tmp_path, capsys):
     assert json.loads((tmp_path / "out" / "unet" / "config.json").read_text())["num_class_embeds"] == 4
 
 
-@pytest.mark.parametrize("case", ["missing run", "foreign output folder"])
+@pytest.mark.parametrize("case", ["missing run", "foreign output folder", "quadratic spacing"])
 def test_command_bad_input_ends_in_one_line(exported, tmp_path, capsys, case):
     if case == "missing run":
         argv = ["export", tmp_path / "no_such_run", tmp_path / "out"]
+    elif case == "quadratic spacing":  # DDIM's quadratic spacing, which diffusers lacks: refused, nothing written
+        folder = tmp_path / "quadratic"
+        shutil.copytree(exported["ddpm"][1], folder)
+        config_path = folder / "scheduler" / "scheduler_config.json"
+        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "timestep_spacing": "quadratic"}))
+        argv = ["export", folder, tmp_path / "out"]
     else:
         (tmp_path / "busy").mkdir()
         (tmp_path / "busy" / "notes.txt").write_text("mine")
@@ -281,4 +288,6 @@ def test_command_bad_input_ends_in_one_line(exported, tmp_path, capsys, case):
     code, out, err = run_cli(argv, capsys)
     assert code == 2 and out == ""
     assert err.startswith("error: ") and err.count("\n") == 1
-    assert ("does not exist" if case == "missing run" else "not empty") in err
+    assert {"missing run": "does not exist", "foreign output folder": "not empty",
+            "quadratic spacing": "timestep_spacing='quadratic'"}[case] in err
+    assert not (tmp_path / "out").exists()

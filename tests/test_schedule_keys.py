@@ -8,8 +8,8 @@ import torch
 
 from ldm_lite.oracle import brightness_mixture
 from ldm_lite.sampling import sample
-from ldm_lite.schedulers import (SCHEDULER_CLASSES, DDIMScheduler, EulerDiscreteScheduler, from_config, x0_clipping,
-                                 x0_clipping_dropped)
+from ldm_lite.schedulers import (SCHEDULER_CLASSES, DDIMScheduler, EulerDiscreteScheduler, from_config,
+                                 scheduler_class, x0_clipping, x0_clipping_dropped)
 from ldm_lite.schedulers.key_table import schedule_key_table, with_table
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -61,6 +61,21 @@ def test_from_config_refuses_a_schedule_key_the_class_would_drop(monkeypatch):
     # a neutral value changes nothing, so it is dropped
     plain = from_config({**ZERO_SNR, "rescale_betas_zero_snr": False}, "_NoZeroSnrScheduler")
     assert plain.alphas_cumprod[-1] > 0
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m", "euler", "euler_a", "heun", "unipc", "pndm", "DDIMInverseScheduler"])
+def test_only_ddpm_and_ddim_take_quadratic_spacing(name):
+    """DDIM's quadratic spacing (which diffusers lacks) is refused in one line naming the classes that take it."""
+    quadratic = {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear", "timestep_spacing": "quadratic"}
+    with pytest.raises(ValueError) as refused:
+        from_config(quadratic, name)
+    cls = scheduler_class(name)
+    assert str(refused.value) == (f"{cls.__name__} does not take timestep_spacing='quadratic'; schedulers that take "
+                                  "it: DDPMScheduler, DDIMScheduler")
+    with pytest.raises(ValueError, match="schedulers that take it: DDPMScheduler, DDIMScheduler"):
+        cls.from_config(quadratic)
+    for taker in ("ddpm", "ddim"):
+        assert from_config(quadratic, taker).config["timestep_spacing"] == "quadratic"
 
 
 def test_a_dropped_x0_clipping_is_reported():

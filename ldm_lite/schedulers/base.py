@@ -103,8 +103,22 @@ class SchedulerBase:
     `save_config`, `len()` (the number of training timesteps) and `repr`.
 
     Every constructor starts with `config = self._keyword_arguments(locals())` and builds its training schedule
-    with `_set_training_schedule(config)`.
+    with `_set_training_schedule(config)`. `timestep_spacings`: the spacings the class takes.
     """
+
+    timestep_spacings = TIMESTEP_SPACINGS
+
+    def _check_timestep_spacing(self, spacing: str):
+        """ValueError, in one line, for a spacing this class does not take; one that other schedulers take (DDIM's
+        quadratic) is named with them."""
+        if spacing in self.timestep_spacings:
+            return
+        from . import SCHEDULER_CLASSES  # the registry imports this module
+        takers = [cls.__name__ for cls in SCHEDULER_CLASSES.values() if spacing in cls.timestep_spacings]
+        if takers:
+            raise ValueError(f"{type(self).__name__} does not take timestep_spacing={spacing!r}; schedulers that take "
+                             f"it: {', '.join(takers)}")
+        _check_choice("timestep_spacing", spacing, self.timestep_spacings)
 
     def _keyword_arguments(self, arguments: dict) -> dict:
         """The constructor's keyword arguments, {name: value} in signature order, from its `locals()` (taken as
@@ -204,7 +218,7 @@ class Scheduler(SchedulerBase):
         """Validate the shared keywords of `config` (the constructor's keyword arguments) and build the schedule;
         before set_timesteps the list holds every training timestep."""
         _check_choice("prediction_type", config["prediction_type"], PREDICTION_TYPES)
-        _check_choice("timestep_spacing", config["timestep_spacing"], TIMESTEP_SPACINGS)
+        self._check_timestep_spacing(config["timestep_spacing"])
         if not 0.0 < config["dynamic_thresholding_ratio"] <= 1.0:
             raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {config['dynamic_thresholding_ratio']}")
         self._set_training_schedule(config)

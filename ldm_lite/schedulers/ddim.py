@@ -1,6 +1,7 @@
 """DDIM sampler: Song, Meng & Ermon 2021, "Denoising Diffusion Implicit Models" (arXiv:2010.02502)."""
 import torch
 
+from ..schedules import ALL_TIMESTEP_SPACINGS
 from .base import Scheduler, SchedulerOutput, noise_like
 
 
@@ -9,11 +10,13 @@ class DDIMScheduler(Scheduler):
 
     `set_alpha_to_one`: after the last step, use alpha_bar = 1 (return the clean x0 estimate) instead of
     alpha_bar[0]. Unlike diffusers, the previous timestep is read from `timesteps`, so `linspace` and
-    non-integer `trailing` spacings step to the right place.
+    non-integer `trailing` spacings step to the right place. timestep_spacing also takes the DDIM paper's
+    "quadratic" (`ldm_lite.schedules.make_timesteps`), which diffusers lacks.
     """
 
     order = 1  # model calls per step
     init_noise_sigma = 1.0  # x_T = init_noise_sigma * randn (diffusers' convention)
+    timestep_spacings = ALL_TIMESTEP_SPACINGS
 
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas=None, clip_sample: bool = True,

@@ -28,6 +28,7 @@ class DDIMInverseScheduler(SchedulerBase):
 
     order = 1  # model calls per step
     init_noise_sigma = 1.0
+    timestep_spacings = ("leading", "trailing")
 
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas=None, clip_sample: bool = True,
@@ -36,7 +37,7 @@ class DDIMInverseScheduler(SchedulerBase):
                  rescale_betas_zero_snr: bool = False):
         config = self._keyword_arguments(locals())
         _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        _check_choice("timestep_spacing", timestep_spacing, ("leading", "trailing"))
+        self._check_timestep_spacing(timestep_spacing)
         if prediction_type == "sample" and set_alpha_to_one:
             raise ValueError("prediction_type='sample' with set_alpha_to_one=True: the first inversion step starts "
                              "at alpha_bar = 1, where eps = (x - x0_hat) / sqrt(1 - alpha_bar) is 0 / 0; "

@@ -2,6 +2,7 @@
 with respacing to fewer steps (Nichol & Dhariwal 2021, arXiv:2102.09672, sec. 4)."""
 import torch
 
+from ..schedules import ALL_TIMESTEP_SPACINGS
 from .base import Scheduler, SchedulerOutput, _check_choice, noise_like
 
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
@@ -13,11 +14,13 @@ class DDPMScheduler(Scheduler):
     variance_type: `fixed_small` (posterior variance beta_tilde, Ho et al. eq. 7), `fixed_large` (beta),
     `learned` (the model's second C channels are the variance), `learned_range` (they interpolate
     log beta_tilde .. log beta, Nichol & Dhariwal eq. 15, with v in [-1, 1]).
-    With respacing, beta' = 1 - ab_t / ab_prev replaces beta_t.
+    With respacing, beta' = 1 - ab_t / ab_prev replaces beta_t. timestep_spacing also takes the DDIM paper's
+    "quadratic" (`ldm_lite.schedules.make_timesteps`), which diffusers lacks.
     """
 
     order = 1  # model calls per step
     init_noise_sigma = 1.0  # x_T = init_noise_sigma * randn (diffusers' convention)
+    timestep_spacings = ALL_TIMESTEP_SPACINGS
 
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas=None, variance_type: str = "fixed_small",

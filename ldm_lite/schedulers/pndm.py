@@ -11,7 +11,7 @@ Adams-Bashforth instead.
 """
 import torch
 
-from ..schedules import TIMESTEP_SPACINGS, make_timesteps
+from ..schedules import make_timesteps
 from .base import SchedulerBase, SchedulerOutput, _check_choice
 from .sigmas import add_into, sub_into
 
@@ -48,7 +48,7 @@ class PNDMScheduler(SchedulerBase):
                  timestep_spacing: str = "leading", steps_offset: int = 0, rescale_betas_zero_snr: bool = False):
         config = self._keyword_arguments(locals())
         _check_choice("prediction_type", prediction_type, ("epsilon", "v_prediction"))
-        _check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        self._check_timestep_spacing(timestep_spacing)
         # the transfer divides by alpha_bar at its start: a zero-SNR alpha_bar[T - 1] is clamped
         self._set_training_schedule(config, clamp_zero_snr=True)
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]

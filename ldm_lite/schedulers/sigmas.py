@@ -22,7 +22,7 @@ end), so a model driven by these samplers takes the same trajectory as with diff
 import numpy as np
 import torch
 
-from ..schedules import TIMESTEP_SPACINGS, make_timesteps
+from ..schedules import make_timesteps
 from .base import SchedulerBase, _check_choice
 
 INTERPOLATION_TYPES = ("linear", "log_linear")
@@ -186,7 +186,7 @@ class SigmaScheduler(SchedulerBase):
     def _init_schedule(self, config: dict, prediction_types=("epsilon", "v_prediction", "sample")):
         """Validate the shared keywords of `config` (the constructor's arguments) and build the schedule."""
         _check_choice("prediction_type", config["prediction_type"], prediction_types)
-        _check_choice("timestep_spacing", config["timestep_spacing"], TIMESTEP_SPACINGS)
+        self._check_timestep_spacing(config["timestep_spacing"])
         if config.get("use_beta_sigmas"):
             raise ValueError("use_beta_sigmas is not supported (it needs scipy's beta quantiles); use "
                              "use_karras_sigmas or use_exponential_sigmas")

@@ -5,6 +5,7 @@ from typing import ClassVar
 
 from ldm_lite.checks import comma_list
 from ldm_lite.config import PRECISIONS, option
+from ldm_lite.sampling import eps_scale_schedule
 from ldm_lite.schedulers import scheduler_class
 
 
@@ -69,7 +70,13 @@ class QualityStudyConfig(StudyConfig):
     sample_steps: int = option(20, "DDIM steps of parts 2-4 (their NFE)")
     samplers: str = option("ddim,dpmpp_2m,unipc,euler,heun", "samplers of part 1 (aliases of python -m sample)")
     nfes: str = option("10,20,50", "numbers of model calls of part 1 (Heun: the nearest 2N - 1 not above)")
-    eps_scales: str = option("1.0,1.005,1.01,1.017,1.025", "epsilon-scaling lambdas of part 2 (DDIM)")
+    quadratic_ddim: bool = option(True, "part 1: also DDIM with the DDIM paper's quadratic spacing, at the NFEs "
+                                  "it allows (up to 29 at T = 1000)")
+    eps_scales: str = option("0.99,0.995,1.0,1.005,1.01,1.02,1.03", "epsilon-scaling lambdas of part 2 (DDIM), on "
+                             "both sides of 1, which the grid must hold (the base setting)")
+    eps_slopes: str = option("0.001", "part 2: slopes k of lambda_t = k t + b (t = N - 1 at the noisiest step; "
+                             "Ning et al.), each centred on --eps-slope-mean; '' for none")
+    eps_slope_mean: float = option(1.01, "the mean lambda of the sloped schedules: b = mean - k (N - 1) / 2")
     exposure_images: int = option(256, "training images for part 2's eps-norm metric")
     fixes: str = option(",".join(FIXES), "fixed models of part 4, trained like the standard one: offset, ip "
                         "(input perturbation) and zero_snr (zero terminal SNR, v-prediction, trailing spacing)")
@@ -104,6 +111,10 @@ class QualityStudyConfig(StudyConfig):
             raise ValueError(f"nfes must be positive integers, got {self.nfes!r}")
         if not self.lambdas or min(self.lambdas) <= 0:
             raise ValueError(f"eps_scales must be positive numbers, got {self.eps_scales!r}")
+        if 1.0 not in self.lambdas:
+            raise ValueError(f"eps_scales must hold 1 (the base setting, lambda = 1), got {self.eps_scales!r}")
+        for slope in self.slopes:
+            eps_scale_schedule(self.eps_slope_mean, self.sample_steps, slope, centred=True)  # every lambda > 0
 
     @property
     def sampler_names(self) -> list:
@@ -116,6 +127,11 @@ class QualityStudyConfig(StudyConfig):
     @property
     def lambdas(self) -> list:
         return _items(self.eps_scales, float, "eps_scales")
+
+    @property
+    def slopes(self) -> list:
+        """The nonzero slopes k of --eps-slopes (k = 0 is the constant grid)."""
+        return [k for k in _items(self.eps_slopes, float, "eps_slopes") if k != 0]
 
     @property
     def fix_names(self) -> list:

@@ -15,7 +15,7 @@ from ldm_lite.data import to_float, to_uint8
 from ldm_lite.leak import LeakStats
 from ldm_lite.quality import FidStatistics, quality_report
 from ldm_lite.sampling import initial_noise, sample_generators
-from ldm_lite.schedulers import from_config
+from ldm_lite.schedulers import from_config, x0_clipping
 from ldm_lite.study.config import QualityStudyConfig
 from ldm_lite.study.plan import LEAK, OWN_NOISE, Setting
 from ldm_lite.study.shards import Shards
@@ -56,8 +56,9 @@ class Evaluator:
         return self.shards.draw(trained, scheduler, n, steps, self.autocast_dtype, **kwargs)
 
     def evaluate(self, setting: Setting, trained: dict) -> dict:
-        """The row of one setting: the setting, FID, KID, the bias metrics, seconds. Samples (uint8, as a PNG
-        holds them) and features land in eval/<key>.safetensors; a resumed study reuses them (row["reused"])."""
+        """The row of one setting: the setting, the sampler's x0 clipping ("clip_sample", "thresholding" or "off")
+        and first timestep t0, FID, KID, the bias metrics, seconds. Samples (uint8, as a PNG holds them) and
+        features land in eval/<key>.safetensors; a resumed study reuses them (row["reused"])."""
         path = self.out / "eval" / f"{setting.key}.safetensors"
         key = json.dumps({"setting": dataclasses.asdict(setting), "n": self.samples, "seed": self.config.seed,
                           "model_steps": trained["steps"], "autocast": str(self.autocast_dtype),
@@ -67,7 +68,7 @@ class Evaluator:
             self.images[setting.key] = cached[0]
             return cached[1]
         started = time.monotonic()
-        scheduler = from_config(trained["config"], setting.sampler)
+        scheduler = from_config(trained["config"], setting.sampler, **setting.scheduler_overrides())
         scheduler.set_timesteps(setting.steps)
         start = {"leak": self.leak} if setting.start == LEAK else {}
         if setting.start == OWN_NOISE:
@@ -75,10 +76,11 @@ class Evaluator:
                                                  self.config.offset_noise, self.config.seed)
         images = to_uint8(self.draw(trained, scheduler, self.samples, setting.steps,
                                     class_labels=trained["model"].config.num_classes,
-                                    eps_scale=setting.eps_scale if setting.eps_scale != 1 else None, **start))
+                                    eps_scale=setting.eps_lambdas(len(scheduler.timesteps)), **start))
         sampling = time.monotonic() - started
         features = self.shards.features(images)
-        row = {**dataclasses.asdict(setting), **self.measure(images, features), "sampling_seconds": sampling,
+        row = {**dataclasses.asdict(setting), "x0_clipping": x0_clipping(scheduler),
+               "t0": float(scheduler.timesteps[0]), **self.measure(images, features), "sampling_seconds": sampling,
                "seconds": time.monotonic() - started}
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({"samples": images.contiguous(), "features": features.contiguous()}, str(path),

@@ -76,9 +76,32 @@ def _beyond(beyond: bool) -> str:
     return "beyond" if beyond else "within"
 
 
+CLIPPED = " (x0 clipped)"  # part 1's sampler label of a row whose sampler clipped its x0 estimates
+
+
+def clipping_findings(rows: list) -> list:
+    """Part 1. What x0 clipping changes: each clipped row (sampler label ending in CLIPPED) against the same sampler
+    unclipped at the same NFE, in KID (judged against two standard deviations) and in brightness spread (std
+    ratio to the data's, and luminance W1)."""
+    sentences = []
+    for clipped in (r for r in rows if r["sampler"].endswith(CLIPPED)):
+        name = clipped["sampler"][:-len(CLIPPED)]
+        plain = next((r for r in rows if r["sampler"] == name and r["nfe"] == clipped["nfe"]), None)
+        if plain is None:
+            continue
+        difference, beyond = significant(clipped, plain, "kid", "kid_std")
+        sentences.append(
+            f"At {clipped['nfe']} model calls, clipping {name}'s x0 estimates ({clipped['x0_clipping']}) changes KID "
+            f"from {plain['kid']:.4f} to {clipped['kid']:.4f} ({difference:+.4f}, {_beyond(beyond)} two standard "
+            f"deviations) and the brightness spread from {plain['std_ratio']:.2f} to {clipped['std_ratio']:.2f} times "
+            f"the data's (luminance W1 {plain['w1']:.3f} -> {clipped['w1']:.3f}).")
+    return sentences
+
+
 def sampler_findings(rows: list) -> list:
     """Part 1. Per NFE level, the sampler with the lowest KID and whether its lead over the runner-up exceeds two
-    standard deviations; per sampler, its FID at its fewest and most model calls and whether KID moved."""
+    standard deviations; per sampler, its FID at its fewest and most model calls and whether KID moved; then what
+    x0 clipping changes (`clipping_findings`)."""
     sentences = []
     for level in sorted({r["level"] for r in rows}):
         ranked = sorted((r for r in rows if r["level"] == level), key=lambda r: r["kid"])
@@ -97,31 +120,67 @@ def sampler_findings(rows: list) -> list:
             sentences.append(f"{sampler}: FID {first['fid']:.2f} at {first['nfe']} model calls, {last['fid']:.2f} at "
                              f"{last['nfe']}; the KID change ({last['kid'] - first['kid']:+.4f}) is {_beyond(moved)} "
                              "two standard deviations.")
-    return sentences
+    return sentences + clipping_findings(rows)
+
+
+def _edge(value: float, grid: list) -> str:
+    """Where `value` sits in the grid of lambdas: "" inside it, else ", the grid's smallest" or ", ... largest"
+    (a pick there may have its optimum beyond the grid)."""
+    if value == max(grid) and value == min(grid):
+        return ", the grid's only lambda"
+    return ", the grid's smallest" if value == min(grid) else ", the grid's largest" if value == max(grid) else ""
 
 
 def eps_findings(rows: list, scan: list = ()) -> list:
-    """Part 2. The lambda with the lowest FID (among the evaluated `rows`) against the lambda whose eps-norm along
-    sampling is closest to the forward eps-norm (among every lambda of the scan, `metrics.scan_eps_scale`; rows
-    {eps_scale, eps_norm_gap}): whether they agree, and whether FID's pick beats lambda = 1 by more than two KID
-    standard deviations."""
-    if not rows:
+    """Part 2. The constant lambda with the lowest FID (among the evaluated `rows` with eps_slope 0) against the
+    lambda whose eps-norm along sampling is closest to the forward eps-norm (among every lambda of the scan,
+    `metrics.scan_eps_scale`; rows {eps_scale, eps_norm_gap}): whether they agree (a pick at the grid's edge is
+    never called agreement: the optimum may lie beyond it), whether FID's pick beats lambda = 1 by more than two
+    KID standard deviations, and what each sloped schedule changes against the constant lambda of its mean."""
+    constant = [r for r in rows if not r.get("eps_slope")]
+    if not constant:
         return []
-    by_fid = min(rows, key=lambda r: r["fid"])
-    picked = f"FID picks lambda = {by_fid['eps_scale']:g} (FID {by_fid['fid']:.2f})"
-    scan = [r for r in scan if math.isfinite(r["eps_norm_gap"])]  # a chain that blew up picks nothing
-    if scan:
-        by_gap = min(scan, key=lambda r: r["eps_norm_gap"])
-        agree = "agree" if by_fid["eps_scale"] == by_gap["eps_scale"] else "disagree"
+    by_fid = min(constant, key=lambda r: r["fid"])
+    fid_edge = _edge(by_fid["eps_scale"], [r["eps_scale"] for r in constant])
+    picked = f"FID picks lambda = {by_fid['eps_scale']:g}{fid_edge} (FID {by_fid['fid']:.2f})"
+    finite = [r for r in scan if math.isfinite(r["eps_norm_gap"])]  # a chain that blew up picks nothing
+    if finite:
+        by_gap = min(finite, key=lambda r: r["eps_norm_gap"])
+        gap_edge = _edge(by_gap["eps_scale"], [r["eps_scale"] for r in scan])
+        same = by_fid["eps_scale"] == by_gap["eps_scale"]
+        if fid_edge or gap_edge:
+            verdict = ("they pick the same lambda, but at the grid's edge, which is not agreement: the optimum may lie "
+                       "beyond the grid" if same else "they disagree, and a pick at the grid's edge may have its "
+                       "optimum beyond the grid")
+        else:
+            verdict = "they agree" if same else "they disagree"
         sentences = [f"{picked}; the exposure metric (eps-norm along sampling closest to the forward eps-norm) picks "
-                     f"lambda = {by_gap['eps_scale']:g} (gap {by_gap['eps_norm_gap']:.4f}): they {agree}."]
+                     f"lambda = {by_gap['eps_scale']:g}{gap_edge} (gap {by_gap['eps_norm_gap']:.4f}): {verdict}."]
     else:
         sentences = [f"{picked}; the eps-norm scan did not run, so the exposure metric has no pick."]
-    base = next((r for r in rows if r["eps_scale"] == 1.0), None)
+    base = next((r for r in constant if r["eps_scale"] == 1.0), None)
     if base is not None and by_fid is not base:
         difference, beyond = significant(by_fid, base, "kid", "kid_std")
         sentences.append(f"Against lambda = 1, FID's pick changes KID by {difference:+.4f}, {_beyond(beyond)} two "
                          "standard deviations.")
+    return sentences + slope_findings(rows)
+
+
+def slope_findings(rows: list) -> list:
+    """Part 2. Each sloped schedule lambda_t = k t + b (centred on its eps_scale over the N steps) against the
+    constant lambda of the same mean: KID and FID, judged against two KID standard deviations."""
+    sentences = []
+    for row in (r for r in rows if r.get("eps_slope")):
+        same_mean = next((r for r in rows if not r.get("eps_slope") and r["eps_scale"] == row["eps_scale"]), None)
+        if same_mean is None:
+            continue
+        k, half_span = row["eps_slope"], row["eps_slope"] * (row["steps"] - 1) / 2
+        difference, beyond = significant(row, same_mean, "kid", "kid_std")
+        sentences.append(
+            f"lambda_t = {k:g} t + b, from {row['eps_scale'] + half_span:.4f} at the noisiest step to "
+            f"{row['eps_scale'] - half_span:.4f} at the last (mean {row['eps_scale']:g}), against the constant "
+            f"{row['eps_scale']:g}: KID {same_mean['kid']:.4f} -> {row['kid']:.4f} ({difference:+.4f}, "
+            f"{_beyond(beyond)} two standard deviations), FID {same_mean['fid']:.2f} -> {row['fid']:.2f}.")
     return sentences
 
 

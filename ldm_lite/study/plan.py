@@ -7,9 +7,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ldm_lite.config import DiffusionConfig
 from ldm_lite.models import UNet, unet_preset
 from ldm_lite.quality import inception_features
+from ldm_lite.sampling import eps_scale_schedule
 from ldm_lite.schedulers import from_config
+from ldm_lite.schedules import QUADRATIC_SPACING, default_steps_offset, max_quadratic_steps
 from ldm_lite.study.config import CLASS_NAMES, QualityStudyConfig
 
 
@@ -37,12 +40,16 @@ TRAIN_SHARE = 0.55     # the least share of the budget the plan keeps for traini
 FID_SECONDS = 15.0     # planned seconds of one FID (a 2048 x 2048 eigh) and KID (100 subsets), on the CPU
 MIN_SAMPLES = 128      # the plan halves the samples per setting down to this, no lower
 BF16_GAIN = 1.1        # autocast auto: bf16 when its model calls run at least this much faster than float32
+TRAIN_TIMESTEPS = DiffusionConfig.num_train_timesteps  # T of every study model (train_config keeps the default)
 
 
 @dataclass(frozen=True)
 class Setting:
     """One evaluated way of sampling: `model` with `sampler` at `steps` steps (`nfe` model calls) from `start`
-    noise with epsilon scale `eps_scale`; `level` is the NFE target of part 1 it stands for."""
+    noise with epsilon scale `eps_scale` (the mean lambda of lambda_t = eps_slope t + b when eps_slope is not 0,
+    `eps_lambdas`); `level` is the NFE target of part 1 it stands for. clip_sample: the sampler's x0 clipping,
+    None for the run's own (on for pixel models, where the sampler has it); spacing: a timestep spacing instead of
+    the run's (None)."""
     model: str
     sampler: str
     steps: int
@@ -50,29 +57,63 @@ class Setting:
     level: int
     eps_scale: float = 1.0
     start: str = PLAIN
+    clip_sample: bool | None = None
+    spacing: str | None = None
+    eps_slope: float = 0.0
+
+    @property
+    def variant(self) -> str:
+        """What the setting changes in the run's sampler: "" or e.g. " unclipped quadratic"."""
+        clipping = {None: "", True: " clipped", False: " unclipped"}[self.clip_sample]
+        return clipping + (f" {self.spacing}" if self.spacing else "")
 
     @property
     def key(self) -> str:
-        return slug(f"{self.model} {self.sampler} {self.steps} eps {self.eps_scale:g} {self.start}")
+        slope = f" slope {self.eps_slope:g}" if self.eps_slope else ""
+        return slug(f"{self.model} {self.sampler}{self.variant} {self.steps} eps {self.eps_scale:g}{slope} "
+                    f"{self.start}")
 
     @property
     def label(self) -> str:
-        scale = f", lambda {self.eps_scale:g}" if self.eps_scale != 1 else ""
-        return f"{self.model}, {self.sampler} {self.steps} steps ({self.nfe} calls){scale}, {self.start}"
+        scale = f", lambda {self.eps_scale:g}" if self.eps_scale != 1 or self.eps_slope else ""
+        scale += f" (mean) with slope {self.eps_slope:g} per step" if self.eps_slope else ""
+        return f"{self.model}, {self.sampler}{self.variant} {self.steps} steps ({self.nfe} calls){scale}, {self.start}"
+
+    def eps_lambdas(self, num_steps: int):
+        """The epsilon scale for `sample`: None (lambda 1), the constant lambda, or with a slope the N lambdas in
+        sampling order, centred on eps_scale (`eps_scale_schedule`)."""
+        if self.eps_slope:
+            return eps_scale_schedule(self.eps_scale, num_steps, self.eps_slope, centred=True)
+        return self.eps_scale if self.eps_scale != 1 else None
+
+    def scheduler_overrides(self) -> dict:
+        """Keywords for `from_config` on the run's schedule: clip_sample when set (dropped by samplers without it),
+        the spacing with its `default_steps_offset` when set."""
+        overrides = {} if self.clip_sample is None else {"clip_sample": self.clip_sample}
+        if self.spacing:
+            overrides.update(timestep_spacing=self.spacing, steps_offset=default_steps_offset(self.spacing))
+        return overrides
 
 
 def study_parts(config: QualityStudyConfig) -> dict:
     """{part: [Setting]} of the four evaluations. Parts 2-4 share the base setting: the standard model, DDIM at
-    sample_steps from plain noise with lambda 1 (part 1's DDIM setting at that NFE too)."""
+    sample_steps from plain noise with lambda 1 and the run's x0 clipping (on for pixel models). Part 1 runs every
+    sampler unclipped, so that clipping does not decide the comparison, plus DDIM with quadratic spacing (at the
+    NFE levels it allows, `max_quadratic_steps`) and the base setting as its clipped DDIM row."""
     n = config.sample_steps
     base = Setting("standard", "ddim", n, n, n)
     samplers = {}  # by key: NFE targets that give a sampler the same steps (Heun at 9 and 10) are one setting
     for level in config.nfe_levels:
         for name in config.sampler_names:
-            setting = Setting("standard", name, *sampler_steps(name, level), level)
+            setting = Setting("standard", name, *sampler_steps(name, level), level, clip_sample=False)
             samplers.setdefault(setting.key, setting)
+        if config.quadratic_ddim and level <= max_quadratic_steps(TRAIN_TIMESTEPS):
+            setting = Setting("standard", "ddim", level, level, level, clip_sample=False, spacing=QUADRATIC_SPACING)
+            samplers.setdefault(setting.key, setting)
+    samplers.setdefault(base.key, base)
     return {"samplers": list(samplers.values()),
-            "eps": [replace(base, eps_scale=value) for value in config.lambdas],
+            "eps": [replace(base, eps_scale=value) for value in config.lambdas]
+            + [replace(base, eps_scale=config.eps_slope_mean, eps_slope=k) for k in config.slopes],
             "leak": [base, replace(base, start=LEAK)],
             "fixes": [base] + [Setting(fix, "ddim", n, n, n, start=OWN_NOISE if fix == "offset" else PLAIN)
                                for fix in config.fix_names]}

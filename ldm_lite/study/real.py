@@ -24,7 +24,7 @@ from ldm_lite.schedulers import from_config
 from ldm_lite.study.config import CLASS_NAMES, QualityStudyConfig, grid_scale
 from ldm_lite.study.demo import class_rows, load_study_data, save_class_grid
 from ldm_lite.study.evaluate import Evaluator, offset_training_noise
-from ldm_lite.study.findings import quality_findings, significant
+from ldm_lite.study.findings import CLIPPED, quality_findings, significant
 from ldm_lite.study.plan import (Clock, Plan, extra_seconds, measure_speed, plan_study, setting_seconds,
                                  study_parts)
 from ldm_lite.study.report import format_quality_results, write_report
@@ -214,29 +214,41 @@ def _run_quality_study(config: QualityStudyConfig, device: torch.device, shards:
 
 # ----------------------------------------------------------------------------- tables and figures
 
-IDENTITY = {"samplers": ("sampler", "level", "nfe", "steps"), "eps": ("eps_scale",), "leak": ("start",),
-            "fixes": ("model", "start")}
+IDENTITY = {"samplers": ("sampler", "x0_clipping", "level", "nfe", "steps", "t0"), "eps": ("eps_scale", "eps_slope", "steps"),
+            "leak": ("start",), "fixes": ("model", "start")}
 BIAS_COLUMNS = ("w1", "w1_sd", "ks", "std_ratio", "mean", "hf_log10", "n", "seconds")
 
 
 def quality_tables(parts: dict, rows: dict, scan: dict, terciles: list, steering: list) -> dict:
-    """The report's tables, each led by KID (see `comparison_rows`) against its baseline: DDIM at the same NFE
-    (part 1), lambda 1 (part 2), plain noise (part 3), the standard model (part 4)."""
+    """The report's tables, each led by KID (see `comparison_rows`) against its baseline: unclipped DDIM at the
+    same NFE (part 1, whose sampler column names the variant: `sampler_label`), lambda 1 (part 2), plain noise
+    (part 3), the standard model (part 4)."""
     samplers = parts["samplers"]
 
     def same_level(setting):
         peers = [s for s in samplers if s.level == setting.level and s.key in rows]
-        return next((s for s in peers if s.sampler == "ddim"), None)  # without DDIM the rows say "no baseline"
+        # without unclipped DDIM the rows say "no baseline"
+        return next((s for s in peers if (s.sampler, s.clip_sample, s.spacing) == ("ddim", False, None)), None)
 
     scanned = [dict(eps_scale=c, eps_norm_gap=g) for c, g in zip(scan["candidates"], scan["gap"])] if scan else []
-    gaps = {row["eps_scale"]: row["eps_norm_gap"] for row in scanned}
-    eps = comparison_rows(parts["eps"], rows, IDENTITY["eps"], lambda s: replace(s, eps_scale=1.0))
+    gaps = {row["eps_scale"]: row["eps_norm_gap"] for row in scanned}  # the scan holds constant lambdas only
+    eps = comparison_rows(parts["eps"], rows, IDENTITY["eps"], lambda s: replace(s, eps_scale=1.0, eps_slope=0.0))
     for row in eps:
-        row["eps_norm_gap"] = gaps.get(row["eps_scale"], math.nan)
-    return {"samplers": comparison_rows(samplers, rows, IDENTITY["samplers"], same_level), "eps": eps,
+        row["eps_norm_gap"] = math.nan if row["eps_slope"] else gaps.get(row["eps_scale"], math.nan)
+    sampler_rows = comparison_rows(samplers, rows, IDENTITY["samplers"], same_level)
+    for row, setting in zip(sampler_rows, [s for s in samplers if s.key in rows]):
+        row["sampler"] = sampler_label(setting, row["x0_clipping"])
+    return {"samplers": sampler_rows, "eps": eps,
             "leak": comparison_rows(parts["leak"], rows, IDENTITY["leak"], lambda s: parts["leak"][0]),
             "scan": scanned, "steering": steering, "terciles": terciles,
             "fixes": comparison_rows(parts["fixes"], rows, IDENTITY["fixes"], lambda s: parts["fixes"][0])}
+
+
+def sampler_label(setting, x0_clipping: str) -> str:
+    """Part 1's name of a setting's sampler: its alias, its spacing when not the run's, and whether it clipped
+    x0 (the row's x0_clipping), e.g. "ddim (quadratic spacing)", "ddim (x0 clipped)"."""
+    label = setting.sampler + (f" ({setting.spacing} spacing)" if setting.spacing else "")
+    return label + (CLIPPED if x0_clipping != "off" else "")
 
 
 def comparison_rows(settings: list, rows: dict, identity: tuple, baseline_of) -> list:
@@ -268,7 +280,8 @@ def quality_figures(parts: dict, scan: dict | None, evaluator: Evaluator, result
     if tables["samplers"]:
         figures["fid_nfe"] = plots.plot_fid_nfe(tables["samplers"], out / "fid_nfe.png").name
     if scan is not None:
-        figures["eps_quality"] = plots.plot_eps_scale_quality(tables["eps"], out / "eps_scale_quality.png").name
+        constant = [row for row in tables["eps"] if not row["eps_slope"]]  # the sloped schedules are not on the axis
+        figures["eps_quality"] = plots.plot_eps_scale_quality(constant, out / "eps_scale_quality.png").name
         figures["eps_scan"] = plots.plot_eps_scale_scan(scan, out / "eps_scale_scan.png").name
     if tables["terciles"]:
         shown = [s for s in (*parts["leak"], *parts["fixes"][1:]) if s.key in evaluator.images]

@@ -88,20 +88,29 @@ def _quality_sections(results: QualityResults) -> list:
     tables, figures, config = results.tables, results.figures, results.config
     findings = quality_findings(tables)
     base = (f"the standard model, DDIM with {config['sample_steps']} steps from plain noise, unconditional (the null "
-            "label)")
+            "label), with the run's x0 clipping (clip_sample, on for pixel models)")
     return [
         ("Summary", f"<p>{len(results.models)} tiny class-conditional UNets, identical but for the fix, trained on "
          f"{html_page.escape(config['data'])} at {config['resolution']} px; every setting draws {results.samples} "
-         f"samples from the same seeds, compared with {results.reference['images']} training images.</p>"
+         f"samples from the same seeds, compared with {results.reference['images']} training images. Parts 2-4 "
+         f"share one base setting: DDIM at {config['sample_steps']} steps with the run's clip_sample (on for pixel "
+         "models), from plain noise, lambda 1.</p>"
          + _list([s for part in findings.values() for s in part]) + _figure(figures, "summary")),
         ("1. Samplers against the number of model calls",
          "<p>The standard model, unconditional samples from the same x_T per sampler; Heun takes 2N - 1 calls "
-         "for N steps. Baseline of kid_diff: DDIM at the same NFE.</p>" + COLUMNS_NOTE
+         "for N steps. Every sampler runs without x0 clipping (x0_clipping: off), so that clipping, which only "
+         "DDIM and Heun offer, does not decide the comparison; \"ddim (x0 clipped)\" is the base setting of parts "
+         "2-4, DDIM with the run's clipping, and \"ddim (quadratic spacing)\" DDIM at the DDIM paper's quadratic "
+         "timesteps (t0 = 0.8 T, up to 29 steps at T = 1000). t0: the first timestep. Baseline of kid_diff: "
+         "unclipped DDIM at the same NFE.</p>" + COLUMNS_NOTE
          + _figure(figures, "fid_nfe") + html_page.table(tables["samplers"])
          + _paragraph(findings["samplers"])),
         ("2. Epsilon scaling: the lambda FID picks and the one the exposure metric picks",
-         f"<p>{base}, with eps / lambda in every x0 estimate (Ning et al.); eps_norm_gap: RMS relative gap between "
-         "the eps-norm along sampling (from noised training images) and on forward-noised training images.</p>"
+         f"<p>{base}, with eps / lambda in every x0 estimate (Ning et al.), lambda on both sides of 1; rows with "
+         "eps_slope use lambda_t = k t + b over the step index t (N - 1 at the noisiest step), centred on their "
+         "eps_scale. eps_norm_gap: RMS relative gap between the eps-norm along sampling (from noised training images) "
+         "and on forward-noised training images (scanned for the constant lambdas). A pick at the grid's edge is "
+         "not called agreement: its optimum may lie beyond the grid.</p>"
          + html_page.table(tables["eps"]) + _paragraph(findings["eps"]) + _figure(figures, "eps_quality")
          + _figure(figures, "eps_scan")),
         ("3. Signal leak and DC steering",
@@ -158,11 +167,12 @@ def _list(sentences: list) -> str:
 
 
 def format_quality_results(results: QualityResults, markdown: bool = False) -> str:
-    """The study's tables and findings as plain text, or as markdown (report.md)."""
+    """The study's tables and findings as plain text, or as markdown (report.md); a column the rows lack (results
+    written before it existed, such as x0_clipping) is left out."""
     tables, findings = results.tables, quality_findings(results.tables)
     lead = ["kid", "kid_std", "fid", "kid_diff", "beyond_2sd", "w1", "std_ratio", "hf_log10"]
-    parts = [("1. Samplers against NFE", [(tables["samplers"], ["sampler", "nfe", *lead])], "samplers"),
-             ("2. Epsilon scaling", [(tables["eps"], ["eps_scale", *lead, "eps_norm_gap"])], "eps"),
+    parts = [("1. Samplers against NFE", [(tables["samplers"], ["sampler", "nfe", "x0_clipping", *lead])], "samplers"),
+             ("2. Epsilon scaling", [(tables["eps"], ["eps_scale", "eps_slope", *lead, "eps_norm_gap"])], "eps"),
              ("3. Signal leak and DC steering", [(tables["leak"], ["start", *lead]), (tables.get("steering", []), [
                  "steered_to", "t0", "sqrt_alpha_bar_t0", "n", "target_mean", "plain_mean", "samples_mean", "share"])],
               "leak"),
@@ -172,6 +182,7 @@ def format_quality_results(results: QualityResults, markdown: bool = False) -> s
     for title, shown, key in parts:
         lines += [f"### {title}", ""] if markdown else [title]
         for rows, columns in shown:
+            columns = [column for column in columns if rows and column in rows[0]]
             lines += [metrics.format_table(rows, columns, markdown=markdown) if rows else "(not evaluated)", ""]
         lines += [f"- {sentence}" if markdown else sentence for sentence in findings[key]] + [""]
     dropped = [f"- {line}" if markdown else line for line in results.dropped]
