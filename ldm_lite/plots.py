@@ -221,7 +221,7 @@ def plot_exposure(result: dict, path) -> Path:
 def plot_eps_scale_scan(scan: dict, path) -> Path:
     """Left: the eps-norm gap along the chain, sampling / forward - 1 per sampled timestep, one line per candidate
     lambda (below 1 blue, above red, 1 black). Right: its RMS over the chain against lambda, the best circled; a
-    best at the grid's edge says its optimum may lie beyond. scan: `metrics.scan_eps_scale`'s result."""
+    best at the grid's edge says its optimum may lie beyond. scan: `exposure.scan_eps_scale`'s result."""
     plt = _pyplot()
     forward, candidates = scan["forward"], scan["candidates"]
     fig, (along, rms) = plt.subplots(1, 2, figsize=(12, 4.5))

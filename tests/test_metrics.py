@@ -6,7 +6,7 @@ import pytest
 import scipy.stats
 import torch
 
-from ldm_lite import DDIMScheduler, DDPMScheduler, metrics, spectral
+from ldm_lite import DDIMScheduler, DDPMScheduler, exposure, metrics, spectral
 from ldm_lite.oracle import GaussianMixtureDenoiser
 from ldm_lite.schedules import named_alphas_cumprod
 
@@ -213,7 +213,7 @@ def make_scheduler(name, steps):
 def test_no_prediction_error_gives_zero_delta_and_matching_eps_norms(sampler):
     x0 = gaussian_data()
     scheduler = make_scheduler(sampler, 20)
-    result = metrics.exposure_bias(KnownX0Oracle(scheduler.alphas_cumprod, x0), scheduler, x0, batch_size=N,
+    result = exposure.exposure_bias(KnownX0Oracle(scheduler.alphas_cumprod, x0), scheduler, x0, batch_size=N,
                                    progress=False)
     # sigma_hat_t / sqrt(1 - ab_t): sampling error of a std over 512 samples averaged over 192 elements is ~0.2 %
     # (DDPM); DDIM replays the same eps exactly. 1.5 % bounds both, so delta_t <= (0.015 sqrt(1 - ab_t))^2.
@@ -271,7 +271,7 @@ def test_exact_posterior_mean_oracle_matches_the_predicted_chain(sampler):
     x0 = gaussian_data()
     scheduler = make_scheduler(sampler, 20)
     oracle = GaussianOracle(scheduler.alphas_cumprod)
-    result = metrics.exposure_bias(oracle, scheduler, x0, batch_size=N, progress=False)
+    result = exposure.exposure_bias(oracle, scheduler, x0, batch_size=N, progress=False)
     ratio, residual_std = predicted_chain(scheduler, oracle)
     measured_ratio = result["eps_norm_sampling"] / result["eps_norm_forward"]
     # sampling error: ~0.3 % on the eps-norm ratio, ~0.2 % on the residual std; 2 % tolerance
@@ -285,13 +285,13 @@ def test_eps_scale_scan_finds_the_planted_scale():
     x0 = gaussian_data(128, seed=7)
     scheduler = make_scheduler("ddim", 10)
     oracle = KnownX0Oracle(scheduler.alphas_cumprod, x0, scale=1.05)  # overestimates the noise by 5 %
-    scan = metrics.scan_eps_scale(oracle, scheduler, x0, [1.0, 1.025, 1.05, 1.075, 1.1], batch_size=128,
+    scan = exposure.scan_eps_scale(oracle, scheduler, x0, [1.0, 1.025, 1.05, 1.075, 1.1], batch_size=128,
                                   progress=False)
     assert scan["best"] == 1.05
     gaps = dict(zip(scan["candidates"], scan["gap"]))
     assert gaps[1.05] < 0.01 and min(gaps[1.0], gaps[1.1]) > 0.03, gaps
     with pytest.raises(ValueError, match="candidates"):
-        metrics.scan_eps_scale(oracle, scheduler, x0, [], progress=False)
+        exposure.scan_eps_scale(oracle, scheduler, x0, [], progress=False)
 
 
 def test_eps_norm_of_v_prediction_model_is_converted():
@@ -307,9 +307,9 @@ def test_eps_norm_of_v_prediction_model_is_converted():
         return (ab.sqrt() * eps_model(x, timesteps).double() - (1 - ab).sqrt() * x0.double()).float()
 
     seeded = dict(generator=torch.Generator().manual_seed(0), batch_size=64, progress=False)
-    expected = metrics.forward_eps_norm(eps_model, eps_scheduler, x0, **seeded)["eps_norm"]
+    expected = exposure.forward_eps_norm(eps_model, eps_scheduler, x0, **seeded)["eps_norm"]
     seeded["generator"] = torch.Generator().manual_seed(0)
-    got = metrics.forward_eps_norm(v_model, v_scheduler, x0, **seeded)["eps_norm"]
+    got = exposure.forward_eps_norm(v_model, v_scheduler, x0, **seeded)["eps_norm"]
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=0)
 
 

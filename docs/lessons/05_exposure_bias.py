@@ -11,7 +11,7 @@ open it as a notebook (jupytext percent format). Figures go to runs/lessons/05/.
 # arXiv:2308.15321; earlier Ning et al. 2023, arXiv:2301.11706, who fix it in training by perturbing the
 # inputs).
 #
-# Two measurements make it visible (`ldm_lite.metrics.exposure_bias`):
+# Two measurements make it visible (`ldm_lite.exposure.exposure_bias`):
 #
 # - **$\delta_t$** (Ning et al. sec. 4.2): start from real images $x_0$ noised to the first step and sample; at
 #   each $t$, the spread over samples of $\hat x_t - \sqrt{\bar\alpha_t} x_0$ should be $\sqrt{1 -
@@ -26,7 +26,7 @@ open it as a notebook (jupytext percent format). Figures go to runs/lessons/05/.
 # $\lambda_t \ge 1$ inside the sampler, $\hat x_0 = (x_t - \sqrt{1 - \bar\alpha_t}\ \epsilon_\theta / \lambda_t) /
 # \sqrt{\bar\alpha_t}$, with $\lambda_t = k t + b$ over the step index $t = 0, \dots, N - 1$ where $t = N - 1$ is
 # the *noisiest* step (their convention; `ldm_lite.eps_scale_schedule`). They report $b = 1.017$ for ADM on
-# CIFAR-10 at 100, 50 and 20 steps. `metrics.scan_eps_scale` picks $b$ by matching the two $\epsilon$-norm
+# CIFAR-10 at 100, 50 and 20 steps. `exposure.scan_eps_scale` picks $b$ by matching the two $\epsilon$-norm
 # curves.
 #
 # Where does the drift come from? Ning et al. (sec. 4) treat the network's prediction error as Gaussian noise on
@@ -39,7 +39,7 @@ open it as a notebook (jupytext percent format). Figures go to runs/lessons/05/.
 import matplotlib
 import torch
 
-from ldm_lite import eps_scale_schedule, metrics, plots
+from ldm_lite import eps_scale_schedule, exposure, plots
 from ldm_lite.data import synthetic_brightness, to_float
 from ldm_lite.oracle import brightness_mixture
 from ldm_lite.schedulers import from_config
@@ -89,7 +89,7 @@ if not lesson.quick:
 # %%
 curves, ratios = {}, {}
 for name, (model, x0) in models.items():
-    curves[name] = metrics.exposure_bias(model, scheduler, x0, num_inference_steps=STEPS, progress=False)
+    curves[name] = exposure.exposure_bias(model, scheduler, x0, num_inference_steps=STEPS, progress=False)
     slug = name.split()[0] if name.startswith("trained") else ("exact" if name == "exact denoiser" else "noisy")
     lesson.add_figure(plots.plot_exposure(curves[name], lesson.path(f"exposure_{slug}.png")),
                       f"eps-norm and delta_t along DDIM sampling: {name}")
@@ -128,7 +128,7 @@ for name, ratio in ratios.items():
 
 # %%
 late_gaps = {}
-scans = {name: metrics.scan_eps_scale(model, scheduler, x0, CANDIDATES, num_inference_steps=STEPS, progress=False)
+scans = {name: exposure.scan_eps_scale(model, scheduler, x0, CANDIDATES, num_inference_steps=STEPS, progress=False)
          for name, (model, x0) in models.items() if name != "exact denoiser"}
 for name, scan in scans.items():
     slug = "trained" if name.startswith("trained") else "noisy"
@@ -161,8 +161,8 @@ slopes = [-0.0002, 0.0, 0.0002]
 schedule_gaps = {}
 for k in slopes:
     lambdas = eps_scale_schedule(b, STEPS, slope=k)
-    result = metrics.exposure_bias(model, scheduler, x0, num_inference_steps=STEPS, eps_scale=lambdas, progress=False)
-    schedule_gaps[k] = metrics.eps_norm_gap(result["eps_norm_sampling"], result["eps_norm_forward"])
+    result = exposure.exposure_bias(model, scheduler, x0, num_inference_steps=STEPS, eps_scale=lambdas, progress=False)
+    schedule_gaps[k] = exposure.eps_norm_gap(result["eps_norm_sampling"], result["eps_norm_forward"])
     print(f"k = {k:+.4f}: lambda from {lambdas[0]:.4f} (first step) to {lambdas[-1]:.4f} (last); "
           f"gap {schedule_gaps[k]:.4f}")
 best_k = min(schedule_gaps, key=schedule_gaps.get)
@@ -178,7 +178,7 @@ late_b = late_gaps[name][1]
 fresh_x0, _ = exact.sample_data(N // 2, torch.Generator().manual_seed(2))
 fresh_late = {}
 for value in (1.0, late_b):
-    run = metrics.exposure_bias(NoisyDenoiser(exact, GAMMA), scheduler, fresh_x0, num_inference_steps=STEPS,
+    run = exposure.exposure_bias(NoisyDenoiser(exact, GAMMA), scheduler, fresh_x0, num_inference_steps=STEPS,
                                 eps_scale=value, progress=False)
     fresh_late[value] = abs((run["eps_norm_sampling"] / run["eps_norm_forward"])[half:-1].mean().item() - 1)
 lesson.finding(f"On fresh images, b = {late_b:g} takes the late eps-norm deviation of the model with error "

@@ -134,7 +134,7 @@ def _edge(value: float, grid: list) -> str:
 def eps_findings(rows: list, scan: list = ()) -> list:
     """Part 2. The constant lambda with the lowest FID (among the evaluated `rows` with eps_slope 0) against the
     lambda whose eps-norm along sampling is closest to the forward eps-norm (among every lambda of the scan,
-    `metrics.scan_eps_scale`; rows {eps_scale, eps_norm_gap}): whether they agree (a pick at the grid's edge is
+    `exposure.scan_eps_scale`; rows {eps_scale, eps_norm_gap}): whether they agree (a pick at the grid's edge is
     never called agreement: the optimum may lie beyond it), whether FID's pick beats lambda = 1 by more than two
     KID standard deviations, and what each sloped schedule changes against the constant lambda of its mean."""
     constant = [r for r in rows if not r.get("eps_slope")]

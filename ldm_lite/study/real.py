@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ldm_lite import metrics, plots
+from ldm_lite import exposure, metrics, plots
 from ldm_lite.data import save_image_grid, to_float
 from ldm_lite.distributed import init_world
 from ldm_lite.fid_reference import reference_images, reference_path, reference_statistics
@@ -91,11 +91,11 @@ def _fits(label: str, seconds: float, clock: Clock, results: QualityResults) -> 
 
 
 def exposure_scan(trained: dict, data: torch.Tensor, evaluator: Evaluator) -> dict:
-    """Part 2's exposure metric: `metrics.scan_eps_scale` on `exposure_images` training images (the standard
+    """Part 2's exposure metric: `exposure.scan_eps_scale` on `exposure_images` training images (the standard
     model, DDIM at sample_steps, unconditional): per lambda the eps-norm gap between sampling and training."""
     config = evaluator.config
     chosen = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed))[:config.exposure_images]
-    return metrics.scan_eps_scale(trained["model"], from_config(trained["config"]), data[chosen], config.lambdas,
+    return exposure.scan_eps_scale(trained["model"], from_config(trained["config"]), data[chosen], config.lambdas,
                                   num_inference_steps=config.sample_steps, seed=config.seed,
                                   batch_size=config.eval_batch_size, class_labels=trained["model"].config.num_classes,
                                   progress=config.progress, autocast_dtype=evaluator.autocast_dtype)

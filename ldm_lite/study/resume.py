@@ -81,7 +81,7 @@ def saved_extra(name: str, compute, models: dict, evaluator: Evaluator, grids: d
 
 
 def _scan_to_json(scan: dict) -> dict:
-    """What the tables and the scan plot use of `metrics.scan_eps_scale`'s result, as lists."""
+    """What the tables and the scan plot use of `exposure.scan_eps_scale`'s result, as lists."""
     def curve(trace):
         return {"timesteps": trace["timesteps"].tolist(), "eps_norm": trace["eps_norm"].tolist()}
     return {"candidates": list(scan["candidates"]), "gap": [float(g) for g in scan["gap"]], "best": scan["best"],

@@ -6,7 +6,7 @@ A latent model's data are encoded with its VAE first.
 """
 import torch
 
-from ldm_lite import metrics
+from ldm_lite import exposure, metrics
 from ldm_lite.checks import output_folder
 from ldm_lite.plots import plot_eps_scale_scan, plot_exposure, write_csv
 
@@ -32,18 +32,18 @@ def run(args):
     loaded, scheduler = load_model_and_scheduler(args)
     x0 = model_inputs(loaded, args)
     options = dict(seed=args.seed, batch_size=args.batch_size)
-    result = metrics.exposure_bias(loaded.unet, scheduler, x0, eps_scale=args.eps_scale, **options)
+    result = exposure.exposure_bias(loaded.unet, scheduler, x0, eps_scale=args.eps_scale, **options)
     keys = ("eps_norm_forward", "eps_norm_sampling", "residual_std", "target_std", "delta", "delta_reference")
     rows = [dict(step=i, timestep=int(t), **{k: float(result[k][i]) for k in keys})
             for i, t in enumerate(result["timesteps"])]
     files = [plot_exposure(result, out / "exposure.png"), write_csv(rows, out / "exposure.csv")]
     print(f"exposure bias, {len(x0)} images of {args.data}, {args.scheduler} {args.steps} steps, eps scale "
           f"{args.eps_scale:g}; eps-norm gap (RMS relative) "
-          f"{metrics.eps_norm_gap(result['eps_norm_sampling'], result['eps_norm_forward']):.4f}:")
+          f"{exposure.eps_norm_gap(result['eps_norm_sampling'], result['eps_norm_forward']):.4f}:")
     shown = sorted(set(torch.linspace(0, len(rows) - 1, min(len(rows), 8)).round().long().tolist()))
     print(metrics.format_table([rows[i] for i in shown]))
     if candidates:
-        scan = metrics.scan_eps_scale(loaded.unet, scheduler, x0, candidates, **options)
+        scan = exposure.scan_eps_scale(loaded.unet, scheduler, x0, candidates, **options)
         scan_rows = [dict(eps_scale=b, eps_norm_gap=g) for b, g in zip(scan["candidates"], scan["gap"])]
         files += [plot_eps_scale_scan(scan, out / "eps_scale_scan.png"),
                   write_csv(scan_rows, out / "eps_scale_scan.csv")]
