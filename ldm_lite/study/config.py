@@ -46,7 +46,8 @@ class StudyConfig:
             raise ValueError(f"minutes must be > 0, got {self.minutes}")
 
 
-FIXES = ("offset", "ip", "zero_snr")
+FIXES = ("offset", "ip", "zero_snr", "leaky")
+DEFAULT_FIXES = ("offset", "zero_snr", "leaky")  # with the standard model: four models, trained as two pairs
 AUTOCAST_CHOICES = ("auto", "bf16", "off")
 
 
@@ -70,8 +71,9 @@ class QualityStudyConfig(StudyConfig):
     nfes: str = option("10,20,50", "numbers of model calls of part 1 (Heun: the nearest 2N - 1 not above)")
     eps_scales: str = option("1.0,1.005,1.01,1.017,1.025", "epsilon-scaling lambdas of part 2 (DDIM)")
     exposure_images: int = option(256, "training images for part 2's eps-norm metric")
-    fixes: str = option(",".join(FIXES), "fixed models of part 4, trained like the standard one: offset, ip "
-                        "(input perturbation) and zero_snr (zero terminal SNR, v-prediction, trailing spacing)")
+    fixes: str = option(",".join(DEFAULT_FIXES), "models beside the standard one (part 4), trained like it: offset, ip "
+                        "(input perturbation), zero_snr (zero terminal SNR, v-prediction, trailing spacing) and leaky "
+                        "(Stable Diffusion's scaled_linear schedule, whose signal leak part 3 measures)")
     input_perturbation: float = option(0.1, "DDPM-IP gamma of the ip model")
     reference_images: int = option(10_000, "training images of the FID / KID reference, spread evenly over the "
                                    "data; their features are cached")

@@ -130,14 +130,15 @@ VERDICTS = {(False, False): "changes neither quality nor brightness measurably",
             (True, False): "changes quality, not brightness"}
 
 
-def change_findings(rows: list, label) -> list:
-    """Parts 3 and 4. Each row against its table's baseline row: does it change quality (KID) and brightness
-    (luminance W1 against the data), each judged against two standard deviations (KID's over subsets, W1's by
-    bootstrap)? label(row) names a row."""
-    base = next((r for r in rows if r.get("beyond_2sd") == "baseline"), None)
+def change_findings(rows: list, label, group=lambda row: None) -> list:
+    """Parts 3 and 4. Each row against its table's baseline row (of its `group(row)`: part 3 compares each model
+    with itself from plain noise): does it change quality (KID) and brightness (luminance W1 against the data),
+    each judged against two standard deviations (KID's over subsets, W1's by bootstrap)? label(row) names a row."""
+    bases = {group(r): r for r in rows if r.get("beyond_2sd") == "baseline"}
     sentences = []
-    for row in rows if base is not None else []:
-        if row is base:
+    for row in rows:
+        base = bases.get(group(row))
+        if base is None or row is base:
             continue
         kid_change, quality = significant(row, base, "kid", "kid_std")
         w1_change, brightness = significant(row, base, "w1", "w1_sd")
@@ -150,19 +151,35 @@ def change_findings(rows: list, label) -> list:
     return sentences
 
 
+def schedule_findings(rows: list) -> list:
+    """Part 3. What x_T keeps of the image under each model's schedule: sqrt(alpha_bar) at the first sampled step."""
+    return [f"{r['model']} ({r['schedule']} schedule, {r['spacing']} spacing): the first of {r['steps']} steps is "
+            f"t0 = {r['t0']}, where x_T keeps sqrt(alpha_bar) = {r['sqrt_alpha_bar_t0']:.4f} of the image." for r in rows]
+
+
 def steering_findings(rows: list) -> list:
-    """Part 3. How far DC steering moves the samples' mean brightness from plain noise's toward the target."""
-    return [f"Steering the leak's DC to the {r['steered_to']} tercile's mean ({r['target_mean']:+.3f}) moves the "
-            f"samples' mean brightness from {r['plain_mean']:+.3f} (plain noise) to {r['samples_mean']:+.3f}: "
-            f"{r['share']:.0%} of the way (sqrt(alpha_bar) = {r['sqrt_alpha_bar_t0']:.4f} at t0 = {r['t0']})."
-            for r in rows if math.isfinite(r["share"])]
+    """Part 3. How far DC steering moves the samples' mean brightness toward the target: from the paired,
+    unsteered leak-aware samples' (rows with "unsteered_mean"), or, in results.json written before the pairing,
+    from all plain-noise samples' ("plain_mean")."""
+    sentences = []
+    for r in (r for r in rows if math.isfinite(r["share"])):
+        if "unsteered_mean" in r:
+            what, start = f"the {r['model']} model's leak DC", f"{r['unsteered_mean']:+.3f} (the same seeds unsteered)"
+        else:
+            what, start = "the leak's DC", f"{r['plain_mean']:+.3f} (plain noise)"
+        sentences.append(f"Steering {what} to the {r['steered_to']} tercile's mean ({r['target_mean']:+.3f}) moves "
+                         f"the samples' mean brightness from {start} to {r['samples_mean']:+.3f}: {r['share']:.0%} of "
+                         f"the way (sqrt(alpha_bar) = {r['sqrt_alpha_bar_t0']:.4f} at t0 = {r['t0']}).")
+    return sentences
 
 
 def quality_findings(tables: dict) -> dict:
     """{part: sentences} of the study, each chosen by the numbers of its tables."""
     return {"samplers": sampler_findings(tables["samplers"]),
             "eps": eps_findings(tables["eps"], tables.get("scan", [])),
-            "leak": change_findings(tables["leak"], lambda r: f"the standard model from {r['start']}")
+            "leak": schedule_findings(tables.get("schedules", []))
+            + change_findings(tables["leak"], lambda r: f"the {r.get('model', 'standard')} model from {r['start']}",
+                              lambda r: r.get("model", "standard"))
             + steering_findings(tables["steering"]),
             "fixes": change_findings(tables["fixes"], lambda r: f"{r['model']} (from {r['start']})")
             + offset_findings(tables["terciles"])}

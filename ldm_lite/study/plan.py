@@ -63,7 +63,8 @@ class Setting:
 
 def study_parts(config: QualityStudyConfig) -> dict:
     """{part: [Setting]} of the four evaluations. Parts 2-4 share the base setting: the standard model, DDIM at
-    sample_steps from plain noise with lambda 1 (part 1's DDIM setting at that NFE too)."""
+    sample_steps from plain noise with lambda 1 (part 1's DDIM setting at that NFE too). Part 3 compares plain with
+    leak-aware x_T on the standard model (the control) and, when it trains, the leaky one (SD's schedule)."""
     n = config.sample_steps
     base = Setting("standard", "ddim", n, n, n)
     samplers = {}  # by key: NFE targets that give a sampler the same steps (Heun at 9 and 10) are one setting
@@ -73,9 +74,15 @@ def study_parts(config: QualityStudyConfig) -> dict:
             samplers.setdefault(setting.key, setting)
     return {"samplers": list(samplers.values()),
             "eps": [replace(base, eps_scale=value) for value in config.lambdas],
-            "leak": [base, replace(base, start=LEAK)],
+            "leak": [setting for model in leak_models(config)
+                     for setting in (replace(base, model=model), replace(base, model=model, start=LEAK))],
             "fixes": [base] + [Setting(fix, "ddim", n, n, n, start=OWN_NOISE if fix == "offset" else PLAIN)
                                for fix in config.fix_names]}
+
+
+def leak_models(config: QualityStudyConfig) -> list:
+    """The models of part 3 (and of its DC steering): the standard one, then the leaky one when it trains."""
+    return ["standard", *(name for name in config.fix_names if name == "leaky")]
 
 
 def sampler_steps(name: str, nfe: int) -> tuple:
@@ -229,9 +236,9 @@ def extra_seconds(config: QualityStudyConfig, speed: dict) -> dict:
 
 def extra_calls(config: QualityStudyConfig) -> dict:
     """Model calls of the evaluations that are not settings: the tercile samples of every model (part 4), DC
-    steering to two targets (part 3) and the eps-norm scan (forward pass and one chain per lambda, part 2)."""
+    steering to two targets per model of part 3 and the eps-norm scan (forward pass and one chain per lambda, part 2)."""
     steps, per_class = config.sample_steps, config.samples_per_class
-    return {"terciles": steps * per_class * 3 * (1 + len(config.fix_names)), "steering": steps * per_class * 2,
+    return {"terciles": steps * per_class * 3 * (1 + len(config.fix_names)), "steering": steps * per_class * 2 * len(leak_models(config)),
             "scan": steps * config.exposure_images * (1 + len(config.lambdas))}
 
 

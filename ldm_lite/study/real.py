@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ldm_lite import metrics, plots
-from ldm_lite.data import save_image_grid, to_float
+from ldm_lite.data import save_image_grid, to_float, to_uint8
 from ldm_lite.distributed import init_world
 from ldm_lite.leak import LeakStats
 from ldm_lite.models.inception import load_fid_inception
@@ -23,8 +23,8 @@ from ldm_lite.study.config import CLASS_NAMES, QualityStudyConfig, grid_scale
 from ldm_lite.study.demo import class_rows, load_study_data, save_class_grid
 from ldm_lite.study.evaluate import Evaluator, offset_training_noise
 from ldm_lite.study.findings import quality_findings, significant
-from ldm_lite.study.plan import (Clock, Plan, extra_seconds, measure_speed, plan_study, setting_seconds,
-                                 study_parts)
+from ldm_lite.study.plan import (LEAK, PLAIN, Clock, Plan, extra_seconds, leak_models, measure_speed, plan_study,
+                                 setting_seconds, study_parts)
 from ldm_lite.fid_reference import reference_images, reference_path, reference_statistics
 from ldm_lite.study.report import format_quality_results, write_report
 from ldm_lite.study.results import QualityResults, save_results
@@ -55,8 +55,7 @@ def run_evaluations(plan: Plan, parts: dict, models: dict, data, labels, evaluat
     config, rates = evaluator.config, dict(results.speed)
     done = {"rows": {}, "terciles": [], "steering": [], "scan": None}
     extras = {"terciles": lambda: tercile_rows(models, data, labels, evaluator, results),
-              "steering": lambda: steering_rows(models["standard"], data, labels, evaluator,
-                                                done["rows"][plan.settings[0].key]["mean"], results),
+              "steering": lambda: steering_rows(models, data, labels, evaluator, parts["leak"], results),
               "scan": lambda: exposure_scan(models["standard"], data, evaluator)}
     for part, extra, title in STAGES:
         for setting in [s for s in plan.settings if s in parts[part] and s.key not in done["rows"]]:
@@ -118,28 +117,47 @@ def tercile_rows(models: dict, data, labels, evaluator: Evaluator, results: Qual
     return rows
 
 
-def steering_rows(trained: dict, data, labels, evaluator: Evaluator, plain_mean: float,
-                  results: QualityResults) -> list:
-    """Part 3's DC steering (Everaert et al. 2024): the leak's DC coefficient of every channel fixed to the dark,
-    then the bright tercile's channel mean; samples' mean brightness against that target and plain noise's."""
+def steering_rows(models: dict, data, labels, evaluator: Evaluator, leak_settings: list, results: QualityResults) -> list:
+    """Part 3's DC steering (Everaert et al. 2024), per model of part 3 whose leak-aware setting ran: the leak's DC
+    coefficient of every channel fixed to the dark, then the bright tercile's channel mean. Sample i draws from the
+    same generator as the leak-aware setting's sample i, so the share of the way to the target is measured against
+    those paired, unsteered samples (the same leak but its DC term)."""
     config, rows, (channels, height, width) = evaluator.config, [], data.shape[1:]
-    scheduler = from_config(trained["config"])
-    scheduler.set_timesteps(config.sample_steps)
-    t0 = int(scheduler.timesteps[0])
-    for c in (0, len(CLASS_NAMES) - 1):
-        means = data[labels == c].mean(dim=(0, 2, 3))  # (C,)
-        leak = evaluator.leak.with_components({(k, (0, 0)): float(means[k]) * math.sqrt(height * width)
-                                               for k in range(channels)})
-        images = evaluator.draw(trained, scheduler, config.samples_per_class, config.sample_steps, leak=leak,
-                                class_labels=trained["model"].config.num_classes)
-        target, got = float(means.mean()), float(images.mean())
-        name = f"grid_steered_{CLASS_NAMES[c]}.png"
-        save_image_grid(images[:64], evaluator.out / name, nrow=16, scale=grid_scale(config))
-        results.grids[f"standard, leak DC steered to the {CLASS_NAMES[c]} tercile"] = name
-        rows.append(dict(model="standard", steered_to=CLASS_NAMES[c], t0=t0,
-                         sqrt_alpha_bar_t0=float(scheduler.alphas_cumprod[t0]) ** 0.5, n=len(images),
-                         target_mean=target, plain_mean=plain_mean, samples_mean=got,
-                         share=(got - plain_mean) / (target - plain_mean) if target != plain_mean else math.nan))
+    for setting in (s for s in leak_settings if s.start == LEAK and s.key in evaluator.images):
+        trained, name = models[setting.model], setting.model
+        unsteered = to_float(evaluator.images[setting.key][:config.samples_per_class])  # (n, C, H, W)
+        scheduler = from_config(trained["config"])
+        scheduler.set_timesteps(config.sample_steps)
+        t0 = int(scheduler.timesteps[0])
+        for c in (0, len(CLASS_NAMES) - 1):
+            means = data[labels == c].mean(dim=(0, 2, 3))  # (C,)
+            leak = evaluator.leak.with_components({(k, (0, 0)): float(means[k]) * math.sqrt(height * width)
+                                                   for k in range(channels)})
+            images = evaluator.draw(trained, scheduler, len(unsteered), config.sample_steps, leak=leak,
+                                    class_labels=trained["model"].config.num_classes)
+            # both means from uint8 samples, as the leak-aware setting saved its own
+            target, before, got = float(means.mean()), float(unsteered.mean()), float(to_float(to_uint8(images)).mean())
+            grid = f"grid_steered_{name}_{CLASS_NAMES[c]}.png"
+            save_image_grid(images[:64], evaluator.out / grid, nrow=16, scale=grid_scale(config))
+            results.grids[f"{name}, leak DC steered to the {CLASS_NAMES[c]} tercile"] = grid
+            rows.append(dict(model=name, steered_to=CLASS_NAMES[c], t0=t0,
+                             sqrt_alpha_bar_t0=float(scheduler.alphas_cumprod[t0]) ** 0.5, n=len(images),
+                             target_mean=target, unsteered_mean=before, samples_mean=got,
+                             share=(got - before) / (target - before) if target != before else math.nan))
+    return rows
+
+
+def schedule_rows(models: dict, names: list, steps: int) -> list:
+    """Per model of part 3: its schedule, spacing, first sampled timestep t0 at `steps` steps, and sqrt(alpha_bar)
+    there, the share of the image that x_T keeps (Everaert et al.: the leak)."""
+    rows = []
+    for name in (n for n in names if n in models):
+        scheduler = from_config(models[name]["config"])
+        scheduler.set_timesteps(steps)
+        t0 = int(scheduler.timesteps[0])
+        rows.append(dict(model=name, schedule=scheduler.config["beta_schedule"], steps=steps,
+                         spacing=scheduler.config["timestep_spacing"], t0=t0,
+                         sqrt_alpha_bar_t0=float(scheduler.alphas_cumprod[t0]) ** 0.5))
     return rows
 
 
@@ -198,6 +216,7 @@ def _run_quality_study(config: QualityStudyConfig, device: torch.device, shards:
                              models=[model_row(name, trained) for name, trained in models.items()])
     done = run_evaluations(plan, parts, models, data, dataset.labels, evaluator, clock, results)
     results.tables = quality_tables(parts, done["rows"], done["scan"], done["terciles"], done["steering"])
+    results.tables["schedules"] = schedule_rows(models, leak_models(config), config.sample_steps)
     with clock("figures"):
         quality_figures(parts, done["scan"], evaluator, results)
     results.findings = quality_findings(results.tables)
@@ -211,14 +230,14 @@ def _run_quality_study(config: QualityStudyConfig, device: torch.device, shards:
 
 # ----------------------------------------------------------------------------- tables and figures
 
-IDENTITY = {"samplers": ("sampler", "level", "nfe", "steps"), "eps": ("eps_scale",), "leak": ("start",),
+IDENTITY = {"samplers": ("sampler", "level", "nfe", "steps"), "eps": ("eps_scale",), "leak": ("model", "start"),
             "fixes": ("model", "start")}
 BIAS_COLUMNS = ("w1", "w1_sd", "ks", "std_ratio", "mean", "hf_log10", "n", "seconds")
 
 
 def quality_tables(parts: dict, rows: dict, scan: dict, terciles: list, steering: list) -> dict:
     """The report's tables, each led by KID (see `comparison_rows`) against its baseline: DDIM at the same NFE
-    (part 1), lambda 1 (part 2), plain noise (part 3), the standard model (part 4)."""
+    (part 1), lambda 1 (part 2), the same model from plain noise (part 3), the standard model (part 4)."""
     samplers = parts["samplers"]
 
     def same_level(setting):
@@ -231,7 +250,7 @@ def quality_tables(parts: dict, rows: dict, scan: dict, terciles: list, steering
     for row in eps:
         row["eps_norm_gap"] = gaps.get(row["eps_scale"], math.nan)
     return {"samplers": comparison_rows(samplers, rows, IDENTITY["samplers"], same_level), "eps": eps,
-            "leak": comparison_rows(parts["leak"], rows, IDENTITY["leak"], lambda s: parts["leak"][0]),
+            "leak": comparison_rows(parts["leak"], rows, IDENTITY["leak"], lambda s: replace(s, start=PLAIN)),
             "scan": scanned, "steering": steering, "terciles": terciles,
             "fixes": comparison_rows(parts["fixes"], rows, IDENTITY["fixes"], lambda s: parts["fixes"][0])}
 

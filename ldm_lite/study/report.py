@@ -106,8 +106,11 @@ def _quality_sections(results: QualityResults) -> list:
          + _figure(figures, "eps_scan")),
         ("3. Signal leak and DC steering",
          f"<p>{base}, from plain x_T and from leak-aware x_T (dct+pixel statistics of the training images, "
-         "Everaert et al.). Steering fixes the leak's DC to a tercile's mean brightness; its samples are meant to "
-         "differ from the data, so they get brightness figures, not FID.</p>" + html_page.table(tables["leak"])
+         "Everaert et al.); the same for the leaky model (Stable Diffusion's scaled_linear schedule) when it "
+         "trained, the standard model being the control. Steering fixes the leak's DC to a tercile's mean "
+         "brightness; its share of the way is measured against the same seeds' leak-aware samples, unsteered. "
+         "Steered samples are meant to differ from the data, so they get brightness figures, not FID.</p>"
+         + "".join(html_page.table(rows) for rows, _ in _schedules(tables)) + html_page.table(tables["leak"])
          + html_page.table(tables["steering"]) + _paragraph(findings["leak"])),
         ("4. The fixes against the standard recipe",
          f"<p>Each model unconditionally with DDIM, {config['sample_steps']} steps (the zero-SNR model with trailing "
@@ -163,9 +166,9 @@ def format_quality_results(results: QualityResults, markdown: bool = False) -> s
     lead = ["kid", "kid_std", "fid", "kid_diff", "beyond_2sd", "w1", "std_ratio", "hf_log10"]
     parts = [("1. Samplers against NFE", [(tables["samplers"], ["sampler", "nfe", *lead])], "samplers"),
              ("2. Epsilon scaling", [(tables["eps"], ["eps_scale", *lead, "eps_norm_gap"])], "eps"),
-             ("3. Signal leak and DC steering", [(tables["leak"], ["start", *lead]), (tables.get("steering", []), [
-                 "steered_to", "t0", "sqrt_alpha_bar_t0", "n", "target_mean", "plain_mean", "samples_mean", "share"])],
-              "leak"),
+             ("3. Signal leak and DC steering", [*_schedules(tables),
+                                                 (tables["leak"], _present(tables["leak"], ["model", "start", *lead])),
+                                                 (tables.get("steering", []), _steering_columns(tables))], "leak"),
              ("4. Fixes", [(tables["fixes"], ["model", "start", *lead]), (tables.get("terciles", []), [
                  "model", "asked", "n", "data_mean", "samples_mean", "gap"])], "fixes")]
     lines = []
@@ -176,3 +179,24 @@ def format_quality_results(results: QualityResults, markdown: bool = False) -> s
         lines += [f"- {sentence}" if markdown else sentence for sentence in findings[key]] + [""]
     dropped = [f"- {line}" if markdown else line for line in results.dropped]
     return "\n".join(lines + dropped)
+
+
+SCHEDULE_COLUMNS = ["model", "schedule", "spacing", "steps", "t0", "sqrt_alpha_bar_t0"]
+
+
+def _schedules(tables: dict) -> list:
+    """[(the schedules table, its columns)], or [] for results.json written before it."""
+    return [(tables["schedules"], SCHEDULE_COLUMNS)] if tables.get("schedules") else []
+
+
+def _present(rows: list, columns: list) -> list:
+    """The `columns` the rows hold (a results.json written before a column existed lacks it)."""
+    return [c for c in columns if any(c in row for row in rows)] if rows else columns
+
+
+def _steering_columns(tables: dict) -> list:
+    """The steering table's columns: paired rows (model, unsteered_mean), or the plain_mean of older results."""
+    if any("unsteered_mean" in row for row in tables.get("steering", [])):
+        return ["model", "steered_to", "t0", "sqrt_alpha_bar_t0", "n", "target_mean", "unsteered_mean",
+                "samples_mean", "share"]
+    return ["steered_to", "t0", "sqrt_alpha_bar_t0", "n", "target_mean", "plain_mean", "samples_mean", "share"]

@@ -15,9 +15,10 @@ from ldm_lite.training import train
 
 def train_config(config: StudyConfig, name: str, minutes: float, threads: int = 0, steps: int | None = None):
     """The training config of one of the study's models (tiny, class-conditional, null labels 10%): "standard",
-    or a fix: "offset" (offset noise), "ip" (input perturbation), "zero_snr" (v-prediction, trailing spacing)."""
+    or a fix: "offset" (offset noise), "ip" (input perturbation), "zero_snr" (v-prediction, trailing spacing), or
+    "leaky": the standard recipe on Stable Diffusion's schedule (`StudyConfig.BETAS`), whose signal leak is large."""
     zero_snr = name == "zero_snr"
-    beta_schedule, beta_start, beta_end = config.BETAS
+    beta_schedule, beta_start, beta_end = StudyConfig.BETAS if name == "leaky" else config.BETAS
     return config_from_dict({
         "data": {"source": config.data, "resolution": config.resolution, "synthetic_size": config.synthetic_size,
                  "max_images": config.max_images, "labels": "dataset" if config.data == "synthetic" else "brightness"},
