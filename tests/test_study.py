@@ -21,10 +21,10 @@ from conftest import fid_weights_installed
 import torch
 from PIL import Image
 
-from ldm_lite import metrics
+from ldm_lite import fid_reference, metrics
 from ldm_lite.data import synthetic_brightness, to_float, to_uint8
 from ldm_lite.models import inception, load_unet
-from ldm_lite.quality import FidStatistics, inception_features, quality_report
+from ldm_lite.quality import FidStatistics, inception_features, kernel_inception_distance, quality_report
 from ldm_lite.runs import run_config
 from ldm_lite.sampling import initial_noise, sample, sample_generators
 from ldm_lite.schedulers import from_config
@@ -295,6 +295,51 @@ def test_quick_study_measures_the_leak_on_both_schedules(quick_study):
         paired = float(to_float(leak_aware["samples"][:4]).mean())
         assert row["n"] == 4 and row["unsteered_mean"] == pytest.approx(paired, abs=1e-6)
         assert row["share"] == pytest.approx((row["samples_mean"] - paired) / (row["target_mean"] - paired))
+
+
+@needs_wheel
+def test_quick_study_tables_start_with_the_real_data_floor(quick_study):
+    """The floor: 48 training images outside the 32-image reference (no test split beside synthetic data), chosen
+    here by hand, their KID against the reference recomputed; every quality table of report.md starts with
+    it, and the findings compare settings with it."""
+    out, results = quick_study
+    from safetensors.torch import load_file
+    images = synthetic_brightness(256, 8, seed=0).images
+    outside = sorted(set(range(256)) - set(torch.linspace(0, 255, 32).round().long().tolist()))
+    held_out = images[[outside[i] for i in torch.linspace(0, len(outside) - 1, 48).round().long().tolist()]]
+    saved = load_file(str(out / "eval" / "real_data.safetensors"))
+    assert torch.equal(saved["samples"], held_out)
+    kid = kernel_inception_distance(saved["features"], FidStatistics.load(results.reference["path"]).features)
+    [floor] = results.tables["floor"]
+    assert floor["n"] == 48 and floor["source"] == "synthetic: training images outside the reference"
+    assert (floor["kid"], floor["kid_std"]) == pytest.approx(kid, rel=1e-9)
+    report = (out / "report.md").read_text()
+    for first_column in ("sampler", "eps_scale", "model"):
+        assert f"| {first_column} |" in report
+    assert report.count("| real data |") == 4  # samplers, eps, leak, fixes
+    assert f"The floor: 48 held-out real images (synthetic: training images outside the reference) score KID " \
+           f"{floor['kid']:.4f}" in report
+    assert f"Against the real-data floor (KID {floor['kid']:.4f} of 48 held-out images)" in report
+
+
+def test_the_floor_comes_from_the_test_folder_beside_the_data(tmp_path):
+    """An image folder .../train with a sibling .../test: the floor's images are n test images spread over the
+    split; without one, training images the reference does not hold."""
+    for split, count in (("train", 6), ("test", 5)):
+        (tmp_path / split / "a").mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (8, 8), (40 * i, 10, 200 if split == "test" else 0)).save(tmp_path / split / "a" / f"{i}.png")
+    config = QualityStudyConfig(out="unused", data=str(tmp_path / "train"), resolution=8, progress=False)
+    test, source = study_module.load_test_split(config, 4)
+    assert source == str(tmp_path / "test") and test.shape == (4, 3, 8, 8)
+    assert test[:, 2].float().mean() == 200 and test[:, 0, 0, 0].tolist() == [0, 40, 120, 160]  # 4 of 5, spread
+    shutil.rmtree(tmp_path / "test")
+    assert study_module.load_test_split(config, 4) == (None, None)
+    train = torch.arange(10).view(10, 1, 1, 1).to(torch.uint8)
+    # a reference of 4 of 10 holds 0, 3, 6, 9; the floor takes 3 of the other 6 (1, 2, 4, 5, 7, 8) at positions
+    # 0, 2.5 and 5 rounded half to even: 0, 2, 5
+    assert fid_reference.held_out_images(train, 4, 3).flatten().tolist() == [1, 4, 8]
+    assert fid_reference.held_out_images(train, 4, 3, test_images=train[:2] + 100).flatten().tolist() == [100, 101]
 
 
 @needs_wheel

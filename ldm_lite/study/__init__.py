@@ -7,7 +7,7 @@ samples, features and row; `shards.py` torchrun sharding; `resume.py` what a res
 typed results and results.json; `findings.py` the sentences, chosen by the numbers; `report.py` HTML and markdown.
 """
 from ldm_lite.study.config import CLASS_NAMES, FIXES, QualityStudyConfig, StudyConfig
-from ldm_lite.study.demo import run_demo
+from ldm_lite.study.demo import load_test_split, run_demo
 from ldm_lite.study.evaluate import Evaluator, offset_training_noise
 from ldm_lite.study.findings import (band_findings, change_findings, eps_findings, leak_findings, offset_findings,
                                      quality_findings, sampler_findings, steering_findings)

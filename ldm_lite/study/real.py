@@ -6,6 +6,7 @@ picked by FID and by the eps-norm, the signal leak, and the fixes. A plan fitted
 expensive evaluations first and says so."""
 import dataclasses
 import datetime
+import json
 import math
 import time
 from dataclasses import replace
@@ -20,12 +21,12 @@ from ldm_lite.leak import LeakStats
 from ldm_lite.models.inception import load_fid_inception
 from ldm_lite.schedulers import from_config
 from ldm_lite.study.config import CLASS_NAMES, QualityStudyConfig, grid_scale
-from ldm_lite.study.demo import class_rows, load_study_data, save_class_grid
+from ldm_lite.study.demo import class_rows, load_study_data, load_test_split, save_class_grid
 from ldm_lite.study.evaluate import Evaluator, offset_training_noise
 from ldm_lite.study.findings import quality_findings, significant
 from ldm_lite.study.plan import (LEAK, PLAIN, Clock, Plan, extra_seconds, leak_models, measure_speed, plan_study,
                                  setting_seconds, study_parts)
-from ldm_lite.fid_reference import reference_images, reference_path, reference_statistics
+from ldm_lite.fid_reference import held_out_images, reference_images, reference_path, reference_statistics
 from ldm_lite.study.report import format_quality_results, write_report
 from ldm_lite.study.results import QualityResults, save_results
 from ldm_lite.study.resume import check_study_settings, first_choices, record_choices, saved_extra
@@ -147,6 +148,21 @@ def steering_rows(models: dict, data, labels, evaluator: Evaluator, leak_setting
     return rows
 
 
+def real_data_floor(config: QualityStudyConfig, images: torch.Tensor, reference_count: int,
+                    evaluator: Evaluator) -> dict | None:
+    """The row every quality table starts with: n held-out real images (n = the samples per setting) scored against
+    the same reference, what a perfect model would score at that n. From the data's test split when it has one
+    (`load_test_split`), else from the training images outside the reference; None when fewer than 4 remain."""
+    test, source = load_test_split(config, evaluator.samples)
+    held_out = held_out_images(images, reference_count, evaluator.samples, test)
+    if len(held_out) < 4:  # KID draws two subsets of n // 2
+        return None
+    source = source or f"{config.data}: training images outside the reference"
+    key = json.dumps({"real data": source, "n": len(held_out), "reference": evaluator.reference_name})
+    row = evaluator.scored("real_data", key, lambda: held_out, {"source": source})
+    return {name: row[name] for name in ("source", "kid", "kid_std", "fid", *BIAS_COLUMNS)}
+
+
 def schedule_rows(models: dict, names: list, steps: int) -> list:
     """Per model of part 3: its schedule, spacing, first sampled timestep t0 at `steps` steps, and sqrt(alpha_bar)
     there, the share of the image that x_T keeps (Everaert et al.: the leak)."""
@@ -214,8 +230,11 @@ def _run_quality_study(config: QualityStudyConfig, device: torch.device, shards:
                              estimates=plan.estimates, samples=plan.samples,
                              reference={"path": str(ref_path), "images": len(chosen), "source": reference.source},
                              models=[model_row(name, trained) for name, trained in models.items()])
+    with clock("real-data floor"):
+        floor = real_data_floor(config, dataset.images, len(chosen), evaluator)
     done = run_evaluations(plan, parts, models, data, dataset.labels, evaluator, clock, results)
     results.tables = quality_tables(parts, done["rows"], done["scan"], done["terciles"], done["steering"])
+    results.tables["floor"] = [floor] if floor else []
     results.tables["schedules"] = schedule_rows(models, leak_models(config), config.sample_steps)
     with clock("figures"):
         quality_figures(parts, done["scan"], evaluator, results)

@@ -97,12 +97,12 @@ def _quality_sections(results: QualityResults) -> list:
         ("1. Samplers against the number of model calls",
          "<p>The standard model, unconditional samples from the same x_T per sampler; Heun takes 2N - 1 calls "
          "for N steps. Baseline of kid_diff: DDIM at the same NFE.</p>" + COLUMNS_NOTE
-         + _figure(figures, "fid_nfe") + html_page.table(tables["samplers"])
+         + _figure(figures, "fid_nfe") + html_page.table(with_floor(tables["samplers"], tables))
          + _paragraph(findings["samplers"])),
         ("2. Epsilon scaling: the lambda FID picks and the one the exposure metric picks",
          f"<p>{base}, with eps / lambda in every x0 estimate (Ning et al.); eps_norm_gap: RMS relative gap between "
          "the eps-norm along sampling (from noised training images) and on forward-noised training images.</p>"
-         + html_page.table(tables["eps"]) + _paragraph(findings["eps"]) + _figure(figures, "eps_quality")
+         + html_page.table(with_floor(tables["eps"], tables)) + _paragraph(findings["eps"]) + _figure(figures, "eps_quality")
          + _figure(figures, "eps_scan")),
         ("3. Signal leak and DC steering",
          f"<p>{base}, from plain x_T and from leak-aware x_T (dct+pixel statistics of the training images, "
@@ -110,13 +110,14 @@ def _quality_sections(results: QualityResults) -> list:
          "trained, the standard model being the control. Steering fixes the leak's DC to a tercile's mean "
          "brightness; its share of the way is measured against the same seeds' leak-aware samples, unsteered. "
          "Steered samples are meant to differ from the data, so they get brightness figures, not FID.</p>"
-         + "".join(html_page.table(rows) for rows, _ in _schedules(tables)) + html_page.table(tables["leak"])
+         + "".join(html_page.table(rows) for rows, _ in _schedules(tables))
+         + html_page.table(with_floor(tables["leak"], tables))
          + html_page.table(tables["steering"]) + _paragraph(findings["leak"])),
         ("4. The fixes against the standard recipe",
          f"<p>Each model unconditionally with DDIM, {config['sample_steps']} steps (the zero-SNR model with trailing "
          "spacing, the offset model from its own training noise, randn + s randn(C, 1, 1)); then asked for each "
          "brightness tercile. The leaky model is the standard recipe on Stable Diffusion's schedule: against the "
-         "standard model it shows what that schedule costs, the offset and zero-SNR models what they buy.</p>" + html_page.table(tables["fixes"]) + html_page.table(tables["terciles"])
+         "standard model it shows what that schedule costs, the offset and zero-SNR models what they buy.</p>" + html_page.table(with_floor(tables["fixes"], tables)) + html_page.table(tables["terciles"])
          + _paragraph(findings["fixes"])),
         ("Plan, budget and timings", _plan_section(results)),
         ("Sample grids", "".join(_grid(path, label) for label, path in results.grids.items())),
@@ -165,12 +166,16 @@ def format_quality_results(results: QualityResults, markdown: bool = False) -> s
     """The study's tables and findings as plain text, or as markdown (report.md)."""
     tables, findings = results.tables, quality_findings(results.tables)
     lead = ["kid", "kid_std", "fid", "kid_diff", "beyond_2sd", "w1", "std_ratio", "hf_log10"]
-    parts = [("1. Samplers against NFE", [(tables["samplers"], ["sampler", "nfe", *lead])], "samplers"),
-             ("2. Epsilon scaling", [(tables["eps"], ["eps_scale", *lead, "eps_norm_gap"])], "eps"),
+    floor = [("Real data: the floor", [(tables["floor"], ["source", "n", "kid", "kid_std", "fid", "w1", "std_ratio",
+                                                          "hf_log10"])], "floor")] if tables.get("floor") else []
+    parts = [*floor, ("1. Samplers against NFE", [(with_floor(tables["samplers"], tables), ["sampler", "nfe", *lead])],
+                      "samplers"),
+             ("2. Epsilon scaling", [(with_floor(tables["eps"], tables), ["eps_scale", *lead, "eps_norm_gap"])], "eps"),
              ("3. Signal leak and DC steering", [*_schedules(tables),
-                                                 (tables["leak"], _present(tables["leak"], ["model", "start", *lead])),
+                                                 (with_floor(tables["leak"], tables),
+                                                  _present(tables["leak"], ["model", "start", *lead])),
                                                  (tables.get("steering", []), _steering_columns(tables))], "leak"),
-             ("4. Fixes", [(tables["fixes"], ["model", "start", *lead]), (tables.get("terciles", []), [
+             ("4. Fixes", [(with_floor(tables["fixes"], tables), ["model", "start", *lead]), (tables.get("terciles", []), [
                  "model", "asked", "n", "data_mean", "samples_mean", "gap"])], "fixes")]
     lines = []
     for title, shown, key in parts:
@@ -183,6 +188,17 @@ def format_quality_results(results: QualityResults, markdown: bool = False) -> s
 
 
 SCHEDULE_COLUMNS = ["model", "schedule", "spacing", "steps", "t0", "sqrt_alpha_bar_t0"]
+
+
+def with_floor(rows: list, tables: dict) -> list:
+    """A quality table as shown: led by the real-data floor (tables["floor"]), its first column saying "real data",
+    the columns it has no value for empty; the rows as they are when there is no floor (older results)."""
+    if not rows or not tables.get("floor"):
+        return rows
+    floor = tables["floor"][0]
+    first = {name: floor.get(name, "") for name in rows[0]}
+    first.update({next(iter(rows[0])): "real data", "kid_diff": "", "beyond_2sd": "floor"})
+    return [first, *rows]
 
 
 def _schedules(tables: dict) -> list:
