@@ -343,6 +343,38 @@ def test_the_floor_comes_from_the_test_folder_beside_the_data(tmp_path):
 
 
 @needs_wheel
+def test_unet_from_runs_parts_1_to_3_on_an_exported_run(quick_study, tmp_path, monkeypatch):
+    """--unet-from an export (`python -m analysis export`) of the quick study's standard model (10 steps): nothing
+    trains, part 4 holds the base setting only and no tercile samples; the base setting's samples are what the
+    export gives through load_model and the public sampling API."""
+    from safetensors.torch import load_file
+    from ldm_lite.export import export_diffusers
+    from ldm_lite.runs import load_model
+    out, _ = quick_study
+    speed = {"device": "cpu", "batch": 8, "fp32_calls_per_second": 1e3, "autocast": "off", "processes": 1,
+             "calls_per_second": 1e3, "inception_per_second": 1e2}  # the budget never binds: no need to measure
+    monkeypatch.setattr(real, "measure_speed", lambda *args: dict(speed))
+    exported = export_diffusers(out / "model_standard", tmp_path / "export")
+    study_out = tmp_path / "study"
+    results = run_study(QualityStudyConfig(out=str(study_out), **{
+        **QUICK, "unconditional_samples": 8, "eps_scales": "1.0", "samples_per_class": 2, "exposure_images": 4,
+        "unet_from": str(exported)}))
+    assert not any(part.startswith("train") for part in results.timings) and not list(study_out.glob("model_*"))
+    assert [r["model"] for r in results.tables["fixes"]] == ["standard"] and results.tables["terciles"] == []
+    assert [(r["model"], r["start"]) for r in results.tables["leak"]] == [
+        ("standard", "plain noise"), ("standard", "signal leak (dct+pixel)")]
+    assert [r["model"] for r in results.tables["steering"]] == ["standard", "standard"]
+    assert results.models[0]["training_noise"] == "trained elsewhere"
+    loaded = load_model(exported)
+    images = sample(loaded.unet, from_config(loaded.scheduler_config, "ddim"), 8, num_inference_steps=5,
+                    class_labels=3, seed=0, progress=False)
+    assert torch.equal(to_uint8(images.clamp(-1, 1)), load_file(str(study_out / "eval" / f"{BASE_KEY}.safetensors"))
+                       ["samples"])
+    with pytest.raises(ValueError, match="unet_from: '/nonexistent' does not exist"):
+        QualityStudyConfig(out="unused", data="synthetic", unet_from="/nonexistent")
+
+
+@needs_wheel
 def test_quick_study_resumes_without_retraining_or_resampling(quick_study, monkeypatch):
     """A second run in the same folder loads the trained models and the evaluated settings (same rows); a changed
     setting is refused before anything runs."""
@@ -482,12 +514,12 @@ def test_samplers_without_ddim_have_no_baseline():
 def test_a_resumed_study_keeps_its_first_sample_count_and_autocast(tmp_path):
     speed = {"autocast": "bf16", "fp32_calls_per_second": 100.0, "bf16_calls_per_second": 150.0,
              "calls_per_second": 150.0, "processes": 2}
-    record_choices(tmp_path, Plan([], 250, {}, []), speed)
+    record_choices(tmp_path, Plan([], 250, {}, [], reference=2000), speed)
     assert first_choices(tmp_path, dict(speed)) is None  # nothing evaluated yet: this run chooses
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "x.safetensors").write_bytes(b"")
     resumed_speed = {**speed, "autocast": "off", "calls_per_second": 200.0}  # the bf16 gain re-measured lower
-    assert first_choices(tmp_path, resumed_speed) == 250
+    assert first_choices(tmp_path, resumed_speed) == (250, 2000)
     assert resumed_speed["autocast"] == "bf16" and resumed_speed["calls_per_second"] == 300.0
 
 
@@ -500,11 +532,11 @@ def test_a_kept_sample_count_is_never_cut_and_plans_the_nfe_levels():
     without_50 = [s for s in order if s.level != 50]
     margin = 0.03 * 60 * 150 + 60
     between = (evaluation_seconds(config, without_50, 250, speed) + evaluation_seconds(config, order, 250, speed)) / 2
-    plan = plan_study(config, parts, speed, 0.0, False, between + margin, samples=250)
+    plan = plan_study(config, parts, speed, lambda count: True, False, between + margin, samples=250, reference=10)
     assert plan.samples == 250 and plan.settings == without_50
     assert plan.dropped[0] == "Samples per setting kept at 250, the count of the study's first evaluations."
     assert plan.dropped[1].startswith("Part 1 at NFE 50 (5 settings) dropped")
-    tight = plan_study(config, parts, speed, 0.0, False, margin + 1.0, samples=250)
+    tight = plan_study(config, parts, speed, lambda count: False, False, margin + 1.0, samples=250, reference=10)
     assert tight.samples == 250 and tight.dropped[-1].startswith("Nothing left to cut")
 
 
@@ -544,32 +576,69 @@ def test_markdown_tables():
     assert metrics.format_table(rows, markdown=True) == "| a | b |\n| --- | --- |\n| 1 | 0.1235 |\n| 2 | 1.5 |"
 
 
-def test_plan_drops_nfe_50_first_then_halves_the_samples():
-    """Costs by hand: per setting n NFE / calls_per_second + n / inception_per_second + 15 s, plus the extras'
-    model calls; the budget is set between the cuts, so each step of the plan shows."""
+def test_plan_cuts_settings_of_lower_importance_before_samples():
+    """Costs by hand: per setting n NFE / calls_per_second + n / inception_per_second + 15 s, the real-data floor
+    n / inception_per_second + 15 s, the extras' model calls, and uncached reference images at the Inception rate.
+    With the budget set just above the last cut, the plan drops NFE 50, halves the uncached reference twice (down
+    to 1000), drops part 1's other settings, then part 2 and its scan, and only then halves the samples."""
     config = QualityStudyConfig(out="unused", data="synthetic", minutes=150, exposure_images=10, samples_per_class=10,
-                                fixes="offset,ip,zero_snr")
+                                fixes="offset,ip,zero_snr", reference_images=4000)
     speed = {"calls_per_second": 100.0, "inception_per_second": 10.0}
     parts = study_parts(config)
     settings = list(dict.fromkeys(s for part in parts.values() for s in part))
     nfes = sorted(s.nfe for s in settings)
     # 5 samplers x 3 levels (Heun 9, 19, 49) + eps 1.005..1.025 (4) + leak (1) + 3 fixes = 23 settings
     assert len(settings) == 23 and sum(nfes) == 4 * (10 + 20 + 50) + 9 + 19 + 49 + 8 * 20
-    extras = 20 * (10 * 6 + 10 * (3 * 4 + 2))
-    cost = lambda n, total_nfe, count: (n * total_nfe + extras) / 100 + count * (n / 10 + 15)  # noqa: E731
+    terciles_steering, scan = 20 * 10 * (3 * 4 + 2), 20 * 10 * 6
+
+    def cost(n, total_nfe, count, with_scan=True):  # the settings, the floor and the extras
+        return (n * total_nfe + terciles_steering + with_scan * scan) / 100 + (count + 1) * (n / 10 + 15)
     assert evaluation_seconds(config, settings, 500, speed) == pytest.approx(cost(500, sum(nfes), 23))
-    without_50 = sum(nfes) - 4 * 50 - 49
+    # left: 9 settings without part 1 (NFE 20 but the base: 49 calls; NFE 10: 59 calls) and part 2 (4 x 20)
+    rest = sum(nfes) - (4 * 50 + 49) - (3 * 20 + 19) - (4 * 10 + 9) - 4 * 20
     margin, training = 0.03 * 9000 + 60, 0.55 * 9000
-    left = cost(250, without_50, 18) + margin + training + 1  # fits once NFE 50 is gone and n is halved once
-    plan = plan_study(config, parts, speed, reference_seconds=0.0, train_needed=True, seconds_left=left)
-    assert plan.samples == 250 and len(plan.settings) == 18 and max(s.level for s in plan.settings) == 20
-    assert plan.dropped[0].startswith("Part 1 at NFE 50 (5 settings) dropped: the evaluations were estimated at "
-                                      f"{cost(500, sum(nfes), 23) / 60:.1f} min")
-    assert plan.dropped[1].startswith("Samples per setting cut from 500 to 250") and len(plan.dropped) == 2
-    roomy = plan_study(config, parts, speed, 0.0, False, cost(500, sum(nfes), 23) + margin + 1)
-    assert roomy.dropped == [] and roomy.samples == 500 and len(roomy.settings) == 23
-    starved = plan_study(config, parts, speed, 0.0, True, 60.0)
+    left = 1000 / 10 + training + margin + cost(250, rest, 5, with_scan=False) + 1
+    plan = plan_study(config, parts, speed, lambda count: False, train_needed=True, seconds_left=left)
+    assert plan.samples == 250 and plan.reference == 1000 and len(plan.settings) == 5
+    assert plan.extras == ("terciles", "steering") and plan.estimates["reference features"] == 100.0
+    assert [line.split(":")[0] for line in plan.dropped] == [
+        "Part 1 at NFE 50 (5 settings) dropped", "Reference images cut from 4000 to 2000 (their features are not "
+        "cached)", "Reference images cut from 2000 to 1000 (their features are not cached)",
+        "Part 1 dropped (9 settings; the base setting stays)", "Part 2 dropped (4 settings and its scan; the base "
+        "setting stays)", "Samples per setting cut from 500 to 250"]
+    assert plan.dropped[0].split(": ")[1].startswith(f"the evaluations were estimated at "
+                                                     f"{cost(500, sum(nfes), 23) / 60:.1f} min")
+    cached = plan_study(config, parts, speed, lambda count: count == 4000, False, cost(500, sum(nfes), 23) + margin + 1)
+    assert cached.dropped == [] and (cached.samples, cached.reference) == (500, 4000) and len(cached.settings) == 23
+    assert cached.estimates["reference features"] == 0.0
+    starved = plan_study(config, parts, speed, lambda count: True, True, 60.0)
     assert starved.samples == 250 and starved.dropped[-1].startswith("Nothing left to cut")
+
+
+def test_twenty_minutes_on_an_empty_cache_fit_their_budget():
+    """--minutes 20, default settings, nothing cached, Inception at 14 images/s (two quiet cores): 10,000 reference
+    images alone would take 11.9 min, so the plan cuts them until training keeps its 55% and what always runs
+    (the base setting, the floor, the report) fits beside the reference and the margin."""
+    config = QualityStudyConfig(out="unused", data="synthetic", minutes=20)
+    speed = {"calls_per_second": 150.0, "inception_per_second": 14.0}
+    seconds_left = 20 * 60 - 60  # after loading the data and the network and measuring the speed
+    plan = plan_study(config, study_parts(config), speed, lambda count: False, True, seconds_left)
+    estimates = plan.estimates
+    assert plan.reference == 1250 and estimates["reference features"] == pytest.approx(1250 / 14)
+    assert plan.dropped[1].startswith("Reference images cut from 10000 to 5000 (their features are not cached)")
+    # the base setting at n: n x 20 calls at 150/s, then n / 14 s of features and 15 s of FID; the floor the same
+    # without the calls; a minute for the report
+    n = plan.samples
+    assert estimates["evaluations (least)"] == pytest.approx(n * 20 / 150 + 2 * (n / 14 + 15) + 60)
+    assert estimates["training (least)"] == 0.55 * 1200 and estimates["margin"] == 0.03 * 1200 + 60
+    assert (estimates["reference features"] + estimates["training (least)"] + estimates["evaluations (least)"]
+            + estimates["margin"]) <= seconds_left
+    # a budget too small for the training share: training gets what the reference, the least and the margin leave
+    small = plan_study(config, study_parts(config), speed, lambda count: True, True, 700.0)
+    least = small.estimates["evaluations (least)"]
+    assert small.estimates["training (least)"] == pytest.approx(700.0 - least - small.estimates["margin"])
+    # the KID difference detectable at n: 2 sqrt(2) kid_std, kid_std 0.003 at n = 500 scaled as 1 / sqrt(n)
+    assert study_module.detectable_kid_difference(125) == pytest.approx(2 * math.sqrt(2) * 0.003 * 2)
 
 
 def test_run_time_skips_follow_the_rates_the_settings_ran_at():

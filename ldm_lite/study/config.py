@@ -1,6 +1,7 @@
 """The study's two configs: `StudyConfig` (`python -m analysis demo`, synthetic data, minutes) and
 `QualityStudyConfig` (`python -m analysis study`, real images, FID / KID); their fields are the commands' flags."""
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 from ldm_lite.config import PRECISIONS, option
@@ -83,6 +84,8 @@ class QualityStudyConfig(StudyConfig):
     autocast: str = option("auto", "bf16 autocast of evaluation sampling: auto (on where measured faster), bf16, "
                            "off", choices=AUTOCAST_CHOICES)
     eval_batch_size: int = option(100, "images per model call when sampling for evaluation")
+    unet_from: str = option("", "a model trained elsewhere for parts 1-3, nothing trained: a diffusers UNet2DModel "
+                            "folder or pipeline, or an ldm_lite run or its export (python -m analysis export)")
 
     BETAS: ClassVar[tuple] = ("linear", 1e-4, 0.02)
 
@@ -98,6 +101,8 @@ class QualityStudyConfig(StudyConfig):
                 raise ValueError(f"{name} must be >= 4 (KID draws two subsets of n // 2), got {getattr(self, name)}")
         for name in self.sampler_names:
             scheduler_class(name)
+        if self.unet_from and not Path(self.unet_from).exists():
+            raise ValueError(f"unet_from: {self.unet_from!r} does not exist")
         unknown = [name for name in self.fix_names if name not in FIXES]
         if unknown:
             raise ValueError(f"fixes must be among {', '.join(FIXES)}, got {', '.join(unknown)}")
@@ -120,7 +125,8 @@ class QualityStudyConfig(StudyConfig):
 
     @property
     def fix_names(self) -> list:
-        return _items(self.fixes, str, "fixes")
+        """The models trained beside the standard one: none with --unet-from (its model takes the standard's place)."""
+        return [] if self.unet_from else _items(self.fixes, str, "fixes")
 
 
 def _items(text: str, kind, name: str) -> list:

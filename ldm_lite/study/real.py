@@ -24,14 +24,14 @@ from ldm_lite.study.config import CLASS_NAMES, QualityStudyConfig, grid_scale
 from ldm_lite.study.demo import class_rows, load_study_data, load_test_split, save_class_grid
 from ldm_lite.study.evaluate import Evaluator, offset_training_noise
 from ldm_lite.study.findings import quality_findings, significant
-from ldm_lite.study.plan import (LEAK, PLAIN, Clock, Plan, extra_seconds, leak_models, measure_speed, plan_study,
-                                 setting_seconds, study_parts)
+from ldm_lite.study.plan import (LEAK, PLAIN, REPORT_SECONDS, Clock, Plan, extra_seconds, leak_models,
+                                 measure_speed, plan_study, setting_seconds, study_parts)
 from ldm_lite.fid_reference import held_out_images, reference_images, reference_path, reference_statistics
 from ldm_lite.study.report import format_quality_results, write_report
 from ldm_lite.study.results import QualityResults, save_results
 from ldm_lite.study.resume import check_study_settings, first_choices, record_choices, saved_extra
 from ldm_lite.study.shards import Shards
-from ldm_lite.study.training import model_row, train_study_models, trained_record
+from ldm_lite.study.training import external_model, model_row, train_study_models, trained_record
 
 
 def study_device(name: str) -> torch.device:
@@ -69,7 +69,7 @@ def run_evaluations(plan: Plan, parts: dict, models: dict, data, labels, evaluat
             if not row.get("reused"):  # evaluated now, not read from an earlier run
                 rates["calls_per_second"] = plan.samples * setting.nfe / row["sampling_seconds"]
                 rates["seconds_after_sampling"] = row["seconds"] - row["sampling_seconds"]
-        if extra and _fits(EXTRA_NAMES[extra], extra_seconds(config, rates)[extra], clock, results):
+        if extra in plan.extras and _fits(EXTRA_NAMES[extra], extra_seconds(config, rates)[extra], clock, results):
             with clock(EXTRA_NAMES[extra]):
                 done[extra] = saved_extra(extra, extras[extra], models, evaluator, results.grids)
     results.speed["observed_calls_per_second"] = rates["calls_per_second"]
@@ -82,7 +82,7 @@ EXTRA_NAMES = {"terciles": "tercile samples (part 4)", "steering": "DC steering 
 
 def _fits(label: str, seconds: float, clock: Clock, results: QualityResults) -> bool:
     """Whether `seconds` of work and a minute for the report fit in what is left; if not, say it was skipped."""
-    if clock.left() >= seconds + 60:
+    if clock.left() >= seconds + REPORT_SECONDS:
         return True
     results.dropped.append(f"{label} skipped at run time: {max(clock.left(), 0) / 60:.1f} min of the budget were "
                               f"left and it needed about {seconds / 60:.1f} min, plus a minute for the report.")
@@ -207,21 +207,20 @@ def _run_quality_study(config: QualityStudyConfig, device: torch.device, shards:
         network = shards.network = load_fid_inception(device)
     with clock("measure speed"):
         speed = measure_speed(config, data.shape[1], network, device, shards.world.size)
-    chosen = reference_images(dataset.images, config.reference_images)
-    ref_path = reference_path(chosen, config.cache)
     names, parts = ["standard", *config.fix_names], study_parts(config)
-    cached = ref_path.is_file()
+    train_needed = not config.unet_from and any(name not in trained_record(out) for name in names)
+    kept = first_choices(out, speed)
+    cached = lambda count: reference_path(reference_images(dataset.images, count), config.cache).is_file()  # noqa: E731
+    plan = plan_study(config, parts, speed, cached, train_needed, clock.left(), *(kept or (None, None)))
+    if kept is None:
+        record_choices(out, plan, speed)
+    chosen = reference_images(dataset.images, plan.reference)
+    ref_path = reference_path(chosen, config.cache)
     with clock("reference features"):
         reference = reference_statistics(ref_path, chosen, shards.features, source=f"{config.data}: {len(chosen)} "
                                          f"training images at {config.resolution} px")
-    if not cached:  # thousands of images measure the Inception rate better than the start-up run
-        speed["inception_per_second"] = len(chosen) / clock.parts["reference features"]
-    train_needed = any(name not in trained_record(out) for name in names)
-    kept = first_choices(out, speed)
-    plan = plan_study(config, parts, speed, 0.0, train_needed, clock.left(), samples=kept)
-    if kept is None:
-        record_choices(out, plan, speed)
-    models = train_study_models(config, names, clock, plan, device)
+    models = {"standard": external_model(config, data.shape[1], device)} if config.unet_from else \
+        train_study_models(config, names, clock, plan, device)
     with clock("leak statistics"):
         leak = LeakStats.fit_batches(data.split(1024), "dct+pixel", 3)
     evaluator = Evaluator(config, device, torch.bfloat16 if speed["autocast"] == "bf16" else None, shards,

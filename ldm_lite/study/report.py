@@ -1,9 +1,11 @@
 """The study's report: report.html (both studies) and the plain-text and markdown tables (report.md), from the typed
 results (`load_results` reads them back from any results.json). Everything lands in `<out>/report.html` (plots,
 sample grids, the results tables with settings, seeds and run times); no number in the report is written by hand."""
+import math
 from pathlib import Path
 
 from ldm_lite import html_page, metrics
+from ldm_lite.study.plan import KID_STD_AT_500, detectable_kid_difference
 from ldm_lite.study.findings import band_findings, leak_findings, offset_findings, quality_findings
 from ldm_lite.study.results import DemoResults, QualityResults
 
@@ -90,8 +92,8 @@ def _quality_sections(results: QualityResults) -> list:
     base = (f"the standard model, DDIM with {config['sample_steps']} steps from plain noise, unconditional (the null "
             "label)")
     return [
-        ("Summary", f"<p>{len(results.models)} tiny class-conditional UNets, identical but for the fix, trained on "
-         f"{html_page.escape(config['data'])} at {config['resolution']} px; every setting draws {results.samples} "
+        ("Summary", f"<p>{_models_sentence(results)} {html_page.escape(config['data'])} at {config['resolution']} "
+         f"px; every setting draws {results.samples} "
          f"samples from the same seeds, compared with {results.reference['images']} training images.</p>"
          + _list([s for part in findings.values() for s in part]) + _figure(figures, "summary")),
         ("1. Samplers against the number of model calls",
@@ -129,6 +131,13 @@ def _quality_sections(results: QualityResults) -> list:
     ]
 
 
+def _models_sentence(results: QualityResults) -> str:
+    if results.config.get("unet_from"):
+        return (f"The model of --unet-from ({html_page.escape(results.config['unet_from'])}) in the standard model's "
+                "place, parts 1-3 only (nothing trained), on")
+    return f"{len(results.models)} tiny class-conditional UNets, identical but for the fix, trained on"
+
+
 def _plan_section(results: QualityResults) -> str:
     speed, dropped = results.speed, results.dropped
     autocast = (f"<p>Evaluation sampling runs with bf16 autocast {'on' if speed['autocast'] == 'bf16' else 'off'} "
@@ -138,10 +147,23 @@ def _plan_section(results: QualityResults) -> str:
     estimates = [{"part": k, "planned minutes": v / 60} for k, v in results.estimates.items()]
     timings = [{"part": k, "minutes": v / 60} for k, v in results.timings.items()]
     cut = _list(dropped) if dropped else "<p>Nothing was dropped: every planned evaluation fit the budget.</p>"
-    return (html_page.table([speed]) + autocast + "<h3>Plan</h3>" + html_page.table(estimates) + "<h3>Dropped</h3>"
+    return (html_page.table([speed]) + autocast + "<h3>Plan</h3>" + html_page.table(estimates)
+            + f"<p>{html_page.escape(detectable_sentence(results))}</p>" + "<h3>Dropped</h3>"
             + cut + "<h3>Measured time per part</h3>" + html_page.table(timings)
             + f"<p>Total run time: {results.total_seconds / 60:.1f} of {results.config['minutes']:g} minutes."
             "</p>")
+
+
+def detectable_sentence(results: QualityResults) -> str:
+    """The KID difference two settings must show to be told apart at the study's n: the plan's prior and, once the
+    base setting ran, from its measured kid_std."""
+    n, base = results.samples, next(iter(results.tables.get("fixes") or results.tables.get("leak") or []), None)
+    text = (f"At n = {n} samples per setting, two settings' KIDs differ beyond two standard deviations when they "
+            f"differ by more than about {detectable_kid_difference(n):.4f} (the plan's prior: kid_std "
+            f"{KID_STD_AT_500} at n = 500, scaled as 1 / sqrt(n))")
+    if base is not None:
+        text += f"; by the base setting's measured kid_std, {2 * math.sqrt(2) * base['kid_std']:.4f}"
+    return text + "."
 
 
 def _figure(figures: dict, name: str) -> str:
