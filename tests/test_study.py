@@ -328,7 +328,8 @@ def test_the_floor_comes_from_the_test_folder_beside_the_data(tmp_path):
     for split, count in (("train", 6), ("test", 5)):
         (tmp_path / split / "a").mkdir(parents=True)
         for i in range(count):
-            Image.new("RGB", (8, 8), (40 * i, 10, 200 if split == "test" else 0)).save(tmp_path / split / "a" / f"{i}.png")
+            color = (40 * i, 10, 200 if split == "test" else 0)
+            Image.new("RGB", (8, 8), color).save(tmp_path / split / "a" / f"{i}.png")
     config = QualityStudyConfig(out="unused", data=str(tmp_path / "train"), resolution=8, progress=False)
     test, source = study_module.load_test_split(config, 4)
     assert source == str(tmp_path / "test") and test.shape == (4, 3, 8, 8)
@@ -420,7 +421,7 @@ def test_torchrun_study_shares_sampling_and_features(quick_study, tmp_path):
     assert again["speed"]["processes"] == 2 and "train standard + leaky" not in again["timings"]
     from safetensors.torch import load_file
     paths = sorted((out / "eval").glob("*.safetensors"))
-    assert len(paths) == 5  # the base setting, the leaky model, the leak on both and lambda 1.02
+    assert len(paths) == 6  # the base setting, the leaky model, the leak on both, lambda 1.02 and the floor
     for path in paths:
         one, shared = load_file(str(path)), load_file(str(two / "eval" / path.name))
         same = (one["samples"] == shared["samples"]).all(dim=(1, 2, 3))

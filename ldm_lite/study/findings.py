@@ -149,7 +149,8 @@ def change_findings(rows: list, label, group=lambda row: None, floor: dict | Non
             f"{base['kid']:.4f} -> {row['kid']:.4f}, {'lower' if kid_change < 0 else 'higher'}, {_beyond(quality)} two "
             f"standard deviations; luminance W1 {base['w1']:.3f} -> {row['w1']:.3f}, "
             f"{'closer to' if w1_change < 0 else 'further from'} the data, {_beyond(brightness)} two bootstrap "
-            f"standard deviations; std ratio {base['std_ratio']:.2f} -> {row['std_ratio']:.2f})." + floor_clause(row, floor))
+            f"standard deviations; std ratio {base['std_ratio']:.2f} -> {row['std_ratio']:.2f})."
+            + floor_clause(row, floor))
     return sentences
 
 
@@ -175,7 +176,8 @@ def floor_findings(floor: dict | None) -> list:
 def schedule_findings(rows: list) -> list:
     """Part 3. What x_T keeps of the image under each model's schedule: sqrt(alpha_bar) at the first sampled step."""
     return [f"{r['model']} ({r['schedule']} schedule, {r['spacing']} spacing): the first of {r['steps']} steps is "
-            f"t0 = {r['t0']}, where x_T keeps sqrt(alpha_bar) = {r['sqrt_alpha_bar_t0']:.4f} of the image." for r in rows]
+            f"t0 = {r['t0']}, where x_T keeps sqrt(alpha_bar) = {r['sqrt_alpha_bar_t0']:.4f} of the image."
+            for r in rows]
 
 
 def steering_findings(rows: list) -> list:

@@ -281,9 +281,11 @@ def extra_seconds(config: QualityStudyConfig, speed: dict) -> dict:
 
 def extra_calls(config: QualityStudyConfig) -> dict:
     """Model calls of the evaluations that are not settings: the tercile samples of every model (part 4), DC
-    steering to two targets per model of part 3 and the eps-norm scan (forward pass and one chain per lambda, part 2)."""
+    steering to two targets per model of part 3 and the eps-norm scan (forward pass and one chain per lambda,
+    part 2)."""
     steps, per_class = config.sample_steps, config.samples_per_class
-    return {"terciles": steps * per_class * 3 * (1 + len(config.fix_names)), "steering": steps * per_class * 2 * len(leak_models(config)),
+    return {"terciles": steps * per_class * 3 * (1 + len(config.fix_names)),
+            "steering": steps * per_class * 2 * len(leak_models(config)),
             "scan": steps * config.exposure_images * (1 + len(config.lambdas))}
 
 

@@ -118,7 +118,8 @@ def tercile_rows(models: dict, data, labels, evaluator: Evaluator, results: Qual
     return rows
 
 
-def steering_rows(models: dict, data, labels, evaluator: Evaluator, leak_settings: list, results: QualityResults) -> list:
+def steering_rows(models: dict, data, labels, evaluator: Evaluator, leak_settings: list,
+                  results: QualityResults) -> list:
     """Part 3's DC steering (Everaert et al. 2024), per model of part 3 whose leak-aware setting ran: the leak's DC
     coefficient of every channel fixed to the dark, then the bright tercile's channel mean. Sample i draws from the
     same generator as the leak-aware setting's sample i, so the share of the way to the target is measured against
@@ -127,9 +128,7 @@ def steering_rows(models: dict, data, labels, evaluator: Evaluator, leak_setting
     for setting in (s for s in leak_settings if s.start == LEAK and s.key in evaluator.images):
         trained, name = models[setting.model], setting.model
         unsteered = to_float(evaluator.images[setting.key][:config.samples_per_class])  # (n, C, H, W)
-        scheduler = from_config(trained["config"])
-        scheduler.set_timesteps(config.sample_steps)
-        t0 = int(scheduler.timesteps[0])
+        scheduler, t0, kept = first_step(trained, config.sample_steps)
         for c in (0, len(CLASS_NAMES) - 1):
             means = data[labels == c].mean(dim=(0, 2, 3))  # (C,)
             leak = evaluator.leak.with_components({(k, (0, 0)): float(means[k]) * math.sqrt(height * width)
@@ -137,12 +136,12 @@ def steering_rows(models: dict, data, labels, evaluator: Evaluator, leak_setting
             images = evaluator.draw(trained, scheduler, len(unsteered), config.sample_steps, leak=leak,
                                     class_labels=trained["model"].config.num_classes)
             # both means from uint8 samples, as the leak-aware setting saved its own
-            target, before, got = float(means.mean()), float(unsteered.mean()), float(to_float(to_uint8(images)).mean())
+            target, before = float(means.mean()), float(unsteered.mean())
+            got = float(to_float(to_uint8(images)).mean())
             grid = f"grid_steered_{name}_{CLASS_NAMES[c]}.png"
             save_image_grid(images[:64], evaluator.out / grid, nrow=16, scale=grid_scale(config))
             results.grids[f"{name}, leak DC steered to the {CLASS_NAMES[c]} tercile"] = grid
-            rows.append(dict(model=name, steered_to=CLASS_NAMES[c], t0=t0,
-                             sqrt_alpha_bar_t0=float(scheduler.alphas_cumprod[t0]) ** 0.5, n=len(images),
+            rows.append(dict(model=name, steered_to=CLASS_NAMES[c], t0=t0, sqrt_alpha_bar_t0=kept, n=len(images),
                              target_mean=target, unsteered_mean=before, samples_mean=got,
                              share=(got - before) / (target - before) if target != before else math.nan))
     return rows
@@ -168,13 +167,18 @@ def schedule_rows(models: dict, names: list, steps: int) -> list:
     there, the share of the image that x_T keeps (Everaert et al.: the leak)."""
     rows = []
     for name in (n for n in names if n in models):
-        scheduler = from_config(models[name]["config"])
-        scheduler.set_timesteps(steps)
-        t0 = int(scheduler.timesteps[0])
+        scheduler, t0, kept = first_step(models[name], steps)
         rows.append(dict(model=name, schedule=scheduler.config["beta_schedule"], steps=steps,
-                         spacing=scheduler.config["timestep_spacing"], t0=t0,
-                         sqrt_alpha_bar_t0=float(scheduler.alphas_cumprod[t0]) ** 0.5))
+                         spacing=scheduler.config["timestep_spacing"], t0=t0, sqrt_alpha_bar_t0=kept))
     return rows
+
+
+def first_step(trained: dict, steps: int) -> tuple:
+    """(the model's DDIM scheduler set to `steps` steps, its first timestep t0, sqrt(alpha_bar) at t0)."""
+    scheduler = from_config(trained["config"])
+    scheduler.set_timesteps(steps)
+    t0 = int(scheduler.timesteps[0])
+    return scheduler, t0, float(scheduler.alphas_cumprod[t0]) ** 0.5
 
 
 def run_quality_study(config: QualityStudyConfig) -> QualityResults | None:
@@ -216,9 +220,12 @@ def _run_quality_study(config: QualityStudyConfig, device: torch.device, shards:
         record_choices(out, plan, speed)
     chosen = reference_images(dataset.images, plan.reference)
     ref_path = reference_path(chosen, config.cache)
+    computed = not ref_path.is_file()
     with clock("reference features"):
         reference = reference_statistics(ref_path, chosen, shards.features, source=f"{config.data}: {len(chosen)} "
                                          f"training images at {config.resolution} px")
+    if computed:  # thousands of images measure the Inception rate better than the start-up run
+        speed["inception_per_second"] = len(chosen) / clock.parts["reference features"]
     models = {"standard": external_model(config, data.shape[1], device)} if config.unet_from else \
         train_study_models(config, names, clock, plan, device)
     with clock("leak statistics"):

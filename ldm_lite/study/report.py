@@ -104,7 +104,8 @@ def _quality_sections(results: QualityResults) -> list:
         ("2. Epsilon scaling: the lambda FID picks and the one the exposure metric picks",
          f"<p>{base}, with eps / lambda in every x0 estimate (Ning et al.); eps_norm_gap: RMS relative gap between "
          "the eps-norm along sampling (from noised training images) and on forward-noised training images.</p>"
-         + html_page.table(with_floor(tables["eps"], tables)) + _paragraph(findings["eps"]) + _figure(figures, "eps_quality")
+         + html_page.table(with_floor(tables["eps"], tables)) + _paragraph(findings["eps"])
+         + _figure(figures, "eps_quality")
          + _figure(figures, "eps_scan")),
         ("3. Signal leak and DC steering",
          f"<p>{base}, from plain x_T and from leak-aware x_T (dct+pixel statistics of the training images, "
@@ -119,7 +120,8 @@ def _quality_sections(results: QualityResults) -> list:
          f"<p>Each model unconditionally with DDIM, {config['sample_steps']} steps (the zero-SNR model with trailing "
          "spacing, the offset model from its own training noise, randn + s randn(C, 1, 1)); then asked for each "
          "brightness tercile. The leaky model is the standard recipe on Stable Diffusion's schedule: against the "
-         "standard model it shows what that schedule costs, the offset and zero-SNR models what they buy.</p>" + html_page.table(with_floor(tables["fixes"], tables)) + html_page.table(tables["terciles"])
+         "standard model it shows what that schedule costs, the offset and zero-SNR models what they buy.</p>"
+         + html_page.table(with_floor(tables["fixes"], tables)) + html_page.table(tables["terciles"])
          + _paragraph(findings["fixes"])),
         ("Plan, budget and timings", _plan_section(results)),
         ("Sample grids", "".join(_grid(path, label) for label, path in results.grids.items())),
@@ -197,8 +199,9 @@ def format_quality_results(results: QualityResults, markdown: bool = False) -> s
                                                  (with_floor(tables["leak"], tables),
                                                   _present(tables["leak"], ["model", "start", *lead])),
                                                  (tables.get("steering", []), _steering_columns(tables))], "leak"),
-             ("4. Fixes", [(with_floor(tables["fixes"], tables), ["model", "start", *lead]), (tables.get("terciles", []), [
-                 "model", "asked", "n", "data_mean", "samples_mean", "gap"])], "fixes")]
+             ("4. Fixes", [(with_floor(tables["fixes"], tables), ["model", "start", *lead]),
+                           (tables.get("terciles", []), ["model", "asked", "n", "data_mean", "samples_mean", "gap"])],
+              "fixes")]
     lines = []
     for title, shown, key in parts:
         lines += [f"### {title}", ""] if markdown else [title]

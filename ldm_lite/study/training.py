@@ -109,7 +109,8 @@ def external_model(config: QualityStudyConfig, channels: int, device) -> dict:
         raise ValueError(f"unet_from: {config.unet_from!r} makes {'x'.join(map(str, loaded.sample_shape))} images, the "
                          f"study's data is {channels}x{config.resolution}x{config.resolution} (--resolution)")
     checkpoint = Path(config.unet_from) / CHECKPOINT_NAME
-    return {"model": loaded.unet.to(device).eval(), "config": loaded.scheduler_config, "run_dir": Path(config.unet_from),
+    return {"model": loaded.unet.to(device).eval(), "config": loaded.scheduler_config,
+            "run_dir": Path(config.unet_from),
             "steps": int(load_checkpoint(checkpoint)["step"]) if checkpoint.is_file() else 0,
             "source": loaded.source}
 
