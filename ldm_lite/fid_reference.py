@@ -20,9 +20,26 @@ DEFAULT_CACHE = "runs/cache"
 
 def reference_images(images: torch.Tensor, count: int) -> torch.Tensor:
     """Up to `count` of `images` (uint8 (N, C, H, W)) spread evenly over them: (min(count, N), C, H, W)."""
-    if count >= len(images):
-        return images
-    return images[torch.linspace(0, len(images) - 1, count).round().long()]
+    return images[spread(len(images), count)]
+
+
+def spread(total: int, count: int) -> torch.Tensor:
+    """Indices of min(count, total) of `total` items spread evenly over them (all of them when count >= total)."""
+    if count >= total:
+        return torch.arange(total)
+    return torch.linspace(0, total - 1, count).round().long()
+
+
+def held_out_images(images: torch.Tensor, reference_count: int, n: int, test_images: torch.Tensor | None = None):
+    """n images (uint8 (n', C, H, W), n' <= n) the reference does not hold, to score against it (the real-data
+    floor of FID / KID at n): spread evenly over `test_images` (a test split) when given, else over the training
+    `images` outside `reference_images(images, reference_count)`. n' < n when fewer are available."""
+    if test_images is not None:
+        return test_images[spread(len(test_images), n)]
+    outside = torch.ones(len(images), dtype=torch.bool)
+    outside[spread(len(images), reference_count)] = False
+    rest = images[outside]
+    return rest[spread(len(rest), n)]
 
 
 def cache_folder(cache: str = "") -> Path:

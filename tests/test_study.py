@@ -21,10 +21,10 @@ from conftest import fid_weights_installed
 import torch
 from PIL import Image
 
-from ldm_lite import metrics
+from ldm_lite import fid_reference, metrics
 from ldm_lite.data import synthetic_brightness, to_float, to_uint8
 from ldm_lite.models import inception, load_unet
-from ldm_lite.quality import FidStatistics, inception_features, quality_report
+from ldm_lite.quality import FidStatistics, inception_features, kernel_inception_distance, quality_report
 from ldm_lite.runs import run_config
 from ldm_lite.sampling import initial_noise, sample, sample_generators
 from ldm_lite.schedulers import from_config
@@ -202,7 +202,7 @@ needs_wheel = pytest.mark.skipif(not fid_weights_installed(), reason="the FID In
                                  f"installed, and the study's FID / KID need it (run: {inception.INSTALL_COMMAND})")
 QUICK = dict(data="synthetic", resolution=8, steps=10, batch_size=16, minutes=60, synthetic_size=256,
              samples_per_class=4, unconditional_samples=32, sample_steps=5, samplers="ddim,heun", nfes="5",
-             eps_scales="0.99,1.0", eps_slopes="", exposure_images=8, fixes="offset", reference_images=32,
+             eps_scales="0.99,1.0", eps_slopes="", exposure_images=8, fixes="leaky", reference_images=32,
              autocast="off", device="cpu", eval_batch_size=64, progress=False)
 BASE_KEY = "standard_ddim_5_eps_1_plain_noise"
 UNCLIPPED_KEY = "standard_ddim_unclipped_5_eps_1_plain_noise"
@@ -228,7 +228,7 @@ def test_quick_study_report_has_every_section(quick_study, fid_cache):
     for grid in results.grids.values():
         assert (out / grid).is_file() and f"src='{grid}'" in page
     assert "Nothing was dropped" in page and results.dropped == []
-    assert set(results.timings) >= {"reference features", "train standard + offset", "evaluate part 4 (fixes)",
+    assert set(results.timings) >= {"reference features", "train standard + leaky", "evaluate part 4 (fixes)",
                                        "tercile samples (part 4)", "evaluate part 3 (signal leak)",
                                        "DC steering (part 3)", "evaluate part 2 (epsilon scaling)",
                                        "eps-norm scan (part 2)"}
@@ -242,8 +242,8 @@ def test_quick_study_report_has_every_section(quick_study, fid_cache):
     # T = 1000, the run's leading spacing + 1: 4 * (1000 // 5) + 1, Heun's 2 * (1000 // 3) + 1; quadratic 0.8 T
     assert [r["t0"] for r in tables["samplers"]] == [801.0, 667.0, 800.0, 801.0]
     assert [r["eps_scale"] for r in tables["eps"]] == [0.99, 1.0]
-    assert [r["model"] for r in tables["fixes"]] == ["standard", "offset"]
-    assert {r["model"]: r["steps"] for r in results.models} == {"standard": 10, "offset": 10}
+    assert [r["model"] for r in tables["fixes"]] == ["standard", "leaky"]
+    assert {r["model"]: r["steps"] for r in results.models} == {"standard": 10, "leaky": 10}
 
 
 @needs_wheel
@@ -279,9 +279,114 @@ def test_quick_study_tables_equal_an_independent_recomputation(quick_study):
     assert rows[0]["w1"] == pytest.approx(luminance["wasserstein"], rel=1e-9)
     assert rows[0]["std_ratio"] == pytest.approx(luminance["std_ratio"], rel=1e-9)
     assert rows[0]["mean"] == pytest.approx(float(to_float(saved["samples"]).mean()), abs=1e-6)
-    # the eps-norm gap of lambda 1 and the steering's baseline come from the same samples and scan
-    assert all(r["plain_mean"] == pytest.approx(rows[0]["mean"]) for r in results.tables["steering"])
+    # the eps-norm gap of lambda 1 comes from the same samples and scan
     assert all(math.isfinite(r["eps_norm_gap"]) for r in results.tables["eps"])
+
+
+@needs_wheel
+def test_quick_study_measures_the_leak_on_both_schedules(quick_study):
+    """Part 3 on the standard (linear) and the leaky (scaled_linear) model: the schedules table and the findings
+    state t0 and sqrt(alpha_bar) there (closed form of each schedule's betas); each model's leak row is compared
+    with the same model from plain noise; a steering share is measured against the same seeds' leak-aware samples
+    (the first n of the saved evaluation), not against all plain-noise samples."""
+    out, results = quick_study
+    betas = {"linear": torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64),
+             "scaled_linear": torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2}
+    rows = {r["model"]: r for r in results.tables["schedules"]}
+    assert {model: r["schedule"] for model, r in rows.items()} == {"standard": "linear", "leaky": "scaled_linear"}
+    report = (out / "report.md").read_text()
+    for row in rows.values():  # 5 leading steps with offset 1 start at t0 = 801
+        expected = float(torch.cumprod(1 - betas[row["schedule"]], 0)[801].sqrt())
+        assert row["t0"] == 801 and row["sqrt_alpha_bar_t0"] == pytest.approx(expected, rel=1e-5)
+        assert f"t0 = 801, where x_T keeps sqrt(alpha_bar) = {expected:.4f} of the image" in report
+    assert [(r["model"], r["start"], r["beyond_2sd"]) for r in results.tables["leak"]][::2] == [
+        ("standard", "plain noise", "baseline"), ("leaky", "plain noise", "baseline")]
+    from safetensors.torch import load_file
+    assert [(r["model"], r["steered_to"]) for r in results.tables["steering"]] == [
+        ("standard", "dark"), ("standard", "bright"), ("leaky", "dark"), ("leaky", "bright")]
+    for row in results.tables["steering"]:
+        leak_aware = load_file(str(out / "eval" / f"{row['model']}_ddim_5_eps_1_signal_leak__dct_pixel.safetensors"))
+        paired = float(to_float(leak_aware["samples"][:4]).mean())
+        assert row["n"] == 4 and row["unsteered_mean"] == pytest.approx(paired, abs=1e-6)
+        assert row["share"] == pytest.approx((row["samples_mean"] - paired) / (row["target_mean"] - paired))
+
+
+@needs_wheel
+def test_quick_study_tables_start_with_the_real_data_floor(quick_study):
+    """The floor: 32 training images outside the 32-image reference (no test split beside synthetic data), chosen
+    here by hand, their KID against the reference recomputed; every quality table of report.md starts with
+    it, and the findings compare settings with it."""
+    out, results = quick_study
+    from safetensors.torch import load_file
+    images = synthetic_brightness(256, 8, seed=0).images
+    outside = sorted(set(range(256)) - set(torch.linspace(0, 255, 32).round().long().tolist()))
+    held_out = images[[outside[i] for i in torch.linspace(0, len(outside) - 1, 32).round().long().tolist()]]
+    saved = load_file(str(out / "eval" / "real_data.safetensors"))
+    assert torch.equal(saved["samples"], held_out)
+    kid = kernel_inception_distance(saved["features"], FidStatistics.load(results.reference["path"]).features)
+    [floor] = results.tables["floor"]
+    assert floor["n"] == 32 and floor["source"] == "synthetic: training images outside the reference"
+    assert (floor["kid"], floor["kid_std"]) == pytest.approx(kid, rel=1e-9)
+    report = (out / "report.md").read_text()
+    for first_column in ("sampler", "eps_scale", "model"):
+        assert f"| {first_column} |" in report
+    assert report.count("| real data |") == 4  # samplers, eps, leak, fixes
+    assert f"The floor: 32 held-out real images (synthetic: training images outside the reference) score KID " \
+           f"{floor['kid']:.4f}" in report
+    assert f"Against the real-data floor (KID {floor['kid']:.4f} of 32 held-out images)" in report
+
+
+def test_the_floor_comes_from_the_test_folder_beside_the_data(tmp_path):
+    """An image folder .../train with a sibling .../test: the floor's images are n test images spread over the
+    split; without one, training images the reference does not hold."""
+    for split, count in (("train", 6), ("test", 5)):
+        (tmp_path / split / "a").mkdir(parents=True)
+        for i in range(count):
+            color = (40 * i, 10, 200 if split == "test" else 0)
+            Image.new("RGB", (8, 8), color).save(tmp_path / split / "a" / f"{i}.png")
+    config = QualityStudyConfig(out="unused", data=str(tmp_path / "train"), resolution=8, progress=False)
+    test, source = study_module.load_test_split(config, 4)
+    assert source == str(tmp_path / "test") and test.shape == (4, 3, 8, 8)
+    assert test[:, 2].float().mean() == 200 and test[:, 0, 0, 0].tolist() == [0, 40, 120, 160]  # 4 of 5, spread
+    shutil.rmtree(tmp_path / "test")
+    assert study_module.load_test_split(config, 4) == (None, None)
+    train = torch.arange(10).view(10, 1, 1, 1).to(torch.uint8)
+    # a reference of 4 of 10 holds 0, 3, 6, 9; the floor takes 3 of the other 6 (1, 2, 4, 5, 7, 8) at positions
+    # 0, 2.5 and 5 rounded half to even: 0, 2, 5
+    assert fid_reference.held_out_images(train, 4, 3).flatten().tolist() == [1, 4, 8]
+    assert fid_reference.held_out_images(train, 4, 3, test_images=train[:2] + 100).flatten().tolist() == [100, 101]
+
+
+@needs_wheel
+def test_unet_from_runs_parts_1_to_3_on_an_exported_run(quick_study, tmp_path, monkeypatch):
+    """--unet-from an export (`python -m analysis export`) of the quick study's standard model (10 steps): nothing
+    trains, part 4 holds the base setting only and no tercile samples; the base setting's samples are what the
+    export gives through load_model and the public sampling API."""
+    from safetensors.torch import load_file
+    from ldm_lite.export import export_diffusers
+    from ldm_lite.runs import load_model
+    out, _ = quick_study
+    speed = {"device": "cpu", "batch": 8, "fp32_calls_per_second": 1e3, "autocast": "off", "processes": 1,
+             "calls_per_second": 1e3, "inception_per_second": 1e2}  # the budget never binds: no need to measure
+    monkeypatch.setattr(real, "measure_speed", lambda *args: dict(speed))
+    exported = export_diffusers(out / "model_standard", tmp_path / "export")
+    study_out = tmp_path / "study"
+    results = run_study(QualityStudyConfig(out=str(study_out), **{
+        **QUICK, "unconditional_samples": 8, "eps_scales": "1.0", "samples_per_class": 2, "exposure_images": 4,
+        "unet_from": str(exported)}))
+    assert not any(part.startswith("train") for part in results.timings) and not list(study_out.glob("model_*"))
+    assert [r["model"] for r in results.tables["fixes"]] == ["standard"] and results.tables["terciles"] == []
+    assert [(r["model"], r["start"]) for r in results.tables["leak"]] == [
+        ("standard", "plain noise"), ("standard", "signal leak (dct+pixel)")]
+    assert [r["model"] for r in results.tables["steering"]] == ["standard", "standard"]
+    assert results.models[0]["training_noise"] == "trained elsewhere"
+    loaded = load_model(exported)
+    images = sample(loaded.unet, from_config(loaded.scheduler_config, "ddim"), 8, num_inference_steps=5,
+                    class_labels=3, seed=0, progress=False)
+    assert torch.equal(to_uint8(images.clamp(-1, 1)), load_file(str(study_out / "eval" / f"{BASE_KEY}.safetensors"))
+                       ["samples"])
+    with pytest.raises(ValueError, match="unet_from: '/nonexistent' does not exist"):
+        QualityStudyConfig(out="unused", data="synthetic", unet_from="/nonexistent")
 
 
 @needs_wheel
@@ -297,7 +402,7 @@ def test_quick_study_resumes_without_retraining_or_resampling(quick_study, monke
     trained = json.loads((out / "trained.json").read_text())
     again = run_study(QualityStudyConfig(out=str(out), **QUICK))
     assert json.loads((out / "trained.json").read_text()) == trained
-    assert "train standard + offset" not in again.timings and "reference features" in again.timings
+    assert "train standard + leaky" not in again.timings and "reference features" in again.timings
     for table in ("fixes", "terciles", "steering", "scan", "eps"):
         assert again.tables[table] == results.tables[table], table
     assert again.grids == results.grids and again.findings == results.findings
@@ -329,10 +434,10 @@ def test_torchrun_study_shares_sampling_and_features(quick_study, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("report: ") == 1
     again = json.loads((two / "results.json").read_text())
-    assert again["speed"]["processes"] == 2 and "train standard + offset" not in again["timings"]
+    assert again["speed"]["processes"] == 2 and "train standard + leaky" not in again["timings"]
     from safetensors.torch import load_file
     paths = sorted((two / "eval").glob("*.safetensors"))
-    assert len(paths) == 4  # the base setting, unclipped DDIM, the offset model and the leak
+    assert len(paths) == 6  # the base setting, unclipped DDIM, the leaky model, the leak on both and the floor
     for path in paths:
         one, shared = load_file(str(path)), load_file(str(two / "eval" / path.name))
         same = (one["samples"] == shared["samples"]).all(dim=(1, 2, 3))
@@ -357,10 +462,11 @@ def test_torchrun_study_shares_sampling_and_features(quick_study, tmp_path):
 
 def test_the_unsplit_scan_is_planned_at_one_process_rate():
     config = QualityStudyConfig(out="unused", data="synthetic", exposure_images=10, samples_per_class=10)
-    calls = study_module.extra_calls(config)  # 20 steps x 10 images x (1 + 7 lambdas); 20 x 10 x 3 x 4 models; ...
-    assert calls == {"terciles": 2400, "steering": 400, "scan": 1600}
+    calls = study_module.extra_calls(config)  # 20 steps x 10 images x (1 + 7 lambdas); 20 x 10 x 3 x 4 models;
+    # steering: 20 steps x 10 images x 2 targets x 2 models (standard and leaky)
+    assert calls == {"terciles": 2400, "steering": 800, "scan": 1600}
     seconds = study_module.extra_seconds(config, {"calls_per_second": 200.0, "processes": 2})
-    assert seconds == {"terciles": 12.0, "steering": 2.0, "scan": 16.0}
+    assert seconds == {"terciles": 12.0, "steering": 4.0, "scan": 16.0}
 
 
 def test_a_share_gets_its_rows_of_per_sample_keywords():
@@ -423,7 +529,7 @@ def test_quadratic_ddim_joins_part_1_up_to_its_most_steps():
     assert sorted(s.level for s in parts["samplers"] if s.spacing == "quadratic") == [10, 20]
     parts = study_parts(QualityStudyConfig(out="unused", data="synthetic", quadratic_ddim=False))
     assert not any(s.spacing for s in parts["samplers"])
-    assert all(s.clip_sample is False for s in parts["samplers"] if s is not parts["leak"][0])  # but the base
+    assert all(s.clip_sample is False for s in parts["samplers"] if s != parts["leak"][0])  # but the base
 
 
 def test_samplers_without_ddim_have_no_baseline():
@@ -442,12 +548,12 @@ def test_samplers_without_ddim_have_no_baseline():
 def test_a_resumed_study_keeps_its_first_sample_count_and_autocast(tmp_path):
     speed = {"autocast": "bf16", "fp32_calls_per_second": 100.0, "bf16_calls_per_second": 150.0,
              "calls_per_second": 150.0, "processes": 2}
-    record_choices(tmp_path, Plan([], 250, {}, []), speed)
+    record_choices(tmp_path, Plan([], 250, {}, [], reference=2000), speed)
     assert first_choices(tmp_path, dict(speed)) is None  # nothing evaluated yet: this run chooses
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "x.safetensors").write_bytes(b"")
     resumed_speed = {**speed, "autocast": "off", "calls_per_second": 200.0}  # the bf16 gain re-measured lower
-    assert first_choices(tmp_path, resumed_speed) == 250
+    assert first_choices(tmp_path, resumed_speed) == (250, 2000)
     assert resumed_speed["autocast"] == "bf16" and resumed_speed["calls_per_second"] == 300.0
 
 
@@ -460,11 +566,11 @@ def test_a_kept_sample_count_is_never_cut_and_plans_the_nfe_levels():
     without_50 = [s for s in order if s.level != 50]
     margin = 0.03 * 60 * 150 + 60
     between = (evaluation_seconds(config, without_50, 250, speed) + evaluation_seconds(config, order, 250, speed)) / 2
-    plan = plan_study(config, parts, speed, 0.0, False, between + margin, samples=250)
+    plan = plan_study(config, parts, speed, lambda count: True, False, between + margin, samples=250, reference=10)
     assert plan.samples == 250 and plan.settings == without_50
     assert plan.dropped[0] == "Samples per setting kept at 250, the count of the study's first evaluations."
     assert plan.dropped[1].startswith("Part 1 at NFE 50 (5 settings) dropped")
-    tight = plan_study(config, parts, speed, 0.0, False, margin + 1.0, samples=250)
+    tight = plan_study(config, parts, speed, lambda count: False, False, margin + 1.0, samples=250, reference=10)
     assert tight.samples == 250 and tight.dropped[-1].startswith("Nothing left to cut")
 
 
@@ -504,10 +610,13 @@ def test_markdown_tables():
     assert metrics.format_table(rows, markdown=True) == "| a | b |\n| --- | --- |\n| 1 | 0.1235 |\n| 2 | 1.5 |"
 
 
-def test_plan_drops_nfe_50_first_then_halves_the_samples():
-    """Costs by hand: per setting n NFE / calls_per_second + n / inception_per_second + 15 s, plus the extras'
-    model calls; the budget is set between the cuts, so each step of the plan shows."""
-    config = QualityStudyConfig(out="unused", data="synthetic", minutes=150, exposure_images=10, samples_per_class=10)
+def test_plan_cuts_settings_of_lower_importance_before_samples():
+    """Costs by hand: per setting n NFE / calls_per_second + n / inception_per_second + 15 s, the real-data floor
+    n / inception_per_second + 15 s, the extras' model calls, and uncached reference images at the Inception rate.
+    With the budget set just above the last cut, the plan drops NFE 50, halves the uncached reference twice (down
+    to 1000), drops part 1's other settings, then part 2 and its scan, and only then halves the samples."""
+    config = QualityStudyConfig(out="unused", data="synthetic", minutes=150, exposure_images=10, samples_per_class=10,
+                                fixes="offset,ip,zero_snr", reference_images=4000)
     speed = {"calls_per_second": 100.0, "inception_per_second": 10.0}
     parts = study_parts(config)
     settings = list(dict.fromkeys(s for part in parts.values() for s in part))
@@ -515,21 +624,57 @@ def test_plan_drops_nfe_50_first_then_halves_the_samples():
     # 5 unclipped samplers x 3 levels (Heun 9, 19, 49) + quadratic DDIM at 10 and 20 + the base (clipped DDIM 20)
     # + eps 0.99..1.03 but 1 (6) and one slope + leak (1) + 3 fixes = 29 settings
     assert len(settings) == 29 and sum(nfes) == 4 * (10 + 20 + 50) + 9 + 19 + 49 + 10 + 20 + 12 * 20
-    extras = 20 * (10 * 8 + 10 * (3 * 4 + 2))
-    cost = lambda n, total_nfe, count: (n * total_nfe + extras) / 100 + count * (n / 10 + 15)  # noqa: E731
+    terciles_steering, scan = 20 * 10 * (3 * 4 + 2), 20 * 10 * (1 + 7)  # scan: the 7 constant lambdas
+
+    def cost(n, total_nfe, count, with_scan=True):  # the settings, the floor and the extras
+        return (n * total_nfe + terciles_steering + with_scan * scan) / 100 + (count + 1) * (n / 10 + 15)
     assert evaluation_seconds(config, settings, 500, speed) == pytest.approx(cost(500, sum(nfes), 29))
-    without_50 = sum(nfes) - 4 * 50 - 49
+    # left: 5 settings, without part 1 (NFE 20: 4 x 20 + 19 + quadratic 20; NFE 10: 4 x 10 + 9 + quadratic 10; the
+    # base, clipped DDIM 20, stays) and part 2 (7 x 20)
+    rest = sum(nfes) - (4 * 50 + 49) - (4 * 20 + 19 + 20) - (4 * 10 + 9 + 10) - 7 * 20
     margin, training = 0.03 * 9000 + 60, 0.55 * 9000
-    left = cost(250, without_50, 24) + margin + training + 1  # fits once NFE 50 is gone and n is halved once
-    plan = plan_study(config, parts, speed, reference_seconds=0.0, train_needed=True, seconds_left=left)
-    assert plan.samples == 250 and len(plan.settings) == 24 and max(s.level for s in plan.settings) == 20
-    assert plan.dropped[0].startswith("Part 1 at NFE 50 (5 settings) dropped: the evaluations were estimated at "
-                                      f"{cost(500, sum(nfes), 29) / 60:.1f} min")
-    assert plan.dropped[1].startswith("Samples per setting cut from 500 to 250") and len(plan.dropped) == 2
-    roomy = plan_study(config, parts, speed, 0.0, False, cost(500, sum(nfes), 29) + margin + 1)
-    assert roomy.dropped == [] and roomy.samples == 500 and len(roomy.settings) == 29
-    starved = plan_study(config, parts, speed, 0.0, True, 60.0)
+    left = 1000 / 10 + training + margin + cost(250, rest, 5, with_scan=False) + 1
+    plan = plan_study(config, parts, speed, lambda count: False, train_needed=True, seconds_left=left)
+    assert plan.samples == 250 and plan.reference == 1000 and len(plan.settings) == 5
+    assert plan.extras == ("terciles", "steering") and plan.estimates["reference features"] == 100.0
+    assert [line.split(":")[0] for line in plan.dropped] == [
+        "Part 1 at NFE 50 (5 settings) dropped", "Reference images cut from 4000 to 2000 (their features are not "
+        "cached)", "Reference images cut from 2000 to 1000 (their features are not cached)",
+        "Part 1 dropped (12 settings; the base setting stays)", "Part 2 dropped (7 settings and its scan; the base "
+        "setting stays)", "Samples per setting cut from 500 to 250"]
+    assert plan.dropped[0].split(": ")[1].startswith(f"the evaluations were estimated at "
+                                                     f"{cost(500, sum(nfes), 29) / 60:.1f} min")
+    cached = plan_study(config, parts, speed, lambda count: count == 4000, False, cost(500, sum(nfes), 29) + margin + 1)
+    assert cached.dropped == [] and (cached.samples, cached.reference) == (500, 4000) and len(cached.settings) == 29
+    assert cached.estimates["reference features"] == 0.0
+    starved = plan_study(config, parts, speed, lambda count: True, True, 60.0)
     assert starved.samples == 250 and starved.dropped[-1].startswith("Nothing left to cut")
+
+
+def test_twenty_minutes_on_an_empty_cache_fit_their_budget():
+    """--minutes 20, default settings, nothing cached, Inception at 14 images/s (two quiet cores): 10,000 reference
+    images alone would take 11.9 min, so the plan cuts them until training keeps its 55% and what always runs
+    (the base setting, the floor, the report) fits beside the reference and the margin."""
+    config = QualityStudyConfig(out="unused", data="synthetic", minutes=20)
+    speed = {"calls_per_second": 150.0, "inception_per_second": 14.0}
+    seconds_left = 20 * 60 - 60  # after loading the data and the network and measuring the speed
+    plan = plan_study(config, study_parts(config), speed, lambda count: False, True, seconds_left)
+    estimates = plan.estimates
+    assert plan.reference == 1250 and estimates["reference features"] == pytest.approx(1250 / 14)
+    assert plan.dropped[1].startswith("Reference images cut from 10000 to 5000 (their features are not cached)")
+    # the base setting at n: n x 20 calls at 150/s, then n / 14 s of features and 15 s of FID; the floor the same
+    # without the calls; a minute for the report
+    n = plan.samples
+    assert estimates["evaluations (least)"] == pytest.approx(n * 20 / 150 + 2 * (n / 14 + 15) + 60)
+    assert estimates["training (least)"] == 0.55 * 1200 and estimates["margin"] == 0.03 * 1200 + 60
+    assert (estimates["reference features"] + estimates["training (least)"] + estimates["evaluations (least)"]
+            + estimates["margin"]) <= seconds_left
+    # a budget too small for the training share: training gets what the reference, the least and the margin leave
+    small = plan_study(config, study_parts(config), speed, lambda count: True, True, 700.0)
+    least = small.estimates["evaluations (least)"]
+    assert small.estimates["training (least)"] == pytest.approx(700.0 - least - small.estimates["margin"])
+    # the KID difference detectable at n: 2 sqrt(2) kid_std, kid_std 0.003 at n = 500 scaled as 1 / sqrt(n)
+    assert study_module.detectable_kid_difference(125) == pytest.approx(2 * math.sqrt(2) * 0.003 * 2)
 
 
 def test_run_time_skips_follow_the_rates_the_settings_ran_at():
@@ -693,4 +838,4 @@ def test_study_cli_rejects_bad_input(tmp_path):
     result = subprocess.run([sys.executable, "-m", "analysis", "study", "--data", "synthetic", "--fixes", "offset,x",
                              "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == ["error: fixes must be among offset, ip, zero_snr, got x"]
+    assert result.stderr.strip().splitlines() == ["error: fixes must be among offset, ip, zero_snr, leaky, got x"]

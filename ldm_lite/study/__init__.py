@@ -7,12 +7,12 @@ samples, features and row; `shards.py` torchrun sharding; `resume.py` what a res
 typed results and results.json; `findings.py` the sentences, chosen by the numbers; `report.py` HTML and markdown.
 """
 from ldm_lite.study.config import CLASS_NAMES, FIXES, QualityStudyConfig, StudyConfig
-from ldm_lite.study.demo import run_demo
+from ldm_lite.study.demo import load_test_split, run_demo
 from ldm_lite.study.evaluate import Evaluator, offset_training_noise
 from ldm_lite.study.findings import (band_findings, change_findings, eps_findings, leak_findings, offset_findings,
                                      quality_findings, sampler_findings, steering_findings)
-from ldm_lite.study.plan import (Clock, Plan, Setting, evaluation_seconds, extra_calls, extra_seconds, plan_study,
-                                 run_order, sampler_steps, study_parts)
+from ldm_lite.study.plan import (Clock, Plan, Setting, detectable_kid_difference, evaluation_seconds, extra_calls,
+                                 extra_seconds, plan_study, run_order, sampler_steps, study_parts)
 from ldm_lite.study.real import BIAS_COLUMNS, quality_tables, run_evaluations, run_quality_study
 from ldm_lite.study.report import format_quality_results, format_results, write_report
 from ldm_lite.study.results import FORMAT_VERSION, DemoResults, QualityResults, load_results, save_results

@@ -1,6 +1,7 @@
 """The study's two configs: `StudyConfig` (`python -m analysis demo`, synthetic data, minutes) and
 `QualityStudyConfig` (`python -m analysis study`, real images, FID / KID); their fields are the commands' flags."""
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 from ldm_lite.checks import comma_list
@@ -48,7 +49,8 @@ class StudyConfig:
             raise ValueError(f"minutes must be > 0, got {self.minutes}")
 
 
-FIXES = ("offset", "ip", "zero_snr")
+FIXES = ("offset", "ip", "zero_snr", "leaky")
+DEFAULT_FIXES = ("offset", "zero_snr", "leaky")  # with the standard model: four models, trained as two pairs
 AUTOCAST_CHOICES = ("auto", "bf16", "off")
 
 
@@ -78,8 +80,9 @@ class QualityStudyConfig(StudyConfig):
                              "Ning et al.), each centred on --eps-slope-mean; '' for none")
     eps_slope_mean: float = option(1.01, "the mean lambda of the sloped schedules: b = mean - k (N - 1) / 2")
     exposure_images: int = option(256, "training images for part 2's eps-norm metric")
-    fixes: str = option(",".join(FIXES), "fixed models of part 4, trained like the standard one: offset, ip "
-                        "(input perturbation) and zero_snr (zero terminal SNR, v-prediction, trailing spacing)")
+    fixes: str = option(",".join(DEFAULT_FIXES), "models beside the standard one (part 4), trained like it: offset, ip "
+                        "(input perturbation), zero_snr (zero terminal SNR, v-prediction, trailing spacing) and leaky "
+                        "(Stable Diffusion's scaled_linear schedule, whose signal leak part 3 measures)")
     input_perturbation: float = option(0.1, "DDPM-IP gamma of the ip model")
     reference_images: int = option(10_000, "training images of the FID / KID reference, spread evenly over the "
                                    "data; their features are cached")
@@ -89,6 +92,8 @@ class QualityStudyConfig(StudyConfig):
     autocast: str = option("auto", "bf16 autocast of evaluation sampling: auto (on where measured faster), bf16, "
                            "off", choices=AUTOCAST_CHOICES)
     eval_batch_size: int = option(100, "images per model call when sampling for evaluation")
+    unet_from: str = option("", "a model trained elsewhere for parts 1-3, nothing trained: a diffusers UNet2DModel "
+                            "folder or pipeline, or an ldm_lite run or its export (python -m analysis export)")
 
     BETAS: ClassVar[tuple] = ("linear", 1e-4, 0.02)
 
@@ -104,6 +109,8 @@ class QualityStudyConfig(StudyConfig):
                 raise ValueError(f"{name} must be >= 4 (KID draws two subsets of n // 2), got {getattr(self, name)}")
         for name in self.sampler_names:
             scheduler_class(name)
+        if self.unet_from and not Path(self.unet_from).exists():
+            raise ValueError(f"unet_from: {self.unet_from!r} does not exist")
         unknown = [name for name in self.fix_names if name not in FIXES]
         if unknown:
             raise ValueError(f"fixes must be among {', '.join(FIXES)}, got {', '.join(unknown)}")
@@ -135,7 +142,8 @@ class QualityStudyConfig(StudyConfig):
 
     @property
     def fix_names(self) -> list:
-        return _items(self.fixes, str, "fixes")
+        """The models trained beside the standard one: none with --unet-from (its model takes the standard's place)."""
+        return [] if self.unet_from else _items(self.fixes, str, "fixes")
 
 
 def _items(text: str, kind, name: str) -> list:

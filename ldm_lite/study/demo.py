@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ldm_lite import metrics, plots
-from ldm_lite.data import brightness_terciles, load_dataset, save_image_grid, to_float
+from ldm_lite.data import brightness_terciles, load_cifar10, load_dataset, save_image_grid, to_float
 from ldm_lite.leak import LeakStats
 from ldm_lite.sampling import initial_noise, sample
 from ldm_lite.schedules import named_alphas_cumprod
@@ -69,6 +69,24 @@ def load_study_data(config: StudyConfig):
     dataset = load_dataset(config.data, config.resolution, synthetic_size=config.synthetic_size,
                            seed=config.seed, max_images=config.max_images, progress=config.progress)
     return dataset if config.data == "synthetic" else brightness_terciles(dataset)
+
+
+def load_test_split(config: StudyConfig, n: int) -> tuple:
+    """(n uint8 images (n, C, H, W) spread over the data's test split, its name), or (None, None) when the data has
+    none: the `test` folder beside an image folder (.../train -> .../test), CIFAR-10's test batch for
+    'cifar10:ROOT'."""
+    if config.data.startswith("cifar10:"):
+        try:
+            return load_cifar10(config.data.split(":", 1)[1], config.resolution, train=False).images, \
+                f"{config.data} test split"
+        except ValueError:  # the test batch is missing
+            return None, None
+    folder = Path(config.data)
+    test = folder.parent / "test"
+    if config.data == "synthetic" or not test.is_dir() or test.resolve() == folder.resolve():
+        return None, None
+    return load_dataset(str(test), config.resolution, seed=config.seed, max_images=n,
+                        progress=config.progress).images, str(test)
 
 
 # ----------------------------------------------------------------------------- 1. bands

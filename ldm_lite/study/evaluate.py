@@ -57,35 +57,44 @@ class Evaluator:
 
     def evaluate(self, setting: Setting, trained: dict) -> dict:
         """The row of one setting: the setting, the sampler's x0 clipping ("clip_sample", "thresholding" or "off")
-        and first timestep t0, FID, KID, the bias metrics, seconds. Samples (uint8, as a PNG holds them) and
-        features land in eval/<key>.safetensors; a resumed study reuses them (row["reused"])."""
-        path = self.out / "eval" / f"{setting.key}.safetensors"
+        and first timestep t0, FID, KID, the bias metrics, seconds (see `scored`)."""
         key = json.dumps({"setting": dataclasses.asdict(setting), "n": self.samples, "seed": self.config.seed,
                           "model_steps": trained["steps"], "autocast": str(self.autocast_dtype),
                           "reference": self.reference_name})
-        cached = _read_evaluation(path, key)
-        if cached is not None:
-            self.images[setting.key] = cached[0]
-            return cached[1]
-        started = time.monotonic()
         scheduler = from_config(trained["config"], setting.sampler, **setting.scheduler_overrides())
         scheduler.set_timesteps(setting.steps)
-        start = {"leak": self.leak} if setting.start == LEAK else {}
-        if setting.start == OWN_NOISE:
-            start["x_T"] = offset_training_noise(scheduler, self.data.shape[1:], self.samples,
-                                                 self.config.offset_noise, self.config.seed)
-        images = to_uint8(self.draw(trained, scheduler, self.samples, setting.steps,
-                                    class_labels=trained["model"].config.num_classes,
-                                    eps_scale=setting.eps_lambdas(len(scheduler.timesteps)), **start))
+
+        def samples() -> torch.Tensor:
+            start = {"leak": self.leak} if setting.start == LEAK else {}
+            if setting.start == OWN_NOISE:
+                start["x_T"] = offset_training_noise(scheduler, self.data.shape[1:], self.samples,
+                                                     self.config.offset_noise, self.config.seed)
+            return to_uint8(self.draw(trained, scheduler, self.samples, setting.steps,
+                                      class_labels=trained["model"].config.num_classes,
+                                      eps_scale=setting.eps_lambdas(len(scheduler.timesteps)), **start))
+        fields = {**dataclasses.asdict(setting), "x0_clipping": x0_clipping(scheduler),
+                  "t0": float(scheduler.timesteps[0])}
+        return self.scored(setting.key, key, samples, fields)
+
+    def scored(self, name: str, key: str, images_of, fields: dict) -> dict:
+        """The row of the uint8 images (N, C, H, W) `images_of()` returns: `fields`, FID, KID, the bias metrics,
+        seconds. Images (as a PNG holds them) and features land in eval/<name>.safetensors under `key`; a resumed
+        study reuses them (row["reused"]). `images[name]` keeps the images."""
+        path = self.out / "eval" / f"{name}.safetensors"
+        cached = _read_evaluation(path, key)
+        if cached is not None:
+            self.images[name] = cached[0]
+            return cached[1]
+        started = time.monotonic()
+        images = images_of()
         sampling = time.monotonic() - started
         features = self.shards.features(images)
-        row = {**dataclasses.asdict(setting), "x0_clipping": x0_clipping(scheduler),
-               "t0": float(scheduler.timesteps[0]), **self.measure(images, features), "sampling_seconds": sampling,
+        row = {**fields, **self.measure(images, features), "sampling_seconds": sampling,
                "seconds": time.monotonic() - started}
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({"samples": images.contiguous(), "features": features.contiguous()}, str(path),
                   metadata={"key": key, "row": json.dumps(row)})
-        self.images[setting.key] = images
+        self.images[name] = images
         return row
 
     def measure(self, images: torch.Tensor, features: torch.Tensor) -> dict:

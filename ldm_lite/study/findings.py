@@ -98,7 +98,7 @@ def clipping_findings(rows: list) -> list:
     return sentences
 
 
-def sampler_findings(rows: list) -> list:
+def sampler_findings(rows: list, floor: dict | None = None) -> list:
     """Part 1. Per NFE level, the sampler with the lowest KID and whether its lead over the runner-up exceeds two
     standard deviations; per sampler, its FID at its fewest and most model calls and whether KID moved; then what
     x0 clipping changes (`clipping_findings`)."""
@@ -111,7 +111,7 @@ def sampler_findings(rows: list) -> list:
             text = (f"; its lead over {ranked[1]['sampler']} (KID {ranked[1]['kid']:.4f}) is {_beyond(lead)} two "
                     "standard deviations")
         sentences.append(f"At about {level} model calls, {best['sampler']} has the lowest KID ({best['kid']:.4f} "
-                         f"± {best['kid_std']:.4f}, FID {best['fid']:.2f}){text}.")
+                         f"± {best['kid_std']:.4f}, FID {best['fid']:.2f}){text}." + floor_clause(best, floor))
     for sampler in dict.fromkeys(r["sampler"] for r in rows):
         mine = sorted((r for r in rows if r["sampler"] == sampler), key=lambda r: r["nfe"])
         if len(mine) > 1:
@@ -131,7 +131,7 @@ def _edge(value: float, grid: list) -> str:
     return ", the grid's smallest" if value == min(grid) else ", the grid's largest" if value == max(grid) else ""
 
 
-def eps_findings(rows: list, scan: list = ()) -> list:
+def eps_findings(rows: list, scan: list = (), floor: dict | None = None) -> list:
     """Part 2. The constant lambda with the lowest FID (among the evaluated `rows` with eps_slope 0) against the
     lambda whose eps-norm along sampling is closest to the forward eps-norm (among every lambda of the scan,
     `exposure.scan_eps_scale`; rows {eps_scale, eps_norm_gap}): whether they agree (a pick at the grid's edge is
@@ -158,6 +158,7 @@ def eps_findings(rows: list, scan: list = ()) -> list:
                      f"lambda = {by_gap['eps_scale']:g}{gap_edge} (gap {by_gap['eps_norm_gap']:.4f}): {verdict}."]
     else:
         sentences = [f"{picked}; the eps-norm scan did not run, so the exposure metric has no pick."]
+    sentences[0] += floor_clause(by_fid, floor)
     base = next((r for r in constant if r["eps_scale"] == 1.0), None)
     if base is not None and by_fid is not base:
         difference, beyond = significant(by_fid, base, "kid", "kid_std")
@@ -189,14 +190,16 @@ VERDICTS = {(False, False): "changes neither quality nor brightness measurably",
             (True, False): "changes quality, not brightness"}
 
 
-def change_findings(rows: list, label) -> list:
-    """Parts 3 and 4. Each row against its table's baseline row: does it change quality (KID) and brightness
-    (luminance W1 against the data), each judged against two standard deviations (KID's over subsets, W1's by
-    bootstrap)? label(row) names a row."""
-    base = next((r for r in rows if r.get("beyond_2sd") == "baseline"), None)
+def change_findings(rows: list, label, group=lambda row: None, floor: dict | None = None) -> list:
+    """Parts 3 and 4. Each row against its table's baseline row (of its `group(row)`: part 3 compares each model
+    with itself from plain noise): does it change quality (KID) and brightness (luminance W1 against the data),
+    each judged against two standard deviations (KID's over subsets, W1's by bootstrap)? label(row) names a row.
+    With the real-data `floor` row, each sentence also says how far the row's KID is above it."""
+    bases = {group(r): r for r in rows if r.get("beyond_2sd") == "baseline"}
     sentences = []
-    for row in rows if base is not None else []:
-        if row is base:
+    for row in rows:
+        base = bases.get(group(row))
+        if base is None or row is base:
             continue
         kid_change, quality = significant(row, base, "kid", "kid_std")
         w1_change, brightness = significant(row, base, "w1", "w1_sd")
@@ -205,23 +208,61 @@ def change_findings(rows: list, label) -> list:
             f"{base['kid']:.4f} -> {row['kid']:.4f}, {'lower' if kid_change < 0 else 'higher'}, {_beyond(quality)} two "
             f"standard deviations; luminance W1 {base['w1']:.3f} -> {row['w1']:.3f}, "
             f"{'closer to' if w1_change < 0 else 'further from'} the data, {_beyond(brightness)} two bootstrap "
-            f"standard deviations; std ratio {base['std_ratio']:.2f} -> {row['std_ratio']:.2f}).")
+            f"standard deviations; std ratio {base['std_ratio']:.2f} -> {row['std_ratio']:.2f})."
+            + floor_clause(row, floor))
     return sentences
 
 
+def floor_clause(row: dict, floor: dict | None) -> str:
+    """' Against the real-data floor ...' : the row's KID minus the floor's, judged against two standard
+    deviations; '' without a floor."""
+    if floor is None:
+        return ""
+    gap, beyond = significant(row, floor, "kid", "kid_std")
+    return (f" Against the real-data floor (KID {floor['kid']:.4f} of {floor['n']} held-out images): "
+            f"{gap:+.4f}, {_beyond(beyond)} two standard deviations.")
+
+
+def floor_findings(floor: dict | None) -> list:
+    """What real images score at the study's n: the floor every setting is compared with."""
+    if floor is None:
+        return []
+    return [f"The floor: {floor['n']} held-out real images ({floor['source']}) score KID {floor['kid']:.4f} ± "
+            f"{floor['kid_std']:.4f}, FID {floor['fid']:.2f} against the same reference; no setting can be expected "
+            "to score lower at this n."]
+
+
+def schedule_findings(rows: list) -> list:
+    """Part 3. What x_T keeps of the image under each model's schedule: sqrt(alpha_bar) at the first sampled step."""
+    return [f"{r['model']} ({r['schedule']} schedule, {r['spacing']} spacing): the first of {r['steps']} steps is "
+            f"t0 = {r['t0']}, where x_T keeps sqrt(alpha_bar) = {r['sqrt_alpha_bar_t0']:.4f} of the image."
+            for r in rows]
+
+
 def steering_findings(rows: list) -> list:
-    """Part 3. How far DC steering moves the samples' mean brightness from plain noise's toward the target."""
-    return [f"Steering the leak's DC to the {r['steered_to']} tercile's mean ({r['target_mean']:+.3f}) moves the "
-            f"samples' mean brightness from {r['plain_mean']:+.3f} (plain noise) to {r['samples_mean']:+.3f}: "
-            f"{r['share']:.0%} of the way (sqrt(alpha_bar) = {r['sqrt_alpha_bar_t0']:.4f} at t0 = {r['t0']})."
-            for r in rows if math.isfinite(r["share"])]
+    """Part 3. How far DC steering moves the samples' mean brightness toward the target: from the paired,
+    unsteered leak-aware samples' (rows with "unsteered_mean"), or, in results.json written before the pairing,
+    from all plain-noise samples' ("plain_mean")."""
+    sentences = []
+    for r in (r for r in rows if math.isfinite(r["share"])):
+        if "unsteered_mean" in r:
+            what, start = f"the {r['model']} model's leak DC", f"{r['unsteered_mean']:+.3f} (the same seeds unsteered)"
+        else:
+            what, start = "the leak's DC", f"{r['plain_mean']:+.3f} (plain noise)"
+        sentences.append(f"Steering {what} to the {r['steered_to']} tercile's mean ({r['target_mean']:+.3f}) moves "
+                         f"the samples' mean brightness from {start} to {r['samples_mean']:+.3f}: {r['share']:.0%} of "
+                         f"the way (sqrt(alpha_bar) = {r['sqrt_alpha_bar_t0']:.4f} at t0 = {r['t0']}).")
+    return sentences
 
 
 def quality_findings(tables: dict) -> dict:
     """{part: sentences} of the study, each chosen by the numbers of its tables."""
-    return {"samplers": sampler_findings(tables["samplers"]),
-            "eps": eps_findings(tables["eps"], tables.get("scan", [])),
-            "leak": change_findings(tables["leak"], lambda r: f"the standard model from {r['start']}")
+    floor = (tables.get("floor") or [None])[0]
+    return {"floor": floor_findings(floor), "samplers": sampler_findings(tables["samplers"], floor),
+            "eps": eps_findings(tables["eps"], tables.get("scan", []), floor),
+            "leak": schedule_findings(tables.get("schedules", []))
+            + change_findings(tables["leak"], lambda r: f"the {r.get('model', 'standard')} model from {r['start']}",
+                              lambda r: r.get("model", "standard"), floor)
             + steering_findings(tables["steering"]),
-            "fixes": change_findings(tables["fixes"], lambda r: f"{r['model']} (from {r['start']})")
+            "fixes": change_findings(tables["fixes"], lambda r: f"{r['model']} (from {r['start']})", floor=floor)
             + offset_findings(tables["terciles"])}

@@ -1,6 +1,7 @@
 """The study's budget (pure logic but for the speed measurement): the clock, the evaluated settings of the four
 parts, the machine's measured rates, and the plan that fits the evaluations into `--minutes`, dropping the most
 expensive first."""
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -39,6 +40,11 @@ PLAIN, LEAK, OWN_NOISE = "plain noise", "signal leak (dct+pixel)", "own offset n
 TRAIN_SHARE = 0.55     # the least share of the budget the plan keeps for training, when models need it
 FID_SECONDS = 15.0     # planned seconds of one FID (a 2048 x 2048 eigh) and KID (100 subsets), on the CPU
 MIN_SAMPLES = 128      # the plan halves the samples per setting down to this, no lower
+MIN_REFERENCE = 1000   # the plan halves uncached reference images down to this, no lower
+REPORT_SECONDS = 60.0  # what the plan and the run-time checks keep for the figures and the report
+# KID's standard deviation over subsets at n = 500 (CIFAR-10 at 32 px, KID about 0.04; docs/study.md's measured
+# run): the plan's prior for the KID difference it can detect at its n (the report adds the measured one)
+KID_STD_AT_500 = 0.003
 BF16_GAIN = 1.1        # autocast auto: bf16 when its model calls run at least this much faster than float32
 TRAIN_TIMESTEPS = DiffusionConfig.num_train_timesteps  # T of every study model (train_config keeps the default)
 
@@ -99,7 +105,9 @@ def study_parts(config: QualityStudyConfig) -> dict:
     """{part: [Setting]} of the four evaluations. Parts 2-4 share the base setting: the standard model, DDIM at
     sample_steps from plain noise with lambda 1 and the run's x0 clipping (on for pixel models). Part 1 runs every
     sampler unclipped, so that clipping does not decide the comparison, plus DDIM with quadratic spacing (at the
-    NFE levels it allows, `max_quadratic_steps`) and the base setting as its clipped DDIM row."""
+    NFE levels it allows, `max_quadratic_steps`) and the base setting as its clipped DDIM row. Part 3 compares
+    plain with leak-aware x_T on the standard model (the control) and, when it trains, the leaky one (SD's
+    schedule)."""
     n = config.sample_steps
     base = Setting("standard", "ddim", n, n, n)
     samplers = {}  # by key: NFE targets that give a sampler the same steps (Heun at 9 and 10) are one setting
@@ -114,9 +122,15 @@ def study_parts(config: QualityStudyConfig) -> dict:
     return {"samplers": list(samplers.values()),
             "eps": [replace(base, eps_scale=value) for value in config.lambdas]
             + [replace(base, eps_scale=config.eps_slope_mean, eps_slope=k) for k in config.slopes],
-            "leak": [base, replace(base, start=LEAK)],
+            "leak": [setting for model in leak_models(config)
+                     for setting in (replace(base, model=model), replace(base, model=model, start=LEAK))],
             "fixes": [base] + [Setting(fix, "ddim", n, n, n, start=OWN_NOISE if fix == "offset" else PLAIN)
                                for fix in config.fix_names]}
+
+
+def leak_models(config: QualityStudyConfig) -> list:
+    """The models of part 3 (and of its DC steering): the standard one, then the leaky one when it trains."""
+    return ["standard", *(name for name in config.fix_names if name == "leaky")]
 
 
 def sampler_steps(name: str, nfe: int) -> tuple:
@@ -198,59 +212,98 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+EXTRAS = ("terciles", "steering", "scan")  # the evaluations that are not settings (see `extra_calls`)
+
+
 @dataclass
 class Plan:
-    """What the budget holds: the settings to evaluate (in run order), images per setting, the estimated seconds
-    of each part, and sentences saying what was dropped and why."""
+    """What the budget holds: the settings to evaluate (in run order), images per setting, reference images, the
+    extras kept (EXTRAS), the estimated seconds of each part, and sentences saying what was dropped and why."""
     settings: list
     samples: int
     estimates: dict
     dropped: list
+    reference: int = 0
+    extras: tuple = EXTRAS
 
 
-def plan_study(config: QualityStudyConfig, parts: dict, speed: dict, reference_seconds: float,
-               train_needed: bool, seconds_left: float, samples: int | None = None) -> Plan:
-    """Fit the evaluations into what the budget leaves after the reference features (0 once computed), training
-    (at least TRAIN_SHARE of the budget while models still need it) and a margin, cutting the most expensive first:
-    part 1's NFE levels above sample_steps (largest first), then the samples per setting (halved, down to
-    MIN_SAMPLES). All settings keep one sample count, so their FIDs stay comparable: a resumed study passes its
-    first evaluations' `samples` (see `first_choices`), which then stays as it is."""
-    order, fixed = run_order(parts), samples is not None
-    samples = samples if fixed else config.unconditional_samples
-    floor = min(MIN_SAMPLES, samples)
+def plan_study(config: QualityStudyConfig, parts: dict, speed: dict, reference_cached, train_needed: bool,
+               seconds_left: float, samples: int | None = None, reference: int | None = None) -> Plan:
+    """Fit the study into `seconds_left`: the reference features (`reference_cached(count)` says whether the
+    features of `count` reference images are on disk; if not they cost count / inception_per_second), training (at
+    least TRAIN_SHARE of the budget while models still need it, less when that would leave no room for the
+    evaluations that always run: the base setting, the real-data floor and the report), the evaluations and a
+    margin. Cuts, in order, until the evaluations fit: part 1's NFE levels above sample_steps (largest first); the
+    reference images (halved, down to MIN_REFERENCE); part 1's other settings; part 2's settings and scan; then the
+    samples per setting (halved, down to MIN_SAMPLES), so more samples per setting win over settings of lower
+    importance. A resumed study passes its first evaluations' `samples` and `reference` (see `first_choices`),
+    which then stay as they are: all settings keep one n and one reference, so their FIDs stay comparable."""
+    base, order = run_order(parts)[0], run_order(parts)
+    extras = [e for e in EXTRAS if not (config.unet_from and e == "terciles")]  # a model from elsewhere: parts 1-3
+    kept_samples, kept_reference = samples is not None, reference is not None
+    samples = samples if kept_samples else config.unconditional_samples
+    reference = reference if kept_reference else config.reference_images
     margin = 0.03 * 60 * config.minutes + 60
-    training = TRAIN_SHARE * 60 * config.minutes if train_needed else 0.0
-    allowed = seconds_left - reference_seconds - training - margin
-    dropped = []
-    if fixed and samples != config.unconditional_samples:
-        dropped.append(f"Samples per setting kept at {samples}, the count of the study's first evaluations.")
-    while (cost := evaluation_seconds(config, order, samples, speed)) > allowed:
+    dropped = [f"Samples per setting kept at {samples}, the count of the study's first evaluations."] \
+        if kept_samples and samples != config.unconditional_samples else []
+    while True:
+        reference_seconds = 0.0 if reference_cached(reference) else reference / speed["inception_per_second"]
+        least = setting_seconds(base, samples, speed) + floor_seconds(samples, speed) + REPORT_SECONDS
+        share = TRAIN_SHARE * 60 * config.minutes if train_needed else 0.0
+        training = min(share, max(seconds_left - reference_seconds - least - margin, 0.0))
+        allowed = seconds_left - reference_seconds - training - margin
+        cost = evaluation_seconds(config, order, samples, speed, extras)
+        if cost <= allowed and training >= share:
+            break
         why = (f"the evaluations were estimated at {cost / 60:.1f} min ({speed['calls_per_second']:.0f} model "
                f"calls/s, {speed['inception_per_second']:.1f} Inception images/s measured) but the budget left "
                f"{max(allowed, 0) / 60:.1f} min for them after the reference features ({reference_seconds / 60:.1f} "
                f"min), training ({training / 60:.1f} min) and a margin ({margin / 60:.1f} min)")
-        levels = sorted({s.level for s in order if s.level > config.sample_steps}, reverse=True)
+        levels = sorted({s.level for s in order if s in parts["samplers"] and s.level > config.sample_steps})
+        lower = [[s for s in order if s in parts[part] and s != base] for part in ("samplers", "eps")]
         if levels:
-            gone = [s for s in order if s.level == levels[0]]
-            order = [s for s in order if s.level != levels[0]]
-            dropped.append(f"Part 1 at NFE {levels[0]} ({len(gone)} settings) dropped: {why}.")
-        elif not fixed and samples // 2 >= floor:
+            gone = [s for s in order if s.level == levels[-1] and s in parts["samplers"] and s != base]
+            order = [s for s in order if s not in gone]
+            dropped.append(f"Part 1 at NFE {levels[-1]} ({len(gone)} settings) dropped: {why}.")
+        elif not kept_reference and reference_seconds and reference // 2 >= min(MIN_REFERENCE, reference):
+            dropped.append(f"Reference images cut from {reference} to {reference // 2} (their features are not "
+                           f"cached): {why}.")
+            reference //= 2
+        elif lower[0] or lower[1] or "scan" in extras:
+            part, gone = (1, lower[0]) if lower[0] else (2, lower[1])
+            order = [s for s in order if s not in gone]
+            extras = extras if part == 1 else [e for e in extras if e != "scan"]
+            dropped.append(f"Part {part} dropped ({len(gone)} settings{'' if part == 1 else ' and its scan'}; the base "
+                           f"setting stays): {why}.")
+        elif not kept_samples and samples // 2 >= min(MIN_SAMPLES, samples):
             dropped.append(f"Samples per setting cut from {samples} to {samples // 2}: {why}.")
             samples //= 2
         else:
             dropped.append(f"Nothing left to cut: {why}; settings that do not fit when their turn comes are "
                            "skipped.")
             break
-    estimates = {"reference features": reference_seconds, "evaluations": cost, "training (least)": training,
-                 "margin": margin}
-    return Plan(order, samples, estimates, dropped)
+    estimates = {"reference features": reference_seconds, "evaluations": cost, "evaluations (least)": least,
+                 "training (least)": training, "margin": margin}
+    return Plan(order, samples, estimates, dropped, reference, tuple(extras))
 
 
-def evaluation_seconds(config: QualityStudyConfig, settings: list, samples: int, speed: dict) -> float:
-    """Planned seconds of the evaluations: the settings' (see `setting_seconds`) and the model calls of the extras
-    (see `extra_seconds`)."""
-    extras = sum(extra_seconds(config, speed).values())
-    return sum(setting_seconds(setting, samples, speed) for setting in settings) + extras
+def detectable_kid_difference(samples: int, kid_std_at_500: float = KID_STD_AT_500) -> float:
+    """The KID difference between two settings beyond two standard deviations of the difference, 2 sqrt(2)
+    kid_std, at n samples each: kid_std scales as 1 / sqrt(n) (the unbiased MMD^2 of subsets of n // 2 images)."""
+    return 2 * math.sqrt(2) * kid_std_at_500 * math.sqrt(500 / samples)
+
+
+def evaluation_seconds(config: QualityStudyConfig, settings: list, samples: int, speed: dict,
+                       extras=EXTRAS) -> float:
+    """Planned seconds of the evaluations: the settings' (see `setting_seconds`), the real-data floor's and the model
+    calls of the `extras` (see `extra_seconds`)."""
+    extra = sum(seconds for name, seconds in extra_seconds(config, speed).items() if name in extras)
+    return sum(setting_seconds(setting, samples, speed) for setting in settings) + floor_seconds(samples, speed) + extra
+
+
+def floor_seconds(samples: int, speed: dict) -> float:
+    """Seconds of the real-data floor: the held-out images' Inception features, FID and KID."""
+    return samples / speed["inception_per_second"] + FID_SECONDS
 
 
 def setting_seconds(setting: Setting, samples: int, speed: dict) -> float:
@@ -270,9 +323,11 @@ def extra_seconds(config: QualityStudyConfig, speed: dict) -> dict:
 
 def extra_calls(config: QualityStudyConfig) -> dict:
     """Model calls of the evaluations that are not settings: the tercile samples of every model (part 4), DC
-    steering to two targets (part 3) and the eps-norm scan (forward pass and one chain per lambda, part 2)."""
+    steering to two targets per model of part 3 and the eps-norm scan (forward pass and one chain per lambda,
+    part 2)."""
     steps, per_class = config.sample_steps, config.samples_per_class
-    return {"terciles": steps * per_class * 3 * (1 + len(config.fix_names)), "steering": steps * per_class * 2,
+    return {"terciles": steps * per_class * 3 * (1 + len(config.fix_names)),
+            "steering": steps * per_class * 2 * len(leak_models(config)),
             "scan": steps * config.exposure_images * (1 + len(config.lambdas))}
 
 

@@ -6,6 +6,7 @@ picked by FID and by the eps-norm, the signal leak, and the fixes. A plan fitted
 expensive evaluations first and says so."""
 import dataclasses
 import datetime
+import json
 import math
 import time
 from dataclasses import replace
@@ -14,24 +15,24 @@ from pathlib import Path
 import torch
 
 from ldm_lite import exposure, metrics, plots
-from ldm_lite.data import save_image_grid, to_float
+from ldm_lite.data import save_image_grid, to_float, to_uint8
 from ldm_lite.distributed import init_world
-from ldm_lite.fid_reference import reference_images, reference_path, reference_statistics
+from ldm_lite.fid_reference import held_out_images, reference_images, reference_path, reference_statistics
 from ldm_lite.leak import LeakStats
 from ldm_lite.models.inception import load_fid_inception
 from ldm_lite.run_safety import FolderLock
 from ldm_lite.schedulers import from_config
 from ldm_lite.study.config import CLASS_NAMES, QualityStudyConfig, grid_scale
-from ldm_lite.study.demo import class_rows, load_study_data, save_class_grid
+from ldm_lite.study.demo import class_rows, load_study_data, load_test_split, save_class_grid
 from ldm_lite.study.evaluate import Evaluator, offset_training_noise
 from ldm_lite.study.findings import CLIPPED, quality_findings, significant
-from ldm_lite.study.plan import (Clock, Plan, extra_seconds, measure_speed, plan_study, setting_seconds,
-                                 study_parts)
+from ldm_lite.study.plan import (LEAK, PLAIN, REPORT_SECONDS, Clock, Plan, extra_seconds, leak_models,
+                                 measure_speed, plan_study, setting_seconds, study_parts)
 from ldm_lite.study.report import format_quality_results, write_report
 from ldm_lite.study.results import QualityResults, save_results
 from ldm_lite.study.resume import check_study_settings, first_choices, record_choices, saved_extra
 from ldm_lite.study.shards import Shards
-from ldm_lite.study.training import model_row, train_study_models, trained_record
+from ldm_lite.study.training import external_model, model_row, train_study_models, trained_record
 
 
 def study_device(name: str) -> torch.device:
@@ -56,8 +57,7 @@ def run_evaluations(plan: Plan, parts: dict, models: dict, data, labels, evaluat
     config, rates = evaluator.config, dict(results.speed)
     done = {"rows": {}, "terciles": [], "steering": [], "scan": None}
     extras = {"terciles": lambda: tercile_rows(models, data, labels, evaluator, results),
-              "steering": lambda: steering_rows(models["standard"], data, labels, evaluator,
-                                                done["rows"][plan.settings[0].key]["mean"], results),
+              "steering": lambda: steering_rows(models, data, labels, evaluator, parts["leak"], results),
               "scan": lambda: exposure_scan(models["standard"], data, evaluator)}
     for part, extra, title in STAGES:
         for setting in [s for s in plan.settings if s in parts[part] and s.key not in done["rows"]]:
@@ -70,7 +70,7 @@ def run_evaluations(plan: Plan, parts: dict, models: dict, data, labels, evaluat
             if not row.get("reused"):  # evaluated now, not read from an earlier run
                 rates["calls_per_second"] = plan.samples * setting.nfe / row["sampling_seconds"]
                 rates["seconds_after_sampling"] = row["seconds"] - row["sampling_seconds"]
-        if extra and _fits(EXTRA_NAMES[extra], extra_seconds(config, rates)[extra], clock, results):
+        if extra in plan.extras and _fits(EXTRA_NAMES[extra], extra_seconds(config, rates)[extra], clock, results):
             with clock(EXTRA_NAMES[extra]):
                 done[extra] = saved_extra(extra, extras[extra], models, evaluator, results.grids)
     results.speed["observed_calls_per_second"] = rates["calls_per_second"]
@@ -83,7 +83,7 @@ EXTRA_NAMES = {"terciles": "tercile samples (part 4)", "steering": "DC steering 
 
 def _fits(label: str, seconds: float, clock: Clock, results: QualityResults) -> bool:
     """Whether `seconds` of work and a minute for the report fit in what is left; if not, say it was skipped."""
-    if clock.left() >= seconds + 60:
+    if clock.left() >= seconds + REPORT_SECONDS:
         return True
     results.dropped.append(f"{label} skipped at run time: {max(clock.left(), 0) / 60:.1f} min of the budget were "
                               f"left and it needed about {seconds / 60:.1f} min, plus a minute for the report.")
@@ -119,29 +119,67 @@ def tercile_rows(models: dict, data, labels, evaluator: Evaluator, results: Qual
     return rows
 
 
-def steering_rows(trained: dict, data, labels, evaluator: Evaluator, plain_mean: float,
+def steering_rows(models: dict, data, labels, evaluator: Evaluator, leak_settings: list,
                   results: QualityResults) -> list:
-    """Part 3's DC steering (Everaert et al. 2024): the leak's DC coefficient of every channel fixed to the dark,
-    then the bright tercile's channel mean; samples' mean brightness against that target and plain noise's."""
+    """Part 3's DC steering (Everaert et al. 2024), per model of part 3 whose leak-aware setting ran: the leak's DC
+    coefficient of every channel fixed to the dark, then the bright tercile's channel mean. Sample i draws from the
+    same generator as the leak-aware setting's sample i, so the share of the way to the target is measured against
+    those paired, unsteered samples (the same leak but its DC term)."""
     config, rows, (channels, height, width) = evaluator.config, [], data.shape[1:]
-    scheduler = from_config(trained["config"])
-    scheduler.set_timesteps(config.sample_steps)
-    t0 = int(scheduler.timesteps[0])
-    for c in (0, len(CLASS_NAMES) - 1):
-        means = data[labels == c].mean(dim=(0, 2, 3))  # (C,)
-        leak = evaluator.leak.with_components({(k, (0, 0)): float(means[k]) * math.sqrt(height * width)
-                                               for k in range(channels)})
-        images = evaluator.draw(trained, scheduler, config.samples_per_class, config.sample_steps, leak=leak,
-                                class_labels=trained["model"].config.num_classes)
-        target, got = float(means.mean()), float(images.mean())
-        name = f"grid_steered_{CLASS_NAMES[c]}.png"
-        save_image_grid(images[:64], evaluator.out / name, nrow=16, scale=grid_scale(config))
-        results.grids[f"standard, leak DC steered to the {CLASS_NAMES[c]} tercile"] = name
-        rows.append(dict(model="standard", steered_to=CLASS_NAMES[c], t0=t0,
-                         sqrt_alpha_bar_t0=float(scheduler.alphas_cumprod[t0]) ** 0.5, n=len(images),
-                         target_mean=target, plain_mean=plain_mean, samples_mean=got,
-                         share=(got - plain_mean) / (target - plain_mean) if target != plain_mean else math.nan))
+    for setting in (s for s in leak_settings if s.start == LEAK and s.key in evaluator.images):
+        trained, name = models[setting.model], setting.model
+        unsteered = to_float(evaluator.images[setting.key][:config.samples_per_class])  # (n, C, H, W)
+        scheduler, t0, kept = first_step(trained, config.sample_steps)
+        for c in (0, len(CLASS_NAMES) - 1):
+            means = data[labels == c].mean(dim=(0, 2, 3))  # (C,)
+            leak = evaluator.leak.with_components({(k, (0, 0)): float(means[k]) * math.sqrt(height * width)
+                                                   for k in range(channels)})
+            images = evaluator.draw(trained, scheduler, len(unsteered), config.sample_steps, leak=leak,
+                                    class_labels=trained["model"].config.num_classes)
+            # both means from uint8 samples, as the leak-aware setting saved its own
+            target, before = float(means.mean()), float(unsteered.mean())
+            got = float(to_float(to_uint8(images)).mean())
+            grid = f"grid_steered_{name}_{CLASS_NAMES[c]}.png"
+            save_image_grid(images[:64], evaluator.out / grid, nrow=16, scale=grid_scale(config))
+            results.grids[f"{name}, leak DC steered to the {CLASS_NAMES[c]} tercile"] = grid
+            rows.append(dict(model=name, steered_to=CLASS_NAMES[c], t0=t0, sqrt_alpha_bar_t0=kept, n=len(images),
+                             target_mean=target, unsteered_mean=before, samples_mean=got,
+                             share=(got - before) / (target - before) if target != before else math.nan))
     return rows
+
+
+def real_data_floor(config: QualityStudyConfig, images: torch.Tensor, reference_count: int,
+                    evaluator: Evaluator) -> dict | None:
+    """The row every quality table starts with: n held-out real images (n = the samples per setting) scored against
+    the same reference, what a perfect model would score at that n. From the data's test split when it has one
+    (`load_test_split`), else from the training images outside the reference; None when fewer than 4 remain."""
+    test, source = load_test_split(config, evaluator.samples)
+    held_out = held_out_images(images, reference_count, evaluator.samples, test)
+    if len(held_out) < 4:  # KID draws two subsets of n // 2
+        return None
+    source = source or f"{config.data}: training images outside the reference"
+    key = json.dumps({"real data": source, "n": len(held_out), "reference": evaluator.reference_name})
+    row = evaluator.scored("real_data", key, lambda: held_out, {"source": source})
+    return {name: row[name] for name in ("source", "kid", "kid_std", "fid", *BIAS_COLUMNS)}
+
+
+def schedule_rows(models: dict, names: list, steps: int) -> list:
+    """Per model of part 3: its schedule, spacing, first sampled timestep t0 at `steps` steps, and sqrt(alpha_bar)
+    there, the share of the image that x_T keeps (Everaert et al.: the leak)."""
+    rows = []
+    for name in (n for n in names if n in models):
+        scheduler, t0, kept = first_step(models[name], steps)
+        rows.append(dict(model=name, schedule=scheduler.config["beta_schedule"], steps=steps,
+                         spacing=scheduler.config["timestep_spacing"], t0=t0, sqrt_alpha_bar_t0=kept))
+    return rows
+
+
+def first_step(trained: dict, steps: int) -> tuple:
+    """(the model's DDIM scheduler set to `steps` steps, its first timestep t0, sqrt(alpha_bar) at t0)."""
+    scheduler = from_config(trained["config"])
+    scheduler.set_timesteps(steps)
+    t0 = int(scheduler.timesteps[0])
+    return scheduler, t0, float(scheduler.alphas_cumprod[t0]) ** 0.5
 
 
 def run_quality_study(config: QualityStudyConfig) -> QualityResults | None:
@@ -176,21 +214,23 @@ def _run_quality_study(config: QualityStudyConfig, device: torch.device, shards:
         network = shards.network = load_fid_inception(device)
     with clock("measure speed"):
         speed = measure_speed(config, data.shape[1], network, device, shards.world.size)
-    chosen = reference_images(dataset.images, config.reference_images)
-    ref_path = reference_path(chosen, config.cache)
     names, parts = ["standard", *config.fix_names], study_parts(config)
-    cached = ref_path.is_file()
+    train_needed = not config.unet_from and any(name not in trained_record(out) for name in names)
+    kept = first_choices(out, speed)
+    cached = lambda count: reference_path(reference_images(dataset.images, count), config.cache).is_file()  # noqa: E731
+    plan = plan_study(config, parts, speed, cached, train_needed, clock.left(), *(kept or (None, None)))
+    if kept is None:
+        record_choices(out, plan, speed)
+    chosen = reference_images(dataset.images, plan.reference)
+    ref_path = reference_path(chosen, config.cache)
+    computed = not ref_path.is_file()
     with clock("reference features"):
         reference = reference_statistics(ref_path, chosen, shards.features, source=f"{config.data}: {len(chosen)} "
                                          f"training images at {config.resolution} px")
-    if not cached:  # thousands of images measure the Inception rate better than the start-up run
+    if computed:  # thousands of images measure the Inception rate better than the start-up run
         speed["inception_per_second"] = len(chosen) / clock.parts["reference features"]
-    train_needed = any(name not in trained_record(out) for name in names)
-    kept = first_choices(out, speed)
-    plan = plan_study(config, parts, speed, 0.0, train_needed, clock.left(), samples=kept)
-    if kept is None:
-        record_choices(out, plan, speed)
-    models = train_study_models(config, names, clock, plan, device)
+    models = {"standard": external_model(config, data.shape[1], device)} if config.unet_from else \
+        train_study_models(config, names, clock, plan, device)
     with clock("leak statistics"):
         leak = LeakStats.fit_batches(data.split(1024), "dct+pixel", 3)
     evaluator = Evaluator(config, device, torch.bfloat16 if speed["autocast"] == "bf16" else None, shards,
@@ -199,8 +239,12 @@ def _run_quality_study(config: QualityStudyConfig, device: torch.device, shards:
                              estimates=plan.estimates, samples=plan.samples,
                              reference={"path": str(ref_path), "images": len(chosen), "source": reference.source},
                              models=[model_row(name, trained) for name, trained in models.items()])
+    with clock("real-data floor"):
+        floor = real_data_floor(config, dataset.images, len(chosen), evaluator)
     done = run_evaluations(plan, parts, models, data, dataset.labels, evaluator, clock, results)
     results.tables = quality_tables(parts, done["rows"], done["scan"], done["terciles"], done["steering"])
+    results.tables["floor"] = [floor] if floor else []
+    results.tables["schedules"] = schedule_rows(models, leak_models(config), config.sample_steps)
     with clock("figures"):
         quality_figures(parts, done["scan"], evaluator, results)
     results.findings = quality_findings(results.tables)
@@ -214,15 +258,15 @@ def _run_quality_study(config: QualityStudyConfig, device: torch.device, shards:
 
 # ----------------------------------------------------------------------------- tables and figures
 
-IDENTITY = {"samplers": ("sampler", "x0_clipping", "level", "nfe", "steps", "t0"), "eps": ("eps_scale", "eps_slope", "steps"),
-            "leak": ("start",), "fixes": ("model", "start")}
+IDENTITY = {"samplers": ("sampler", "x0_clipping", "level", "nfe", "steps", "t0"),
+            "eps": ("eps_scale", "eps_slope", "steps"), "leak": ("model", "start"), "fixes": ("model", "start")}
 BIAS_COLUMNS = ("w1", "w1_sd", "ks", "std_ratio", "mean", "hf_log10", "n", "seconds")
 
 
 def quality_tables(parts: dict, rows: dict, scan: dict, terciles: list, steering: list) -> dict:
     """The report's tables, each led by KID (see `comparison_rows`) against its baseline: unclipped DDIM at the
-    same NFE (part 1, whose sampler column names the variant: `sampler_label`), lambda 1 (part 2), plain noise
-    (part 3), the standard model (part 4)."""
+    same NFE (part 1, whose sampler column names the variant: `sampler_label`), lambda 1 (part 2), the same model
+    from plain noise (part 3), the standard model (part 4)."""
     samplers = parts["samplers"]
 
     def same_level(setting):
@@ -239,7 +283,7 @@ def quality_tables(parts: dict, rows: dict, scan: dict, terciles: list, steering
     for row, setting in zip(sampler_rows, [s for s in samplers if s.key in rows]):
         row["sampler"] = sampler_label(setting, row["x0_clipping"])
     return {"samplers": sampler_rows, "eps": eps,
-            "leak": comparison_rows(parts["leak"], rows, IDENTITY["leak"], lambda s: parts["leak"][0]),
+            "leak": comparison_rows(parts["leak"], rows, IDENTITY["leak"], lambda s: replace(s, start=PLAIN)),
             "scan": scanned, "steering": steering, "terciles": terciles,
             "fixes": comparison_rows(parts["fixes"], rows, IDENTITY["fixes"], lambda s: parts["fixes"][0])}
 

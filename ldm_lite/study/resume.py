@@ -39,12 +39,13 @@ def check_study_settings(config: QualityStudyConfig, out: Path, record: bool = T
         write_text(path, json.dumps(settings, indent=2))
 
 
-def first_choices(out: Path, speed: dict) -> int | None:
-    """The samples per setting of the run that made this study's first evaluations (choices.json), or None when
-    there are none yet; its autocast choice replaces the one just measured in `speed`. Both are part of every
-    saved evaluation's key, and all settings share one n: a resumed run, with training done, would often plan
-    more samples, and a re-measured bf16 gain near BF16_GAIN can flip; either would make every saved evaluation
-    stale."""
+def first_choices(out: Path, speed: dict) -> tuple | None:
+    """(samples per setting, reference images) of the run that made this study's first evaluations (choices.json;
+    the reference as configured when it predates the plan's choice), or None when there are none yet; its autocast
+    choice replaces the one just measured in `speed`. All three are part of every saved evaluation's key, and all
+    settings share one n: a resumed run, with training done, would often plan more samples (or, its reference now
+    cached, more reference images), and a re-measured bf16 gain near BF16_GAIN can flip; any would make every saved
+    evaluation stale."""
     path = out / "choices.json"
     evaluated = (out / "eval").is_dir() and any((out / "eval").iterdir())
     if not (evaluated and path.is_file()):
@@ -53,11 +54,17 @@ def first_choices(out: Path, speed: dict) -> int | None:
     speed["autocast"] = saved["autocast"]
     speed["calls_per_second"] = speed.get("processes", 1) * speed["bf16_calls_per_second" if saved["autocast"] ==
                                                                   "bf16" else "fp32_calls_per_second"]
-    return saved["samples"]
+    return saved["samples"], saved["reference"] if "reference" in saved else config_reference(out)
+
+
+def config_reference(out: Path) -> int:
+    """The --reference-images of the study recorded in out/study.json."""
+    return json.loads((out / "study.json").read_text())["reference_images"]
 
 
 def record_choices(out: Path, plan: Plan, speed: dict) -> None:
-    write_text(out / "choices.json", json.dumps({"samples": plan.samples, "autocast": speed["autocast"]}))
+    write_text(out / "choices.json", json.dumps({"samples": plan.samples, "reference": plan.reference,
+                                                 "autocast": speed["autocast"]}))
 
 
 def saved_extra(name: str, compute, models: dict, evaluator: Evaluator, grids: dict):

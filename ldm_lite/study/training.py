@@ -6,7 +6,7 @@ from pathlib import Path
 from ldm_lite.config import config_from_dict
 from ldm_lite.models import load_unet
 from ldm_lite.processes import train_in_processes
-from ldm_lite.runs import CHECKPOINT_NAME, load_checkpoint, write_text
+from ldm_lite.runs import CHECKPOINT_NAME, load_checkpoint, load_model, write_text
 from ldm_lite.schedulers import from_config
 from ldm_lite.study.config import QualityStudyConfig, StudyConfig
 from ldm_lite.study.plan import Clock, Plan
@@ -15,9 +15,10 @@ from ldm_lite.training import train
 
 def train_config(config: StudyConfig, name: str, minutes: float, threads: int = 0, steps: int | None = None):
     """The training config of one of the study's models (tiny, class-conditional, null labels 10%): "standard",
-    or a fix: "offset" (offset noise), "ip" (input perturbation), "zero_snr" (v-prediction, trailing spacing)."""
+    or a fix: "offset" (offset noise), "ip" (input perturbation), "zero_snr" (v-prediction, trailing spacing), or
+    "leaky": the standard recipe on Stable Diffusion's schedule (`StudyConfig.BETAS`), whose signal leak is large."""
     zero_snr = name == "zero_snr"
-    beta_schedule, beta_start, beta_end = config.BETAS
+    beta_schedule, beta_start, beta_end = StudyConfig.BETAS if name == "leaky" else config.BETAS
     return config_from_dict({
         "data": {"source": config.data, "resolution": config.resolution, "synthetic_size": config.synthetic_size,
                  "max_images": config.max_images, "labels": "dataset" if config.data == "synthetic" else "brightness"},
@@ -67,16 +68,18 @@ def trained_record(out: Path) -> dict:
 def train_study_models(config: QualityStudyConfig, names: list, clock: Clock, plan: Plan, device) -> dict:
     """Train the models two at a time (one process and one thread each) for the same number of steps: the first
     pair for its share of what the planned evaluations leave (at least the plan's training floor), later pairs for
-    as many steps as it reached, capped at 1.25 times that share. trained.json records finished models, so a
+    as many steps as it reached, capped at 1.25 times that share; none takes what the evaluations that always run
+    (the plan's "evaluations (least)") and the margin need. trained.json records finished models, so a
     resumed study loads them. Returns {name: trained model info}."""
     out, record = Path(config.out), trained_record(Path(config.out))
     pending = [pair for pair in (names[i:i + 2] for i in range(0, len(names), 2))
                if any(name not in record for name in pair)]
     available = clock.left() - plan.estimates["evaluations"] - plan.estimates["margin"]
     share = max(available, plan.estimates["training (least)"]) / 60 / max(len(pending), 1)
+    kept = plan.estimates["margin"] + plan.estimates["evaluations (least)"]  # what training never takes
     for pair in pending:
         steps = record.get("steps", config.steps)
-        minutes = min(share * (1.25 if "steps" in record else 1.0), (clock.left() - plan.estimates["margin"]) / 60)
+        minutes = min(share * (1.25 if "steps" in record else 1.0), (clock.left() - kept) / 60)
         configs = {name: train_config(config, name, minutes, 1 if len(pair) > 1 else 0, steps) for name in pair}
         with clock(f"train {' + '.join(pair)}"):
             # threads=0 keeps each config's thread count: one each for a pair, torch's default for a model alone
@@ -95,8 +98,29 @@ def load_trained(config: StudyConfig, name: str, steps: int, device) -> dict:
             "steps": int(load_checkpoint(run_dir / CHECKPOINT_NAME)["step"])}
 
 
+def external_model(config: QualityStudyConfig, channels: int, device) -> dict:
+    """The model of --unet-from, in the standard model's place (a dict like `load_trained`'s, its "config" the
+    scheduler config it was trained with): whatever `runs.load_model` reads, a diffusers UNet2DModel folder or
+    pipeline, an ldm_lite run or its export. Its images must be the study's: `channels` x resolution^2 pixels."""
+    loaded = load_model(config.unet_from)
+    if loaded.vae is not None:
+        raise ValueError(f"unet_from: {config.unet_from!r} is a latent model; the study samples pixel models")
+    if loaded.sample_shape != (channels, config.resolution, config.resolution):
+        raise ValueError(f"unet_from: {config.unet_from!r} makes {'x'.join(map(str, loaded.sample_shape))} images, the "
+                         f"study's data is {channels}x{config.resolution}x{config.resolution} (--resolution)")
+    checkpoint = Path(config.unet_from) / CHECKPOINT_NAME
+    return {"model": loaded.unet.to(device).eval(), "config": loaded.scheduler_config,
+            "run_dir": Path(config.unet_from),
+            "steps": int(load_checkpoint(checkpoint)["step"]) if checkpoint.is_file() else 0,
+            "source": loaded.source}
+
+
 def model_row(name: str, trained: dict) -> dict:
     c = trained["config"]
+    if isinstance(c, dict):  # a model of --unet-from: its scheduler config
+        return dict(model=name, schedule=c.get("beta_schedule", "linear"), prediction=c.get("prediction_type",
+                    "epsilon"), spacing=c.get("timestep_spacing", "leading"), training_noise="trained elsewhere",
+                    steps=trained["steps"], source=trained["source"].get("path", ""))
     noise = "randn"
     if c.noise.offset_noise:
         noise = f"randn + offset noise {c.noise.strength('offset_noise_strength'):g}"
