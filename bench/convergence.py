@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from ldm_lite import fid_reference, runs  # noqa: E402
 from ldm_lite.cli.analysis.curves import format_curve_table  # noqa: E402
-from ldm_lite.config import config_from_dict  # noqa: E402
+from ldm_lite.config_io import config_from_dict  # noqa: E402
 from ldm_lite.data import brightness_terciles, list_images, load_dataset  # noqa: E402
 from ldm_lite.models import UNet, unet_preset  # noqa: E402
 from ldm_lite.models.inception import load_fid_inception  # noqa: E402

@@ -22,7 +22,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ldm_lite import runs
-from ldm_lite.config import Config, load_config, to_toml
+from ldm_lite.config import Config
+from ldm_lite.config_io import load_config, to_toml
 from ldm_lite.distributed import TORCHRUN_VARIABLES
 
 PROCESS_RECORD = "process.json"

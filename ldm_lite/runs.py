@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from ldm_lite.config import NOISE_DEFAULTS, NOISE_SWITCHES, Config, config_from_dict, config_to_dict
+from ldm_lite.config import NOISE_DEFAULTS, NOISE_SWITCHES, Config
+from ldm_lite.config_io import config_from_dict, config_to_dict
 from ldm_lite.data import CIFAR10_CLASSES, SYNTHETIC_CLASSES
 from ldm_lite.models.unet import load_unet
 from ldm_lite.models.vae_loading import load_vae

@@ -21,7 +21,8 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ldm_lite import runs
-from ldm_lite.config import Config, to_toml
+from ldm_lite.config import Config
+from ldm_lite.config_io import to_toml
 from ldm_lite.data import InMemoryImages, brightness_terciles, load_dataset, save_image_grid
 from ldm_lite.distributed import World, init_world
 from ldm_lite.latent_cache import cached_latents

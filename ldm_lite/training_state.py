@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 
 from ldm_lite import runs
-from ldm_lite.config import Config, to_toml
+from ldm_lite.config import Config
+from ldm_lite.config_io import to_toml
 from ldm_lite.distributed import World
 from ldm_lite.models import UNet
 from ldm_lite.training_budget import with_stored_horizon

@@ -13,7 +13,7 @@ from ldm_lite import runs
 from ldm_lite.cli import analysis, run_main
 from ldm_lite.cli import sample as sample_cli
 from ldm_lite.cli import train as train_cli
-from ldm_lite.config import load_config
+from ldm_lite.config_io import load_config
 from ldm_lite.data import SYNTHETIC_CLASSES
 from ldm_lite.export import export_diffusers
 from ldm_lite.models import UNet, unet_preset

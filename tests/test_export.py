@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from ldm_lite.cli import run_main
 from ldm_lite.cli.analysis import main as analysis_main
-from ldm_lite.config import load_config
+from ldm_lite.config_io import load_config
 from ldm_lite.export import diffusers_unet_config, diffusers_vae_state_dict, export_diffusers
 from ldm_lite.models.unet import UNet, unet_preset
 from ldm_lite.models.vae import AutoencoderKL, vae_preset

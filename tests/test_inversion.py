@@ -14,7 +14,7 @@ from PIL import Image
 
 from ldm_lite.cli import run_main
 from ldm_lite.cli.analysis import main as analysis_main
-from ldm_lite.config import load_config
+from ldm_lite.config_io import load_config
 from ldm_lite.inversion import invert, reconstruct, rms_per_image, schedulers_for
 from ldm_lite.latents import decode_latents, encode_latents
 from ldm_lite.models.unet import UNet, load_unet, save_unet, unet_preset

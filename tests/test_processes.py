@@ -5,7 +5,7 @@ import json
 import pytest
 
 from ldm_lite import processes
-from ldm_lite.config import config_from_dict
+from ldm_lite.config_io import config_from_dict
 from ldm_lite.runs import METRICS_FILE
 
 

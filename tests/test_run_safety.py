@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ldm_lite import training_state
-from ldm_lite.config import parse_overrides
+from ldm_lite.config_io import parse_overrides
 from ldm_lite.generate import SampleSettings, generate
 from ldm_lite.run_safety import LOCK_FILE, FolderLock, StopRequest
 from ldm_lite.study import QualityStudyConfig, check_study_settings, run_study

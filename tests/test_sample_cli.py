@@ -21,7 +21,7 @@ from PIL import Image
 from ldm_lite.cli import run_main
 from ldm_lite.cli.analysis import main as analysis_main
 from ldm_lite.cli.sample import main as sample_main
-from ldm_lite.config import load_config
+from ldm_lite.config_io import load_config
 from ldm_lite.runs import run_config
 from ldm_lite.data import synthetic_brightness, to_float
 from ldm_lite.leak import LeakStats

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from ldm_lite import training
-from ldm_lite.config import load_config
+from ldm_lite.config_io import load_config
 from ldm_lite.models import load_unet
 from ldm_lite.schedules import alphas_cumprod_from_betas, make_betas, rescale_zero_terminal_snr
 from ldm_lite.objective import Batch, batch_indices, diffusion_loss, draw_batch

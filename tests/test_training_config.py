@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from ldm_lite.config import (NOISE_DEFAULTS, Config, config_from_dict, config_to_dict, load_config, parse_overrides,
-                             to_toml)
+from ldm_lite.config import NOISE_DEFAULTS, Config
+from ldm_lite.config_io import config_from_dict, config_to_dict, load_config, parse_overrides, to_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "train" / "configs"

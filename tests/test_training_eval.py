@@ -12,7 +12,7 @@ from scipy.stats import norm
 from conftest import fid_weights_installed
 from ldm_lite import fid_reference, runs, training
 from ldm_lite.cli.analysis import main as analysis_main
-from ldm_lite.config import load_config
+from ldm_lite.config_io import load_config
 from ldm_lite.data import load_dataset, to_uint8
 from ldm_lite.distributed import World
 from ldm_lite.objective import draw_batch, timestep_probabilities

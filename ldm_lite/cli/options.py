@@ -8,7 +8,7 @@ import argparse
 import dataclasses
 
 from ldm_lite.checks import finite
-from ldm_lite.config import field_type
+from ldm_lite.config_io import field_type
 
 
 class ArgumentParser(argparse.ArgumentParser):

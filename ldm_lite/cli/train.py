@@ -14,7 +14,8 @@ from ldm_lite.cli import run_main
 
 def usage() -> str:
     """The docstring, then every section and key with its default, built from the config dataclasses."""
-    from ldm_lite.config import ALIASES, SECTIONS, field_type
+    from ldm_lite.config import ALIASES, SECTIONS
+    from ldm_lite.config_io import field_type
     lines = [__doc__.strip(), "", "aliases: " + ", ".join(f"--{a} (= {k})" for a, k in ALIASES.items()), ""]
     for section, cls in SECTIONS.items():
         lines.append(f"[{section}]  {(cls.__doc__ or '').splitlines()[0]}")
@@ -30,7 +31,7 @@ def main(argv=None) -> int:
     if any(a in ("-h", "--help") for a in args):
         print(usage())
         return 0
-    from ldm_lite.config import load_config, parse_overrides
+    from ldm_lite.config_io import load_config, parse_overrides
     from ldm_lite.training import TrainingDiverged, train
     config_path, overrides = parse_overrides(args)
     config = load_config(config_path, overrides)

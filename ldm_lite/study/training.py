@@ -3,7 +3,7 @@ in child processes of one thread each (`ldm_lite.processes`), and the trained mo
 import json
 from pathlib import Path
 
-from ldm_lite.config import config_from_dict
+from ldm_lite.config_io import config_from_dict
 from ldm_lite.models import load_unet
 from ldm_lite.processes import train_in_processes
 from ldm_lite.runs import CHECKPOINT_NAME, load_checkpoint, load_model, write_text

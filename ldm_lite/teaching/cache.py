@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ldm_lite.config import config_from_dict, config_to_dict
+from ldm_lite.config_io import config_from_dict, config_to_dict
 from ldm_lite.processes import process_seconds, train_in_processes
 from ldm_lite.runs import METRICS_FILE, load_model, read_metrics
 from ldm_lite.teaching.lesson import CACHE_ENV, output_root
