@@ -68,7 +68,8 @@ class TrainingEvaluator:
         self.images = fid_reference.reference_images(dataset.images, config.run.eval_reference_images)
         self.data = to_float(self.images)                                 # (N, C, H, W) in [-1, 1]
         self.class_means = _class_means(dataset) if config.model.class_conditional else None
-        self.scheduler()                                    # a bad run.eval_sampler fails now, not at step N
+        # built now, so a bad run.eval_sampler fails at start, not at step N; its x0 clipping is fixed for the run
+        self.x0_clipped = x0_clipping(self.scheduler()) != "off"
         self.network = load_fid_inception(device)           # so does a missing FID wheel
         self.reference = None                               # computed at the first evaluation (cached)
         self.autocast_dtype, self.autocast_chosen = None, False
@@ -127,7 +128,7 @@ class TrainingEvaluator:
                        kid=quality["kid_mean"], kid_std=quality["kid_std"], fid=quality["fid"],
                        n=quality["n_samples"], w1=luminance["wasserstein"], std_ratio=luminance["std_ratio"],
                        tercile_share=share, sampler=run.eval_sampler, steps=run.eval_steps,
-                       x0_clipped=x0_clipping(self.scheduler()) != "off",
+                       x0_clipped=self.x0_clipped,
                        autocast="bf16" if self.autocast_dtype is not None else "off",
                        eval_seconds=time.perf_counter() - started)
 
