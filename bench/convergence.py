@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ldm_lite import fid_reference, runs  # noqa: E402
+from ldm_lite import bf16_choice, fid_reference, runs  # noqa: E402
 from ldm_lite.cli.analysis.curves import format_curve_table  # noqa: E402
 from ldm_lite.config_io import config_from_dict  # noqa: E402
 from ldm_lite.data import brightness_terciles, list_images, load_dataset  # noqa: E402
@@ -38,7 +38,7 @@ from ldm_lite.models.inception import load_fid_inception  # noqa: E402
 from ldm_lite.plots import plot_training_curves, write_csv  # noqa: E402
 from ldm_lite.processes import PROCESS_RECORD, train_in_processes  # noqa: E402
 from ldm_lite.quality import FidStatistics, inception_features, quality_report  # noqa: E402
-from ldm_lite.training_eval import BF16_MIN_GAIN, bf16_gain, read_eval_rows  # noqa: E402
+from ldm_lite.training_eval import read_eval_rows  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
 
@@ -129,9 +129,9 @@ def comparison_settings(args) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the training processes evaluate
     with torch.no_grad():
-        gain = bf16_gain(model, (3, 32, 32), torch.device("cpu"))
+        gain = bf16_choice.sampling_gain(model, (3, 32, 32), torch.device("cpu"))
     torch.set_num_threads(threads)
-    wanted["eval_autocast"] = "bf16" if gain >= BF16_MIN_GAIN else "off"
+    wanted["eval_autocast"] = "bf16" if bf16_choice.choose(gain) == "bf16" else "off"
     wanted["bf16_sampling_gain"] = gain
     path.parent.mkdir(parents=True, exist_ok=True)
     runs.write_text(path, json.dumps(wanted, indent=1))

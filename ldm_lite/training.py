@@ -10,6 +10,7 @@ cosine horizon: `ldm_lite.training_budget`; quality while training: `ldm_lite.tr
 Run folder: config.toml (resolved config), metrics.jsonl (one line per log interval), checkpoint.pt
 (atomic: temp file, fsync, rename), samples/step_XXXXXXX.png (EMA model, DDIM).
 """
+import dataclasses
 import json
 import math
 import time
@@ -20,7 +21,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from ldm_lite import runs
+from ldm_lite import bf16_choice, runs
 from ldm_lite.config import Config
 from ldm_lite.config_io import to_toml
 from ldm_lite.data import InMemoryImages, brightness_terciles, load_dataset, save_image_grid
@@ -209,6 +210,8 @@ def _train(config: Config, world: World) -> Path:
     model = build_model(config, dataset).to(world.device)
     if config.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if config.train.precision == "auto":  # measured once; config.toml and the checkpoint keep the choice
+        config = _measured_precision(config, model, dataset, world)
     state = new_state(config, model)
     state.data = data
     run_dir = start_run(config, state, checkpoint, world)
@@ -352,6 +355,18 @@ def _fix_horizon(run: Run, step: int, seconds_per_step: float, budget: Budget) -
     if run.world.is_main:
         runs.write_text(run.run_dir / runs.RUN_CONFIG_FILE, to_toml(kept_config(config)))
     return config
+
+
+def _measured_precision(config: Config, model, dataset: InMemoryImages, world: World) -> Config:
+    """train.precision "auto" resolved: bf16 where a training step measured at least bf16_choice.MIN_GAIN times
+    faster under bf16 autocast than in float32 (the slowest process's gain decides), else fp32."""
+    gain = bf16_choice.training_gain(model, tuple(dataset.images.shape[1:]), config.train.batch_size // world.size,
+                                     world.device)
+    gain = -_agree_max(-gain, world)
+    precision = bf16_choice.choose(gain)
+    if world.is_main:
+        print(f"train.precision auto: {precision} (a training step measured {gain:.2f}x faster under bf16 autocast)")
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, precision=precision))
 
 
 def _evaluate(run: Run, step: int, train_seconds: float, model) -> None:

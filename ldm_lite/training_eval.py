@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ldm_lite import fid_reference, metrics
+from ldm_lite import bf16_choice, fid_reference, metrics
 from ldm_lite.config import Config
 from ldm_lite.data import InMemoryImages, to_float, to_uint8
 from ldm_lite.models.inception import load_fid_inception
@@ -31,7 +31,6 @@ from ldm_lite.sampling import sample
 from ldm_lite.schedulers import from_config, x0_clipping
 
 EVAL_SEED = 12345          # the samples' seed: fixed, so successive evaluations see the same x_T
-BF16_MIN_GAIN = 1.1        # "auto" keeps bf16 when it samples at least this much faster than float32
 
 
 @dataclass
@@ -92,8 +91,8 @@ class TrainingEvaluator:
         """Fix the sampling precision once per run, as run.eval_autocast says (see the module docstring)."""
         choice = self.config.run.eval_autocast
         if choice == "auto":
-            gain = bf16_gain(model, self.data.shape[1:], self.device, self.config.run.eval_batch_size)
-            choice = "bf16" if gain >= BF16_MIN_GAIN else "off"
+            gain = bf16_choice.sampling_gain(model, self.data.shape[1:], self.device, self.config.run.eval_batch_size)
+            choice = "bf16" if bf16_choice.choose(gain) == "bf16" else "off"
         self.autocast_dtype, self.autocast_chosen = (torch.bfloat16 if choice == "bf16" else None), True
 
     def scheduler(self):
@@ -163,24 +162,3 @@ def _class_means(dataset: InMemoryImages) -> list[float]:
     brightness = to_float(dataset.images).mean(dim=(1, 2, 3))
     return [float(brightness[dataset.labels == c].mean()) if (dataset.labels == c).any() else 0.0
             for c in range(dataset.num_classes)]
-
-
-def bf16_gain(model, shape, device: torch.device, batch: int = 100, calls: int = 5) -> float:
-    """float32 / bf16 seconds per model call on a batch of `shape` (median of `calls` after one warm-up), on the
-    threads this process samples with."""
-    x = torch.randn(batch, *shape, device=device)
-    t = torch.full((batch,), 500, device=device)
-    labels = torch.full((batch,), model.config.num_classes, device=device) if model.config.num_classes else None
-
-    def seconds(dtype) -> float:
-        times = []
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            for _ in range(calls + 1):
-                started = time.perf_counter()
-                model(x, t, labels)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times.append(time.perf_counter() - started)
-        return sorted(times[1:])[calls // 2]
-
-    return seconds(None) / seconds(torch.bfloat16)

@@ -56,7 +56,7 @@ def new_state(config: Config, model: UNet) -> TrainState:
 
 def open_run(config: Config, world: World) -> tuple[Config, dict | None]:
     """Create run.out and return (config, the checkpoint to resume from or None for a new run); a resumed cosine
-    run keeps the learning-rate horizon it stored.
+    run keeps the learning-rate horizon it stored, and an "auto" precision the one it measured.
 
     With run.fresh an existing checkpoint and log are deleted first. A checkpoint trained with other settings
     is refused (`runs.check_resume`) before any data is loaded.
@@ -79,9 +79,17 @@ def open_run(config: Config, world: World) -> tuple[Config, dict | None]:
         raise ValueError(f"{str(run_dir)!r} already holds a checkpoint; pass --run.resume=true to continue it, "
                          "--fresh to start over, or choose another --out")
     checkpoint = runs.load_checkpoint(path)
-    config = with_stored_horizon(config, checkpoint["config"])
+    config = with_stored_precision(with_stored_horizon(config, checkpoint["config"]), checkpoint["config"])
     runs.check_resume(checkpoint, config, path)
     return config, checkpoint
+
+
+def with_stored_precision(config: Config, stored: dict) -> Config:
+    """Resuming: train.precision "auto" takes the precision the run measured and stored at its start."""
+    precision = stored.get("train", {}).get("precision", "auto")
+    if config.train.precision != "auto" or precision == "auto":
+        return config
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, precision=precision))
 
 
 def start_run(config: Config, state: TrainState, checkpoint: dict | None, world: World) -> Path:

@@ -54,7 +54,7 @@ def test_overrides_are_typed_and_aliases_work():
     ({"diffusion.prediction_type": "v"}, "diffusion.prediction_type must be one of"),
     ({"diffusion.beta_schedule": "cosine"}, "diffusion.beta_schedule must be one of"),
     ({"train.lr": "-1"}, "train.lr must be a positive number"),
-    ({"train.precision": "fp8"}, "train.precision must be one of ('fp32', 'bf16', 'fp16')"),
+    ({"train.precision": "fp8"}, "train.precision must be one of ('fp32', 'bf16', 'fp16', 'auto')"),
     ({"model.null_label_prob": "1.5"}, "model.null_label_prob must be in"),
     ({"model.preset": "huge"}, "model.preset must be one of"),
     ({"train.ema_decay": "1"}, "train.ema_decay must be in"),

@@ -223,3 +223,29 @@ def test_new_keys_are_checked_and_guard_the_resume():
         == ["model.base_channels", "diffusion.timestep_sampling"]
     assert runs.training_differences(base, load_config(None, {"run.eval_every": "100",
                                                               "train.budget_clock": "cpu"})) == []
+
+
+# ----------------------------------------------------------------------------- precision auto
+
+def test_auto_precision_trains_exactly_like_the_precision_it_measured_and_a_resume_keeps_it(tmp_path, monkeypatch):
+    """"auto" measures, stores its choice, and leaves the random state alone: the run equals, bit for bit, one told
+    the chosen precision. Which one is chosen depends on the machine; the forced gains pin both branches."""
+    overrides = {"data.source": "synthetic", "data.resolution": "8", "data.synthetic_size": "32",
+                 "model.preset": "tiny", "train.steps": "3", "train.batch_size": "4", "train.precision": "auto",
+                 "run.checkpoint_every": "0", "run.progress": "false"}
+    measured = train(load_config(None, {**overrides, "run.out": str(tmp_path / "auto")}))
+    chosen = runs.load_checkpoint(measured / runs.CHECKPOINT_NAME)["config"]["train"]["precision"]
+    assert chosen in ("fp32", "bf16") and f'precision = "{chosen}"' in (measured / runs.RUN_CONFIG_FILE).read_text()
+    told = train(load_config(None, {**overrides, "train.precision": chosen, "run.out": str(tmp_path / "told")}))
+    a, b = (runs.load_checkpoint(d / runs.CHECKPOINT_NAME)["model"] for d in (measured, told))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for gain, expected in ((1.3, "bf16"), (1.05, "fp32")):
+        monkeypatch.setattr(training.bf16_choice, "training_gain", lambda *args, g=gain: g)
+        out = tmp_path / f"forced_{expected}"
+        train(load_config(None, {**overrides, "run.out": str(out)}))
+        assert runs.load_checkpoint(out / runs.CHECKPOINT_NAME)["config"]["train"]["precision"] == expected
+        # resumed with "auto" again (and a gain that would now choose the other): the stored choice is kept
+        monkeypatch.setattr(training.bf16_choice, "training_gain", lambda *args, g=2.4 - gain: g)
+        train(load_config(None, {**overrides, "run.out": str(out), "train.steps": "4"}))
+        resumed = runs.load_checkpoint(out / runs.CHECKPOINT_NAME)
+        assert resumed["step"] == 4 and resumed["config"]["train"]["precision"] == expected

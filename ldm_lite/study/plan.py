@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ldm_lite import bf16_choice
 from ldm_lite.config import DiffusionConfig
 from ldm_lite.models import UNet, unet_preset
 from ldm_lite.quality import inception_features
@@ -45,7 +46,6 @@ REPORT_SECONDS = 60.0  # what the plan and the run-time checks keep for the figu
 # KID's standard deviation over subsets at n = 500 (CIFAR-10 at 32 px, KID about 0.04; docs/study.md's measured
 # run): the plan's prior for the KID difference it can detect at its n (the report adds the measured one)
 KID_STD_AT_500 = 0.003
-BF16_GAIN = 1.1        # autocast auto: bf16 when its model calls run at least this much faster than float32
 TRAIN_TIMESTEPS = DiffusionConfig.num_train_timesteps  # T of every study model (train_config keeps the default)
 
 
@@ -161,8 +161,8 @@ def measure_speed(config: QualityStudyConfig, channels: int, network, device: to
                   processes: int = 1) -> dict:
     """The rates the plan uses: model calls (images through the UNet) per second at the evaluation batch size, in
     float32 and, unless --autocast off, under bf16 autocast; Inception images per second; and the autocast
-    choice: bf16 when asked for, or under auto when measured at least BF16_GAIN times faster. Measured in this
-    process; `calls_per_second` and `inception_per_second` count all `processes` sharing the work (the rates
+    choice: bf16 when asked for, or under auto when measured at least bf16_choice.MIN_GAIN times faster.
+    Measured in this process; `calls_per_second` and `inception_per_second` count all `processes` sharing the work (the rates
     observed while evaluating replace these estimates)."""
     unet = UNet(unet_preset("tiny", in_channels=channels, sample_size=config.resolution,
                             num_classes=len(CLASS_NAMES))).to(device).eval()
@@ -170,7 +170,7 @@ def measure_speed(config: QualityStudyConfig, channels: int, network, device: to
     speed = {"device": str(device), "batch": batch, "fp32_calls_per_second": _calls_per_second(unet, batch, None)}
     if config.autocast != "off":
         speed["bf16_calls_per_second"] = _calls_per_second(unet, batch, torch.bfloat16)
-    faster = speed.get("bf16_calls_per_second", 0.0) > BF16_GAIN * speed["fp32_calls_per_second"]
+    faster = speed.get("bf16_calls_per_second", 0.0) > bf16_choice.MIN_GAIN * speed["fp32_calls_per_second"]
     speed["autocast"] = "bf16" if config.autocast == "bf16" or (config.autocast == "auto" and faster) else "off"
     speed["processes"] = processes
     speed["calls_per_second"] = processes * speed["bf16_calls_per_second" if speed["autocast"] == "bf16" else

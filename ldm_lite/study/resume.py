@@ -44,7 +44,7 @@ def first_choices(out: Path, speed: dict) -> tuple | None:
     the reference as configured when it predates the plan's choice), or None when there are none yet; its autocast
     choice replaces the one just measured in `speed`. All three are part of every saved evaluation's key, and all
     settings share one n: a resumed run, with training done, would often plan more samples (or, its reference now
-    cached, more reference images), and a re-measured bf16 gain near BF16_GAIN can flip; any would make every saved
+    cached, more reference images), and a re-measured bf16 gain near bf16_choice.MIN_GAIN can flip; any would make every saved
     evaluation stale."""
     path = out / "choices.json"
     evaluated = (out / "eval").is_dir() and any((out / "eval").iterdir())
