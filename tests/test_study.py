@@ -839,3 +839,24 @@ def test_study_cli_rejects_bad_input(tmp_path):
                              "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: fixes must be among offset, ip, zero_snr, leaky, got x"]
+
+
+def test_precision_auto_is_one_choice_for_all_the_study_models_and_kept_on_resume(tmp_path, monkeypatch):
+    """--precision auto resolves once per study: measured when no model has trained yet, else the precision the
+    models stored (a re-measured gain near the threshold must not split a study into two precisions)."""
+    from ldm_lite.study import training as study_training
+    from ldm_lite.study.config import QualityStudyConfig
+    config = QualityStudyConfig(data="synthetic", out=str(tmp_path), precision="auto")
+    gains = iter([1.3, 1.05, 1.3])
+    monkeypatch.setattr(study_training.bf16_choice, "training_gain", lambda *args: next(gains))
+    names = ["standard", "offset"]
+    assert study_training.shared_precision(config, names, 3, "cpu").precision == "bf16"
+    assert study_training.shared_precision(config, names, 3, "cpu").precision == "fp32"
+    (tmp_path / "model_offset").mkdir()
+    (tmp_path / "model_offset" / "checkpoint.pt").write_bytes(b"")
+    monkeypatch.setattr(study_training, "load_checkpoint", lambda path: {"config": {"train": {"precision": "fp32"}}})
+    assert study_training.shared_precision(config, names, 3, "cpu").precision == "fp32"   # stored, not measured
+    fresh = dataclasses.replace(config, fresh=True)
+    assert study_training.shared_precision(fresh, names, 3, "cpu").precision == "bf16"    # --fresh measures again
+    told = dataclasses.replace(config, precision="bf16")
+    assert study_training.shared_precision(told, names, 3, "cpu") is told

@@ -32,7 +32,8 @@ from ldm_lite.study.report import format_quality_results, write_report
 from ldm_lite.study.results import QualityResults, save_results
 from ldm_lite.study.resume import check_study_settings, first_choices, record_choices, saved_extra
 from ldm_lite.study.shards import Shards
-from ldm_lite.study.training import external_model, model_row, train_study_models, trained_record
+from ldm_lite.study.training import (external_model, model_row, shared_precision, train_study_models,
+                                     trained_record)
 
 
 def study_device(name: str) -> torch.device:
@@ -229,6 +230,8 @@ def _run_quality_study(config: QualityStudyConfig, device: torch.device, shards:
                                          f"training images at {config.resolution} px")
     if computed:  # thousands of images measure the Inception rate better than the start-up run
         speed["inception_per_second"] = len(chosen) / clock.parts["reference features"]
+    if not config.unet_from:
+        config = shared_precision(config, names, data.shape[1], device)
     models = {"standard": external_model(config, data.shape[1], device)} if config.unet_from else \
         train_study_models(config, names, clock, plan, device)
     with clock("leak statistics"):

@@ -1,14 +1,18 @@
 """Training of the study's models: one config per model (the standard recipe or a fix), pairs trained side by side
 in child processes of one thread each (`ldm_lite.processes`), and the trained models loaded back."""
+import dataclasses
 import json
 from pathlib import Path
 
+import torch
+
+from ldm_lite import bf16_choice
 from ldm_lite.config_io import config_from_dict
-from ldm_lite.models import load_unet
+from ldm_lite.models import UNet, load_unet, unet_preset
 from ldm_lite.processes import train_in_processes
 from ldm_lite.runs import CHECKPOINT_NAME, load_checkpoint, load_model, write_text
 from ldm_lite.schedulers import from_config
-from ldm_lite.study.config import QualityStudyConfig, StudyConfig
+from ldm_lite.study.config import CLASS_NAMES, QualityStudyConfig, StudyConfig
 from ldm_lite.study.plan import Clock, Plan
 from ldm_lite.training import train
 
@@ -33,6 +37,31 @@ def train_config(config: StudyConfig, name: str, minutes: float, threads: int = 
                 "sample_every": 0, "progress": config.progress and threads == 0, "resume": True,
                 "fresh": config.fresh},
     })
+
+
+def shared_precision(config: StudyConfig, names: list, channels: int, device) -> StudyConfig:
+    """`config` with --precision auto resolved once for all its models, so they compare: the precision an earlier
+    run of this study stored in a model's checkpoint (unless --fresh), else bf16 where a training step of the
+    study's model measures at least bf16_choice.MIN_GAIN times faster under it, on one thread as the models train
+    side by side, else fp32."""
+    if config.precision != "auto":
+        return config
+    for name in names if not config.fresh else ():
+        path = Path(config.out) / f"model_{name}" / CHECKPOINT_NAME
+        if path.is_file():
+            return dataclasses.replace(config, precision=load_checkpoint(path)["config"]["train"]["precision"])
+    model = UNet(unet_preset("tiny", in_channels=channels, sample_size=config.resolution,
+                             num_classes=len(CLASS_NAMES))).to(device)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        gain = bf16_choice.training_gain(model, (channels, config.resolution, config.resolution), config.batch_size,
+                                         torch.device(device))
+    finally:
+        torch.set_num_threads(threads)
+    precision = bf16_choice.choose(gain)
+    print(f"--precision auto: {precision} (a training step measured {gain:.2f}x faster under bf16 autocast)")
+    return dataclasses.replace(config, precision=precision)
 
 
 def _noise_section(config: StudyConfig, name: str) -> dict:
