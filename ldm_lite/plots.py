@@ -27,13 +27,14 @@ def _save(fig, path) -> Path:
 
 
 def write_csv(rows: list, path) -> Path:
-    """Write a list of dicts (same keys) as CSV; floats keep full precision."""
+    """Write a list of dicts as CSV, one column per key any row has (in order of first appearance; a row without
+    it leaves the cell empty: rows logged by different versions add fields); floats keep full precision."""
     if not rows:
         raise ValueError(f"no rows to write to {path}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
         writer.writeheader()
         writer.writerows(rows)
     return path

@@ -16,6 +16,7 @@ from ldm_lite.config_io import load_config
 from ldm_lite.data import load_dataset, to_uint8
 from ldm_lite.distributed import World
 from ldm_lite.objective import draw_batch, timestep_probabilities
+from ldm_lite.plots import write_csv
 from ldm_lite.quality import FidStatistics, inception_features, quality_report
 from ldm_lite.sampling import sample
 from ldm_lite.schedulers import from_config
@@ -82,6 +83,16 @@ def test_curves_command_plots_and_tabulates_the_logged_rows(evaluated_run, tmp_p
     logged = [json.loads(line) for line in (run_dir / runs.METRICS_FILE).read_text().splitlines()]
     assert [float(r["kid"]) for r in table] == [r["kid"] for r in logged if r.get("event") == "eval"]
     assert "KID" in capsys.readouterr().out
+
+
+def test_csv_of_rows_logged_by_different_versions_keeps_every_field(tmp_path):
+    """Rows of an older run lack fields a newer one logs (x0_clipped): one column per key any row has."""
+    older, newer = {"step": 1, "kid": 0.25}, {"step": 2, "kid": 0.125, "x0_clipped": True}
+    write_csv([older, newer], tmp_path / "rows.csv")
+    with open(tmp_path / "rows.csv") as handle:
+        table = list(csv.DictReader(handle))
+    assert table == [{"step": "1", "kid": "0.25", "x0_clipped": ""},
+                     {"step": "2", "kid": "0.125", "x0_clipped": "True"}]
 
 
 def test_curves_refuses_a_run_without_evaluations(tmp_path):
