@@ -66,6 +66,11 @@ class QualityStudyConfig(StudyConfig):
                         "pair trains as many steps as the first reached")
     minutes: float = option(150.0, "time budget of the whole study (a resumed study gets it afresh for what is "
                             "left)")
+    # the recipe bench/convergence.py chose (docs/training.md, "Training on a CPU"): at a fixed CPU budget half
+    # the batch (twice the optimiser steps) and bf16 where it measures faster learn more than batch 64 in float32
+    batch_size: int = option(32, "training batch size")
+    precision: str = option("auto", "training precision (train.precision): auto = bf16 where a training step "
+                            "measures >= 1.1x faster, one choice for all the study's models", choices=PRECISIONS)
     samples_per_class: int = option(100, "class-conditional samples per brightness tercile (part 4) and per DC "
                                     "steering target (part 3)")
     unconditional_samples: int = option(500, "samples per evaluated setting (FID, KID and bias metrics)")
