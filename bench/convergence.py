@@ -76,17 +76,23 @@ def recipe_overrides(spec: str) -> dict:
     return overrides
 
 
-def recipe_config(spec: str, seed: int, args, autocast: str):
+def recipe_tree(spec: str, data: str) -> dict:
+    """The config tree of recipe `spec` on `data` at 32 px (brightness-tercile labels), without run settings."""
     tree = json.loads(json.dumps(BASELINE))
-    tree["data"] = {"source": str(args.data), "resolution": 32, "labels": "brightness"}
+    tree["data"] = {"source": data, "resolution": 32, "labels": "brightness"}
+    for dotted, value in recipe_overrides(spec).items():
+        section, key = dotted.split(".")
+        tree.setdefault(section, {})[key] = value
+    return tree
+
+
+def recipe_config(spec: str, seed: int, args, autocast: str):
+    tree = recipe_tree(spec, str(args.data))
     tree["train"].update(seed=seed, max_minutes=args.minutes, budget_clock=args.clock)
     tree["run"] = {"out": str(Path(args.out) / f"{spec}_seed{seed}"), "log_every": 25, "checkpoint_every": 250,
                    "progress": False, "eval_every": args.eval_every or 10 ** 9, "eval_samples": args.samples,
                    "eval_reference_images": args.reference_images, "eval_autocast": autocast,
                    "eval_cache": str(Path(args.out) / "cache")}
-    for dotted, value in recipe_overrides(spec).items():
-        section, key = dotted.split(".")
-        tree.setdefault(section, {})[key] = value
     return config_from_dict(tree)
 
 

@@ -3,13 +3,13 @@
 What is timed is `ldm_lite.training.train_step`, the step `python -m train` runs: a batch drawn from the data in
 memory, the UNet's forward under the recipe's autocast, the loss, backward, gradient clipping, fused AdamW and the
 EMA update. Only the model call differs between the two runs (train.compile wraps it, as `python -m train` does).
-The recipe is the study's (bench/convergence.py chose it): `tiny`, class-conditional on 3 brightness terciles +
-the null label, 32 x 32, batch 32, on the embedded synthetic images (the step does not depend on their content).
+The recipe is one of bench/convergence.py's (its baseline plus named overrides; default bf16+batch_32, the one it
+chose), on the embedded synthetic images at 32 x 32 (the step does not depend on their content).
 Both runs start from the same weights; rounds alternate which goes first; medians of the process's CPU time on one
 thread (other processes do not inflate it). Compiling time is reported apart.
 
-    .venv/bin/python bench/train_compile.py --precision bf16
-    .venv/bin/python bench/train_compile.py --precision fp32
+    .venv/bin/python bench/train_compile.py                       # bf16+batch_32
+    .venv/bin/python bench/train_compile.py --recipe batch_32      # the same in float32
 """
 import argparse
 import copy
@@ -21,14 +21,11 @@ from pathlib import Path
 
 import torch
 
-from ldm_lite.config_io import load_config
+from convergence import recipe_tree  # bench/, beside this file
+from ldm_lite.config_io import config_from_dict
 from ldm_lite.distributed import World
 from ldm_lite.training import Run, build_model, loss_weights, make_scheduler, prepare_data, train_step
 from ldm_lite.training_state import new_state
-
-RECIPE = {"data.source": "synthetic", "data.resolution": "32", "data.labels": "brightness",
-          "model.preset": "tiny", "model.class_conditional": "true", "model.null_label_prob": "0.1",
-          "train.lr": "1e-3", "train.warmup_steps": "100", "train.ema_decay": "0.999", "run.progress": "false"}
 
 
 def make_run(config, dataset, model, compiled: bool):
@@ -41,15 +38,13 @@ def make_run(config, dataset, model, compiled: bool):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--recipe", default="bf16+batch_32", help="a recipe of bench/convergence.py")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per run per round")
     parser.add_argument("--rounds", type=int, default=6)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as out:
-        config = load_config(None, {**RECIPE, "train.precision": args.precision,
-                                    "train.batch_size": str(args.batch), "run.out": out})
+        config = config_from_dict({**recipe_tree(args.recipe, "synthetic"), "run": {"out": out, "progress": False}})
         dataset, _ = prepare_data(config, World(), Path(out))
         torch.manual_seed(0)
         model = build_model(config, dataset).to(memory_format=torch.channels_last)
@@ -69,7 +64,7 @@ def main(argv=None) -> int:
                     step(name)
                     times[name].append(time.process_time() - start)
     median = {name: statistics.median(t) for name, t in times.items()}
-    print(f"train_step: tiny, batch {args.batch}, {args.precision}, 1 thread, {args.rounds} rounds x {args.steps} "
+    print(f"train_step of {args.recipe}: batch {config.train.batch_size}, {config.train.precision}, 1 thread, {args.rounds} rounds x {args.steps} "
           f"steps: eager {median['eager']:.3f} s/step, compiled {median['compiled']:.3f} s/step, speed-up "
           f"{median['eager'] / median['compiled']:.2f}x; compiling took {compile_seconds:.0f} s of CPU time")
     return 0
