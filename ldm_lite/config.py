@@ -19,6 +19,9 @@ LR_SCHEDULES = ("constant", "cosine")
 EMA_KINDS = ("decay", "power")
 BUDGET_CLOCKS = ("wall", "cpu")
 EVAL_AUTOCASTS = ("auto", "bf16", "off")
+COMPILE_MODES = ("off", "on", "auto")
+# Values older configs (and `--train.compile=true`) hold for keys whose type changed: read as today's value.
+LEGACY_VALUES = {"train.compile": {True: "on", False: "off", "true": "on", "false": "off"}}
 
 # Short command-line aliases for the options changed most often.
 ALIASES = {"data": "data.source", "steps": "train.steps", "out": "run.out", "batch-size": "train.batch_size",
@@ -199,7 +202,9 @@ class TrainConfig:
                                    # "auto": bf16 where a training step measures >= 1.1x faster (ldm_lite.bf16_choice),
                                    # else fp32, fixed at the start and stored (resumes keep it)
     channels_last: bool = True
-    compile: bool = False          # torch.compile the model
+    compile: str = "auto"          # torch.compile the model: "on", "off", or "auto": where it measures >= 1.1x faster
+                                   # on the run's first steps and at least 10 minutes of training are left
+                                   # (ldm_lite.compile_choice); the choice is written to config.toml
     seed: int = 0
     max_minutes: float = 0.0       # the run's training time, across resumes: stop with a checkpoint; 0 = no limit
     budget_clock: str = "wall"     # what max_minutes counts: "wall" time, or "cpu" time of this process
@@ -218,6 +223,7 @@ class TrainConfig:
         _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables)", self.grad_clip)
         _check(0 <= self.ema_decay < 1, "train.ema_decay", "must be in [0, 1) (0 disables)", self.ema_decay)
         _check(self.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}", self.precision)
+        _check(self.compile in COMPILE_MODES, "train.compile", f"must be one of {COMPILE_MODES}", self.compile)
         _check(self.max_minutes >= 0, "train.max_minutes", "must be >= 0 (0 = no limit)", self.max_minutes)
         _check(self.budget_clock in BUDGET_CLOCKS, "train.budget_clock", f"must be one of {BUDGET_CLOCKS}",
                self.budget_clock)

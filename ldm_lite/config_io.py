@@ -8,7 +8,7 @@ import types
 import typing
 from pathlib import Path
 
-from ldm_lite.config import ALIASES, SECTIONS, Config
+from ldm_lite.config import ALIASES, LEGACY_VALUES, SECTIONS, Config
 
 
 def field_type(section_cls, key: str):
@@ -61,6 +61,8 @@ def _apply(tree: dict, values: dict) -> dict:
         if key not in known:
             raise ValueError(f"unknown config key {dotted!r}; keys of [{section}]: {sorted(known)}")
         kind, nullable = field_type(SECTIONS[section], key)
+        if isinstance(value, (bool, str)) and dotted in LEGACY_VALUES:
+            value = LEGACY_VALUES[dotted].get(value.lower() if isinstance(value, str) else value, value)
         tree.setdefault(section, {})[key] = _coerce(dotted, value, kind, nullable)
     return tree
 

@@ -47,3 +47,12 @@ TORCHRUN_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "G
 def share(n: int, world: World) -> range:
     """The indices of the n items this rank handles: contiguous blocks whose sizes differ by at most one."""
     return range(world.rank * n // world.size, (world.rank + 1) * n // world.size)
+
+
+def agree_max(value: float, world: World) -> float:
+    """The largest of every process's `value` (a collective call under torchrun; on the device nccl needs)."""
+    if world.size == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=world.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())

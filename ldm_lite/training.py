@@ -5,7 +5,8 @@ configured bias fixes), then clips, steps AdamW and updates the EMA. Determinism
 generator seeded by (seed, step) (`objective.draw_batch`) and the global torch RNG (dropout) is reseeded the same
 way, so a resumed run replays the same batches and torchrun with 2 x B/2 matches 1 process with B (gradients are
 averaged by DistributedDataParallel). The run's state and folder: `ldm_lite.training_state`; the budget and the
-cosine horizon: `ldm_lite.training_budget`; quality while training: `ldm_lite.training_eval`.
+cosine horizon: `ldm_lite.training_budget`; quality while training: `ldm_lite.training_eval`; the loss log:
+`ldm_lite.training_log`; torch.compile or not: `ldm_lite.compile_choice`.
 
 Run folder: config.toml (resolved config), metrics.jsonl (one line per log interval), checkpoint.pt
 (atomic: temp file, fsync, rename), samples/step_XXXXXXX.png (EMA model, DDIM).
@@ -22,10 +23,11 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ldm_lite import bf16_choice, runs
+from ldm_lite.compile_choice import CompileProbe
 from ldm_lite.config import Config
 from ldm_lite.config_io import to_toml
 from ldm_lite.data import InMemoryImages, brightness_terciles, load_dataset, save_image_grid
-from ldm_lite.distributed import World, init_world
+from ldm_lite.distributed import World, agree_max, init_world
 from ldm_lite.latent_cache import cached_latents
 from ldm_lite.models import UNet, unet_preset
 from ldm_lite.objective import (diffusion_loss, draw_batch, loss_weights, step_seed,  # noqa: F401 (re-exported)
@@ -35,11 +37,8 @@ from ldm_lite.sampling import sample
 from ldm_lite.schedulers import DDPMScheduler, from_config
 from ldm_lite.training_budget import HORIZON_PROBE, Budget, fixed_horizon, needs_horizon
 from ldm_lite.training_eval import TrainingEvaluator, eval_record
+from ldm_lite.training_log import Logger, TrainingDiverged  # noqa: F401 (re-exported)
 from ldm_lite.training_state import TrainState, kept_config, new_state, open_run, start_run
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the run stopped and the last good checkpoint was kept."""
-
 
 # ----------------------------------------------------------------------------- data and model
 
@@ -135,44 +134,6 @@ def write_sample_grid(config: Config, model: UNet, vae, num_classes: int, path: 
 
 # ----------------------------------------------------------------------------- the loop
 
-class Logger:
-    """Collects per-step losses as tensors (no host sync) and, every log interval, checks them for
-    NaN/inf, writes one metrics.jsonl line and updates the progress bar."""
-
-    def __init__(self, run_dir: Path, world: World, bar, batch_size: int):
-        self.path, self.world, self.bar, self.batch_size = run_dir / runs.METRICS_FILE, world, bar, batch_size
-        self.losses, self.first_step, self.started = [], 0, time.perf_counter()
-
-    def add(self, step: int, loss: torch.Tensor) -> None:
-        if not self.losses:
-            self.first_step = step
-        self.losses.append(loss.detach())
-
-    def flush(self, step: int, lr: float, grad_norm) -> dict | None:
-        """Write the interval ending at `step` (1-based count of finished steps); raise on a non-finite loss."""
-        if not self.losses:
-            return None
-        losses = torch.stack(self.losses).float()
-        if self.world.size > 1:
-            dist.all_reduce(losses)
-            losses /= self.world.size
-        values = losses.tolist()
-        for i, value in enumerate(values):
-            if not math.isfinite(value):
-                raise TrainingDiverged(f"loss became {value} at step {self.first_step + i + 1}; stopped without "
-                                       f"saving; the last good checkpoint is kept in {self.path.parent}")
-        elapsed = time.perf_counter() - self.started
-        record = {"step": step, "loss": sum(values) / len(values), "lr": lr,
-                  "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                  "images_per_s": len(values) * self.batch_size / max(elapsed, 1e-9), "time": time.time()}
-        if self.world.is_main:
-            with open(self.path, "a") as file:
-                file.write(json.dumps(record) + "\n")
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}", refresh=False)
-        self.losses, self.started = [], time.perf_counter()
-        return record
-
-
 def train(config: Config) -> Path:
     """Train a UNet as `config` says; returns the run folder. Resumes from <run.out>/checkpoint.pt if present.
 
@@ -219,8 +180,6 @@ def _train(config: Config, world: World) -> Path:
         # label index -> name, for `python -m sample --class NAME` (folder names are not in the config)
         (run_dir / runs.CLASSES_FILE).write_text(json.dumps(list(dataset.class_names)))
     forward = torch.nn.parallel.DistributedDataParallel(model) if world.size > 1 else model
-    if config.train.compile:
-        forward = torch.compile(forward)
     scaler = torch.amp.GradScaler(world.device.type) if config.train.precision == "fp16" else None
     evaluator = TrainingEvaluator(config, dataset, world.device, config.run.progress) \
         if config.run.eval_every and world.is_main else None
@@ -234,11 +193,12 @@ def _train(config: Config, world: World) -> Path:
 
 @dataclass
 class Run:
-    """What stays fixed during a run: config, processes, folder, data, VAE (latent runs), training scheduler,
-    the model as called for training (DDP / compiled wrapper), the null label (None if unconditional) and the
-    fp16 gradient scaler (None otherwise; its scale is not checkpointed and re-calibrates after a resume), the
-    evaluator of run.eval_every (rank 0 only) and the training-timestep distribution (None: uniform).
-    `config` is replaced once when a budgeted cosine run fixes its horizon."""
+    """What a run trains with: config, processes, folder, data, VAE (latent runs), training scheduler, the model
+    the current step calls (the model or its DDP wrapper, eager or compiled as `CompileProbe` chooses), the null
+    label (None if unconditional) and the fp16 gradient scaler (None otherwise; its scale is not checkpointed and
+    re-calibrates after a resume), the evaluator of run.eval_every (rank 0 only) and the training-timestep
+    distribution (None: uniform). `config` is replaced when a budgeted cosine run fixes its horizon and when
+    train.compile = "auto" settles."""
     config: Config
     world: World
     run_dir: Path
@@ -297,7 +257,8 @@ def _loop(run: Run, state: TrainState, stop: StopRequest) -> None:
     bar = tqdm(total=t.steps, initial=state.step, desc="training", unit="step",
                disable=not (every.progress and world.is_main), dynamic_ncols=True)
     logger = Logger(run.run_dir, world, bar, t.batch_size)
-    budget, first_step, probe_started = Budget(run.config, state.train_seconds), state.step, None
+    budget, probe_started = Budget(run.config, state.train_seconds), None
+    compile_probe = CompileProbe(run.forward, t.compile, world, state.step)
     if budget.exhausted():
         bar.close()
         print(f"{run.run_dir}: the run has used its budget (train.max_minutes={t.max_minutes}, "
@@ -305,15 +266,26 @@ def _loop(run: Run, state: TrainState, stop: StopRequest) -> None:
         return
     state.model.train()
     while state.step < t.steps:
-        loss, grad_norm = train_step(run, state, weights)
+        run.forward = compile_probe.model_for(state.step, t.steps - state.step, budget.limit - budget.spent())
+        try:
+            loss, grad_norm = train_step(run, state, weights)
+        except Exception as error:  # torch.compile raises at a compiled model's first calls when it cannot compile
+            if not compile_probe.compiling:
+                raise
+            compile_probe.failed(state.step, error)
+            continue
+        compile_probe.step_done()
+        if compile_probe.choice is not None and run.config.train.compile == "auto":
+            run.config = _settled_compile(run, compile_probe)
         logger.add(state.step - 1, loss)
         bar.update(1)
         step, lr = state.step, learning_rate(run.config, state.step - 1)
-        if needs_horizon(run.config) and step - first_step in HORIZON_PROBE:
-            if step - first_step == HORIZON_PROBE[0]:
+        horizon_from = compile_probe.settled_step  # the speed is measured once compiling no longer changes it
+        if needs_horizon(run.config) and horizon_from is not None and step - horizon_from in HORIZON_PROBE:
+            if step - horizon_from == HORIZON_PROBE[0]:
                 probe_started = budget.spent()
             else:  # every process decays on the slowest one's horizon, so their models stay identical
-                per_step = _agree_max((budget.spent() - probe_started) / (HORIZON_PROBE[1] - HORIZON_PROBE[0]), world)
+                per_step = agree_max((budget.spent() - probe_started) / (HORIZON_PROBE[1] - HORIZON_PROBE[0]), world)
                 run.config = _fix_horizon(run, step, per_step, budget)
         # one process checks the clock every step; several agree on it at log steps (a collective), and on a
         # stop signal at every step (torchrun's agent kills the processes 30 s after forwarding one)
@@ -351,7 +323,20 @@ def _loop(run: Run, state: TrainState, stop: StopRequest) -> None:
 
 def _fix_horizon(run: Run, step: int, seconds_per_step: float, budget: Budget) -> Config:
     """The config with the cosine horizon the budget allows, written to config.toml (rank 0)."""
-    config = fixed_horizon(run.config, step, seconds_per_step, budget)
+    return _stored(run, fixed_horizon(run.config, step, seconds_per_step, budget))
+
+
+def _settled_compile(run: Run, probe: CompileProbe) -> Config:
+    """The config with train.compile = "auto" replaced by the probe's choice, said in one line and written to
+    config.toml (rank 0), so the run's record shows what it trained with; a resume chooses again."""
+    if run.world.is_main:
+        tqdm.write(f"train.compile auto: {probe.choice} ({probe.reason})")
+    return _stored(run, dataclasses.replace(run.config, train=dataclasses.replace(run.config.train,
+                                                                                  compile=probe.choice)))
+
+
+def _stored(run: Run, config: Config) -> Config:
+    """`config`, written to the run's config.toml (rank 0): a choice made while training."""
     if run.world.is_main:
         runs.write_text(run.run_dir / runs.RUN_CONFIG_FILE, to_toml(kept_config(config)))
     return config
@@ -362,7 +347,7 @@ def _measured_precision(config: Config, model, dataset: InMemoryImages, world: W
     faster under bf16 autocast than in float32 (the slowest process's gain decides), else fp32."""
     gain = bf16_choice.training_gain(model, tuple(dataset.images.shape[1:]), config.train.batch_size // world.size,
                                      world.device)
-    gain = -_agree_max(-gain, world)
+    gain = -agree_max(-gain, world)
     precision = bf16_choice.choose(gain)
     if world.is_main:
         print(f"train.precision auto: {precision} (a training step measured {gain:.2f}x faster under bf16 autocast)")
@@ -384,13 +369,4 @@ def _due(step: int, every: int) -> bool:
 
 def _decide(flag: bool, world: World) -> bool:
     """Agree on a stop decision across processes (any process out of time stops all)."""
-    return bool(_agree_max(float(flag), world))
-
-
-def _agree_max(value: float, world: World) -> float:
-    """The largest of every process's `value` (a collective call under torchrun; on the device nccl needs)."""
-    if world.size == 1:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=world.device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return float(tensor.item())
+    return bool(agree_max(float(flag), world))

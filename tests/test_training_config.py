@@ -55,6 +55,7 @@ def test_overrides_are_typed_and_aliases_work():
     ({"diffusion.beta_schedule": "cosine"}, "diffusion.beta_schedule must be one of"),
     ({"train.lr": "-1"}, "train.lr must be a positive number"),
     ({"train.precision": "fp8"}, "train.precision must be one of ('fp32', 'bf16', 'fp16', 'auto')"),
+    ({"train.compile": "maybe"}, "train.compile must be one of ('off', 'on', 'auto')"),
     ({"model.null_label_prob": "1.5"}, "model.null_label_prob must be in"),
     ({"model.preset": "huge"}, "model.preset must be one of"),
     ({"train.ema_decay": "1"}, "train.ema_decay must be in"),

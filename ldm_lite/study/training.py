@@ -10,7 +10,7 @@ from ldm_lite import bf16_choice
 from ldm_lite.config_io import config_from_dict
 from ldm_lite.models import UNet, load_unet, unet_preset
 from ldm_lite.processes import train_in_processes
-from ldm_lite.runs import CHECKPOINT_NAME, load_checkpoint, load_model, write_text
+from ldm_lite.runs import CHECKPOINT_NAME, load_checkpoint, load_model, stored_config, write_text
 from ldm_lite.schedulers import from_config
 from ldm_lite.study.config import CLASS_NAMES, QualityStudyConfig, StudyConfig
 from ldm_lite.study.plan import Clock, Plan
@@ -81,7 +81,7 @@ def train_models(config: StudyConfig, names: list, minutes: float) -> dict:
     else:
         run_dirs = train_in_processes(configs, config.progress, threads=1)
     return {name: {"model": load_unet(run_dirs[name]).eval(), "config": configs[name], "run_dir": run_dirs[name],
-                   "steps": load_checkpoint(run_dirs[name] / CHECKPOINT_NAME)["step"]} for name in names}
+                   **_trained_with(run_dirs[name])} for name in names}
 
 
 def study_scheduler(trained: dict):
@@ -124,7 +124,14 @@ def load_trained(config: StudyConfig, name: str, steps: int, device) -> dict:
     trained_config = train_config(config, name, 0.1, steps=steps)
     run_dir = Path(trained_config.run.out)
     return {"model": load_unet(run_dir).to(device).eval(), "config": trained_config, "run_dir": run_dir,
-            "steps": int(load_checkpoint(run_dir / CHECKPOINT_NAME)["step"])}
+            **_trained_with(run_dir)}
+
+
+def _trained_with(run_dir: Path) -> dict:
+    """What a trained model's checkpoint records beyond its config: its steps, and whether it trained compiled
+    (train.compile = "auto" settles while training)."""
+    checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME)
+    return {"steps": int(checkpoint["step"]), "compile": stored_config(checkpoint["config"]).train.compile}
 
 
 def external_model(config: QualityStudyConfig, channels: int, device) -> dict:
@@ -157,7 +164,8 @@ def model_row(name: str, trained: dict) -> dict:
         noise = f"randn, input perturbation gamma {c.noise.strength('input_perturbation_gamma'):g}"
     return dict(model=name, schedule=schedule_name(trained), prediction=c.diffusion.prediction_type,
                 spacing=c.scheduler_config()["timestep_spacing"], training_noise=noise, steps=trained["steps"],
-                batch_size=c.train.batch_size, seed=c.train.seed, precision=c.train.precision)
+                batch_size=c.train.batch_size, seed=c.train.seed, precision=c.train.precision,
+                compile=trained["compile"])
 
 
 def schedule_name(trained: dict) -> str:
