@@ -65,7 +65,7 @@ class CompileProbe:
             eager, compiled = (statistics.median(self.times[kind]) for kind in ("eager", "compiled"))
             gain = -agree_max(-eager / compiled, self.world)
             self._settle("on" if gain >= MIN_GAIN else "off", step, f"a compiled step measured {gain:.2f}x the "
-                         f"eager speed ({compiled:.3f} against {eager:.3f} s; kept from {MIN_GAIN:g}x)")
+                         f"eager speed, {compiled:.3f} against {eager:.3f} s; kept from {MIN_GAIN:g}x")
             return self.model_for(step, steps_left, seconds_left)
         compiled = k > PROBE_STEPS
         if 1 <= k <= PROBE_STEPS or k >= PROBE_STEPS + 3:  # not the first step, nor the two that compile
