@@ -12,7 +12,7 @@ import torch
 MIN_GAIN = 1.1   # bf16 is kept when it runs at least this much faster than float32
 
 
-def _median_seconds(call, device: torch.device, dtype, calls: int) -> float:
+def median_seconds(call, device: torch.device, dtype, calls: int) -> float:
     """Median seconds of `calls` runs of call() under autocast `dtype` (None: float32), after one warm-up run
     (the first sets up kernels and memory)."""
     times = []
@@ -39,22 +39,30 @@ def sampling_gain(model, shape, device: torch.device, batch: int = 100, calls: i
     with torch.random.fork_rng(devices=[]):
         x, t, labels = _inputs(model, shape, batch, device)
     call = lambda: model(x, t, labels)  # noqa: E731
-    return _median_seconds(call, device, None, calls) / _median_seconds(call, device, torch.bfloat16, calls)
+    return median_seconds(call, device, None, calls) / median_seconds(call, device, torch.bfloat16, calls)
 
 
-def training_gain(model, shape, batch: int, device: torch.device, calls: int = 3) -> float:
-    """float32 / bf16 seconds of one training step's forward and backward (a mean-squared loss on a batch of
-    `shape`), on this process's threads. The random state is left as it was and the gradients are cleared (a
-    new model has none), so a run that measures trains exactly like one told its precision."""
+def training_step(model, shape, batch: int, device: torch.device, forward=None):
+    """A call running one training step's forward and backward (a mean-squared loss on a fixed random batch of
+    `shape`) through `forward` (default: `model`, e.g. its torch.compile), its inputs drawn without moving the
+    random state; it accumulates gradients (clear them)."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         x, t, labels = _inputs(model, shape, batch, device)
         target = torch.randn_like(x)
 
-        def step():
-            loss = torch.nn.functional.mse_loss(model(x, t, labels).float(), target)
-            loss.backward()
+    def step():
+        loss = torch.nn.functional.mse_loss((forward or model)(x, t, labels).float(), target)
+        loss.backward()
+    return step
 
-        gain = _median_seconds(step, device, None, calls) / _median_seconds(step, device, torch.bfloat16, calls)
+
+def training_gain(model, shape, batch: int, device: torch.device, calls: int = 3) -> float:
+    """float32 / bf16 seconds of one training step's forward and backward (`training_step`) on this process's
+    threads. The random state is left as it was and the gradients are cleared (a new model has none), so a run
+    that measures trains exactly like one told its precision."""
+    step = training_step(model, shape, batch, device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # dropout draws
+        gain = median_seconds(step, device, None, calls) / median_seconds(step, device, torch.bfloat16, calls)
     for p in model.parameters():
         p.grad = None
     return gain

@@ -21,6 +21,7 @@ from time import perf_counter
 
 import torch
 
+from ldm_lite import bf16_choice
 from ldm_lite.bf16_choice import MIN_GAIN
 from ldm_lite.distributed import World, agree_max
 
@@ -54,13 +55,18 @@ class CompileProbe:
             return self.compiled if self.choice == "on" else self.eager
         k = step - self.first_step
         if k == PROBE_STEPS + 1:
-            per_step = agree_max(statistics.median(self.times["eager"]), self.world)
-            minutes = min(steps_left * per_step, seconds_left) / 60
+            per_step = statistics.median(self.times["eager"])
+            # one value for every process: each one's budget clock started on its own
+            minutes = agree_max(min(steps_left * per_step, seconds_left) / 60, self.world)
             if minutes < MIN_MINUTES:
                 self._settle("off", self.first_step, f"{minutes:.1f} min of training left, less than the "
                              f"{MIN_MINUTES:g} that repay compiling")
                 return self.eager
-            self.compiled = torch.compile(self.eager)
+            try:
+                self.compiled = torch.compile(self.eager)
+            except Exception as error:  # some Python versions and platforms refuse at once
+                self.failed(step, error)
+                return self.eager
         elif k == 2 * PROBE_STEPS + 3:
             eager, compiled = (statistics.median(self.times[kind]) for kind in ("eager", "compiled"))
             gain = -agree_max(-eager / compiled, self.world)
@@ -69,6 +75,8 @@ class CompileProbe:
             return self.model_for(step, steps_left, seconds_left)
         compiled = k > PROBE_STEPS
         if 1 <= k <= PROBE_STEPS or k >= PROBE_STEPS + 3:  # not the first step, nor the two that compile
+            if self.world.device.type == "cuda":
+                torch.cuda.synchronize(self.world.device)  # the previous step's queued work is not this one's
             self._timing, self._started = "compiled" if compiled else "eager", perf_counter()
         return self.compiled if compiled else self.eager
 
@@ -90,3 +98,19 @@ class CompileProbe:
         self.choice, self.settled_step, self.reason = choice, step, reason
         if choice == "off":
             self.compiled = None  # frees the compiled graphs
+
+
+def training_gain(model, shape, batch: int, device: torch.device, dtype, calls: int = 3) -> float:
+    """eager / compiled seconds of one training step's forward and backward (`bf16_choice.training_step`) of
+    `model` under autocast `dtype` (None: float32) on this process's threads, after two compiled steps that compile
+    and warm up; for a choice made once for several runs (the study's models). The random state is left as it
+    was and the gradients are cleared. Raises what torch.compile raises."""
+    eager = bf16_choice.training_step(model, shape, batch, device)
+    compiled = bf16_choice.training_step(model, shape, batch, device, forward=torch.compile(model))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # dropout draws
+        bf16_choice.median_seconds(compiled, device, dtype, 1)  # compiles forward and backward, then warms up
+        gain = (bf16_choice.median_seconds(eager, device, dtype, calls)
+                / bf16_choice.median_seconds(compiled, device, dtype, calls))
+    for p in model.parameters():
+        p.grad = None
+    return gain

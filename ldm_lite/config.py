@@ -21,7 +21,8 @@ BUDGET_CLOCKS = ("wall", "cpu")
 EVAL_AUTOCASTS = ("auto", "bf16", "off")
 COMPILE_MODES = ("off", "on", "auto")
 # Values older configs (and `--train.compile=true`) hold for keys whose type changed: read as today's value.
-LEGACY_VALUES = {"train.compile": {True: "on", False: "off", "true": "on", "false": "off"}}
+LEGACY_VALUES = {"train.compile": {True: "on", False: "off", "true": "on", "false": "off", "yes": "on", "no": "off",
+                                   "1": "on", "0": "off"}}
 
 # Short command-line aliases for the options changed most often.
 ALIASES = {"data": "data.source", "steps": "train.steps", "out": "run.out", "batch-size": "train.batch_size",

@@ -62,7 +62,8 @@ def _apply(tree: dict, values: dict) -> dict:
             raise ValueError(f"unknown config key {dotted!r}; keys of [{section}]: {sorted(known)}")
         kind, nullable = field_type(SECTIONS[section], key)
         if isinstance(value, (bool, str)) and dotted in LEGACY_VALUES:
-            value = LEGACY_VALUES[dotted].get(value.lower() if isinstance(value, str) else value, value)
+            value = value.strip().lower() if isinstance(value, str) else value
+            value = LEGACY_VALUES[dotted].get(value, value)
         tree.setdefault(section, {})[key] = _coerce(dotted, value, kind, nullable)
     return tree
 

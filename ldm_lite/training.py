@@ -284,7 +284,7 @@ def _loop(run: Run, state: TrainState, stop: StopRequest) -> None:
         if needs_horizon(run.config) and horizon_from is not None and step - horizon_from in HORIZON_PROBE:
             if step - horizon_from == HORIZON_PROBE[0]:
                 probe_started = budget.spent()
-            else:  # every process decays on the slowest one's horizon, so their models stay identical
+            elif probe_started is not None:  # every process decays on one horizon, so their models stay identical
                 per_step = agree_max((budget.spent() - probe_started) / (HORIZON_PROBE[1] - HORIZON_PROBE[0]), world)
                 run.config = _fix_horizon(run, step, per_step, budget)
         # one process checks the clock every step; several agree on it at log steps (a collective), and on a
@@ -322,8 +322,11 @@ def _loop(run: Run, state: TrainState, stop: StopRequest) -> None:
 
 
 def _fix_horizon(run: Run, step: int, seconds_per_step: float, budget: Budget) -> Config:
-    """The config with the cosine horizon the budget allows, written to config.toml (rank 0)."""
-    return _stored(run, fixed_horizon(run.config, step, seconds_per_step, budget))
+    """The config with the cosine horizon the budget allows, the same in every process (the shortest: each one's
+    budget clock started on its own), written to config.toml (rank 0)."""
+    config = fixed_horizon(run.config, step, seconds_per_step, budget)
+    horizon = -int(agree_max(-config.train.lr_horizon_steps, run.world))
+    return _stored(run, dataclasses.replace(config, train=dataclasses.replace(config.train, lr_horizon_steps=horizon)))
 
 
 def _settled_compile(run: Run, probe: CompileProbe) -> Config:

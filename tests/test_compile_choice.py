@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 
-from ldm_lite import compile_choice, runs
+from ldm_lite import compile_choice, runs, training
 from ldm_lite.compile_choice import PROBE_STEPS, CompileProbe
 from ldm_lite.config_io import load_config
 from ldm_lite.distributed import World
 from ldm_lite.training import train
+from ldm_lite.training_budget import HORIZON_PROBE, fixed_horizon
 from test_training import TINY, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,7 +33,8 @@ class StepClock:
 
 
 class FakeCompiled(torch.nn.Module):
-    """What the fake torch.compile returns: calls the model (so it trains the same), and counts its calls."""
+    """What the fake torch.compile returns: calls the model (so it trains the same) and counts its calls; its
+    first two calls (compiling, warming up) take 60 s, so a probe that timed them would not choose it."""
 
     def __init__(self, model, clock: StepClock):
         super().__init__()
@@ -40,7 +42,7 @@ class FakeCompiled(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         self.calls += 1
-        self.clock.cost = self.clock.compiled_cost
+        self.clock.cost = 60.0 if self.calls <= 2 else self.clock.compiled_cost
         return self.wrapped[0](*args, **kwargs)
 
 
@@ -117,13 +119,22 @@ def test_a_chosen_compiled_model_trains_what_the_eager_run_trains(tmp_path, monk
     assert all(torch.equal(value, expected[key]) for key, value in trained(auto).items())
 
 
-def test_a_compiler_that_fails_leaves_the_run_as_an_eager_run(tmp_path, monkeypatch, capsys):
-    class Broken(torch.nn.Module):
-        def forward(self, *args, **kwargs):
-            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nthe rest of the message")
+class Broken(torch.nn.Module):
+    """A compiled model whose first call fails, as torch.compile's does without a C++ compiler."""
 
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nthe rest of the message")
+
+
+def refuse(model):
+    """torch.compile where it refuses at once (some Python versions and platforms)."""
+    raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nthe rest of the message")
+
+
+@pytest.mark.parametrize("compiler", [lambda model: Broken(), refuse], ids=["at the first call", "at once"])
+def test_a_compiler_that_fails_leaves_the_run_as_an_eager_run(tmp_path, monkeypatch, capsys, compiler):
     monkeypatch.setattr(compile_choice, "MIN_MINUTES", 0.0)
-    monkeypatch.setattr(compile_choice.torch, "compile", lambda model: Broken())
+    monkeypatch.setattr(compile_choice.torch, "compile", compiler)
     auto = train(tiny_config(tmp_path / "auto", train__steps=10, train__compile="auto"))
     assert ("train.compile auto: off (compiling failed: RuntimeError: InvalidCxxCompiler: No working C++ compiler "
             "found)") in capsys.readouterr().out
@@ -134,9 +145,24 @@ def test_a_compiler_that_fails_leaves_the_run_as_an_eager_run(tmp_path, monkeypa
     assert runs.load_checkpoint(auto / runs.CHECKPOINT_NAME)["step"] == 10
 
 
+def test_a_budgeted_cosine_run_measures_its_horizon_once_the_compile_choice_settled(tmp_path, monkeypatch):
+    """The probe settles at step 9 (4 eager steps, 5 compiled): the horizon's speed probe (HORIZON_PROBE, steps 5
+    to 25 of a steady speed) runs from there, so it ends at step 9 + 25."""
+    monkeypatch.setattr(compile_choice, "MIN_MINUTES", 0.0)
+    fake_compiler(monkeypatch, 0.5)
+    calls = []
+    monkeypatch.setattr(training, "fixed_horizon", lambda config, step, *args: calls.append(step) or
+                        fixed_horizon(config, step, *args))
+    train(tiny_config(tmp_path / "run", train__steps=40, train__lr_schedule="cosine", train__max_minutes=30,
+                      train__compile="auto"))
+    assert calls == [2 * PROBE_STEPS + 3 + HORIZON_PROBE[1]]
+
+
 def test_older_configs_booleans_still_read(tmp_path):
     old = tmp_path / "old.toml"
     old.write_text(TINY.read_text().replace("[train]\n", "[train]\ncompile = false\n"))
     assert load_config(old).train.compile == "off"
     assert load_config(TINY, {"train.compile": "true"}).train.compile == "on"
+    assert load_config(TINY, {"train.compile": "No"}).train.compile == "off"
+    assert load_config(TINY, {"train.compile": "ON"}).train.compile == "on"
     assert load_config(TINY).train.compile == "auto"

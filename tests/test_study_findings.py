@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from ldm_lite import study as study_module
 from ldm_lite.study import (QualityStudyConfig, change_findings, eps_findings, quality_tables, sampler_findings,
@@ -137,3 +138,42 @@ def test_precision_auto_is_one_choice_for_all_the_study_models_and_kept_on_resum
     assert study_training.shared_precision(fresh, names, 3, "cpu").precision == "bf16"    # --fresh measures again
     told = dataclasses.replace(config, precision="bf16")
     assert study_training.shared_precision(told, names, 3, "cpu") is told
+
+
+def test_compile_auto_is_one_choice_for_all_the_study_models_and_kept_on_resume(tmp_path, monkeypatch, capsys):
+    """--compile auto resolves once per study: off without measuring when each model trains under 10 minutes,
+    else measured (a failing compiler reads as off), and on resume what the models stored (older bools too)."""
+    from ldm_lite.study import training as study_training
+    from ldm_lite.study.config import QualityStudyConfig
+    config = QualityStudyConfig(data="synthetic", out=str(tmp_path), precision="bf16", compile="auto")
+    measured = []
+
+    def gain(model, shape, batch, device, dtype):
+        measured.append((shape, batch, dtype))
+        value = next(gains)
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    gains = iter([1.3, 1.05, RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore"), 1.3])
+    monkeypatch.setattr(study_training.compile_choice, "training_gain", gain)
+    names = ["standard", "offset"]
+    assert study_training.shared_compile(config, names, 3, "cpu", 9.9).compile == "off" and not measured
+    assert "each model trains 9.9 min, less than the 10 that repay compiling" in capsys.readouterr().out
+    assert study_training.shared_compile(config, names, 3, "cpu", 40.0).compile == "on"
+    assert measured == [((3, 32, 32), 32, torch.bfloat16)]   # the study's model, batch and precision
+    assert study_training.shared_compile(config, names, 3, "cpu", 40.0).compile == "off"
+    assert study_training.shared_compile(config, names, 3, "cpu", 40.0).compile == "off"
+    assert "--compile auto: off (compiling failed: RuntimeError: InvalidCxxCompiler: No working C++ compiler found" \
+           in capsys.readouterr().out
+    (tmp_path / "model_offset").mkdir()
+    (tmp_path / "model_offset" / "checkpoint.pt").write_bytes(b"")
+    for stored, expected in [("off", "off"), (True, "on"), (False, "off")]:
+        monkeypatch.setattr(study_training, "load_checkpoint", lambda path, v=stored: {"config": {"train": {
+            "compile": v}}})
+        assert study_training.shared_compile(config, names, 3, "cpu", 40.0).compile == expected   # not measured
+    assert len(measured) == 3
+    fresh = dataclasses.replace(config, fresh=True)
+    assert study_training.shared_compile(fresh, names, 3, "cpu", 40.0).compile == "on"   # --fresh measures again
+    told = dataclasses.replace(config, compile="off")
+    assert study_training.shared_compile(told, names, 3, "cpu", 40.0) is told

@@ -25,7 +25,8 @@ from ldm_lite.study.config import CLASS_NAMES, StudyConfig, grid_scale
 from ldm_lite.study.plan import Clock, slug
 from ldm_lite.study.report import write_report
 from ldm_lite.study.results import DemoResults, save_results
-from ldm_lite.study.training import schedule_name, shared_precision, study_scheduler, train_models
+from ldm_lite.study.training import (schedule_name, shared_compile, shared_precision, study_scheduler,
+                                     train_models)
 
 
 def run_demo(config: StudyConfig) -> DemoResults:
@@ -42,8 +43,9 @@ def run_demo(config: StudyConfig) -> DemoResults:
     # the two compared models train side by side, one core each: small convolutions scale poorly across
     # threads, so two single-threaded runs finish sooner than two runs one after the other
     pair_minutes = (clock.left() - 0.25 * clock.budget) / 60
-    config = shared_precision(config, ["standard", "offset", "zero_snr"], data.shape[1],
-                              "cuda" if torch.cuda.is_available() else "cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = shared_precision(config, ["standard", "offset", "zero_snr"], data.shape[1], device)
+    config = shared_compile(config, ["standard", "offset", "zero_snr"], data.shape[1], device, pair_minutes)
     with clock("train standard + offset"):
         models = train_models(config, ["standard", "offset"], pair_minutes)
     if config.zero_snr_model:

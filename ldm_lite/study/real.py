@@ -233,7 +233,7 @@ def _run_quality_study(config: QualityStudyConfig, device: torch.device, shards:
     if not config.unet_from:
         config = shared_precision(config, names, data.shape[1], device)
     models = {"standard": external_model(config, data.shape[1], device)} if config.unet_from else \
-        train_study_models(config, names, clock, plan, device)
+        train_study_models(config, names, clock, plan, device, data.shape[1])
     with clock("leak statistics"):
         leak = LeakStats.fit_batches(data.split(1024), "dct+pixel", 3)
     evaluator = Evaluator(config, device, torch.bfloat16 if speed["autocast"] == "bf16" else None, shards,

@@ -13,7 +13,7 @@ from ldm_lite.study.evaluate import Evaluator
 from ldm_lite.study.plan import Plan
 
 
-RESUMABLE_FIELDS = ("out", "minutes", "progress", "fresh", "device", "cache", "eval_batch_size")
+RESUMABLE_FIELDS = ("out", "minutes", "progress", "fresh", "device", "cache", "eval_batch_size", "compile")
 
 
 def check_study_settings(config: QualityStudyConfig, out: Path, record: bool = True) -> None:

@@ -1,12 +1,14 @@
 """Training of the study's models: one config per model (the standard recipe or a fix), pairs trained side by side
 in child processes of one thread each (`ldm_lite.processes`), and the trained models loaded back."""
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
 
 import torch
 
-from ldm_lite import bf16_choice
+from ldm_lite import bf16_choice, compile_choice
+from ldm_lite.config import LEGACY_VALUES
 from ldm_lite.config_io import config_from_dict
 from ldm_lite.models import UNet, load_unet, unet_preset
 from ldm_lite.processes import train_in_processes
@@ -14,7 +16,7 @@ from ldm_lite.runs import CHECKPOINT_NAME, load_checkpoint, load_model, stored_c
 from ldm_lite.schedulers import from_config
 from ldm_lite.study.config import CLASS_NAMES, QualityStudyConfig, StudyConfig
 from ldm_lite.study.plan import Clock, Plan
-from ldm_lite.training import train
+from ldm_lite.training import AUTOCAST_DTYPES, train
 
 
 def train_config(config: StudyConfig, name: str, minutes: float, threads: int = 0, steps: int | None = None):
@@ -32,7 +34,7 @@ def train_config(config: StudyConfig, name: str, minutes: float, threads: int = 
         "noise": _noise_section(config, name),
         "train": {"steps": steps or config.steps, "batch_size": config.batch_size, "lr": config.lr,
                   "warmup_steps": 100, "ema_decay": 0.999, "seed": config.seed, "max_minutes": max(minutes, 0.1),
-                  "num_threads": threads, "precision": config.precision},
+                  "num_threads": threads, "precision": config.precision, "compile": config.compile},
         "run": {"out": str(Path(config.out) / f"model_{name}"), "log_every": 25, "checkpoint_every": 250,
                 "sample_every": 0, "progress": config.progress and threads == 0, "resume": True,
                 "fresh": config.fresh},
@@ -46,22 +48,71 @@ def shared_precision(config: StudyConfig, names: list, channels: int, device) ->
     side by side, else fp32."""
     if config.precision != "auto":
         return config
-    for name in names if not config.fresh else ():
-        path = Path(config.out) / f"model_{name}" / CHECKPOINT_NAME
-        if path.is_file():
-            return dataclasses.replace(config, precision=load_checkpoint(path)["config"]["train"]["precision"])
-    model = UNet(unet_preset("tiny", in_channels=channels, sample_size=config.resolution,
-                             num_classes=len(CLASS_NAMES))).to(device)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        gain = bf16_choice.training_gain(model, (channels, config.resolution, config.resolution), config.batch_size,
-                                         torch.device(device))
-    finally:
-        torch.set_num_threads(threads)
+    stored = _stored_choice(config, names, "precision")
+    if stored is not None:
+        return dataclasses.replace(config, precision=stored)
+    with _one_thread():
+        gain = bf16_choice.training_gain(_study_model(config, channels, device), (channels, config.resolution,
+                                         config.resolution), config.batch_size, torch.device(device))
     precision = bf16_choice.choose(gain)
     print(f"--precision auto: {precision} (a training step measured {gain:.2f}x faster under bf16 autocast)")
     return dataclasses.replace(config, precision=precision)
+
+
+def shared_compile(config: StudyConfig, names: list, channels: int, device, minutes: float) -> StudyConfig:
+    """`config` with --compile auto resolved once for all its models (after --precision), so they train alike:
+    the choice an earlier run of this study stored in a model's checkpoint (unless --fresh); "off" when each
+    model trains less than compile_choice.MIN_MINUTES (`minutes`), since compiling costs about a minute; else
+    "on" where a compiled training step of the study's model, at its precision and on one thread as the models
+    train, measures at least compile_choice.MIN_GAIN times faster (about a minute to compile), "off" otherwise
+    or where compiling fails."""
+    if config.compile != "auto":
+        return config
+    stored = _stored_choice(config, names, "compile")
+    if stored in ("on", "off"):
+        return dataclasses.replace(config, compile=stored)
+    if minutes < compile_choice.MIN_MINUTES:
+        choice, reason = "off", f"each model trains {minutes:.1f} min, less than the {compile_choice.MIN_MINUTES:g} " \
+                                f"that repay compiling"
+    else:
+        try:
+            with _one_thread():
+                gain = compile_choice.training_gain(_study_model(config, channels, device), (channels,
+                                                    config.resolution, config.resolution), config.batch_size,
+                                                    torch.device(device), AUTOCAST_DTYPES[config.precision])
+            choice = "on" if gain >= compile_choice.MIN_GAIN else "off"
+            reason = f"a compiled training step measured {gain:.2f}x the eager speed"
+        except Exception as error:  # no C++ compiler, an operation the compiler does not take
+            choice, reason = "off", f"compiling failed: {type(error).__name__}: {str(error).strip()[:200]}"
+    print(f"--compile auto: {choice} ({reason.splitlines()[0]})")
+    return dataclasses.replace(config, compile=choice)
+
+
+def _stored_choice(config: StudyConfig, names: list, key: str):
+    """train.`key` as an earlier run of this study stored it in one of its models' checkpoints (older bool
+    spellings read as today's), or None (no checkpoint yet, or --fresh)."""
+    for name in names if not config.fresh else ():
+        path = Path(config.out) / f"model_{name}" / CHECKPOINT_NAME
+        if path.is_file():
+            value = load_checkpoint(path)["config"]["train"].get(key)
+            return LEGACY_VALUES.get(f"train.{key}", {}).get(value, value)
+    return None
+
+
+def _study_model(config: StudyConfig, channels: int, device) -> UNet:
+    return UNet(unet_preset("tiny", in_channels=channels, sample_size=config.resolution,
+                            num_classes=len(CLASS_NAMES))).to(device)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Measure on one thread, as the models train side by side."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _noise_section(config: StudyConfig, name: str) -> dict:
@@ -94,7 +145,8 @@ def trained_record(out: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def train_study_models(config: QualityStudyConfig, names: list, clock: Clock, plan: Plan, device) -> dict:
+def train_study_models(config: QualityStudyConfig, names: list, clock: Clock, plan: Plan, device,
+                       channels: int = 3) -> dict:
     """Train the models two at a time (one process and one thread each) for the same number of steps: the first
     pair for its share of what the planned evaluations leave (at least the plan's training floor), later pairs for
     as many steps as it reached, capped at 1.25 times that share; none takes what the evaluations that always run
@@ -103,8 +155,10 @@ def train_study_models(config: QualityStudyConfig, names: list, clock: Clock, pl
     out, record = Path(config.out), trained_record(Path(config.out))
     pending = [pair for pair in (names[i:i + 2] for i in range(0, len(names), 2))
                if any(name not in record for name in pair)]
-    available = clock.left() - plan.estimates["evaluations"] - plan.estimates["margin"]
-    share = max(available, plan.estimates["training (least)"]) / 60 / max(len(pending), 1)
+    if pending and config.compile == "auto":  # chosen by each model's share, which then pays for the choice
+        with clock("choose train.compile"):
+            config = shared_compile(config, names, channels, device, _pair_share(clock, plan, len(pending)))
+    share = _pair_share(clock, plan, len(pending))
     kept = plan.estimates["margin"] + plan.estimates["evaluations (least)"]  # what training never takes
     for pair in pending:
         steps = record.get("steps", config.steps)
@@ -118,6 +172,13 @@ def train_study_models(config: QualityStudyConfig, names: list, clock: Clock, pl
         record.setdefault("steps", min(record[name] for name in pair))
         write_text(out / "trained.json", json.dumps(record))
     return {name: load_trained(config, name, record.get("steps", config.steps), device) for name in names}
+
+
+def _pair_share(clock: Clock, plan: Plan, pairs: int) -> float:
+    """Minutes each of `pairs` pairs trains for: what the planned evaluations and the margin leave, at least the
+    plan's training floor."""
+    available = clock.left() - plan.estimates["evaluations"] - plan.estimates["margin"]
+    return max(available, plan.estimates["training (least)"]) / 60 / max(pairs, 1)
 
 
 def load_trained(config: StudyConfig, name: str, steps: int, device) -> dict:

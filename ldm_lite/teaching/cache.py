@@ -65,10 +65,10 @@ def lesson_config(kind: str, steps: int = FULL_STEPS, batch_size: int = 32, synt
 
 def config_key(config) -> str:
     """16 hex digits of SHA-256 over the resolved training config, without what cannot change the model:
-    the [run] section (folder, logging, grids) and train.num_threads / train.keep_freed_memory."""
+    the [run] section (folder, logging, grids) and train.num_threads / keep_freed_memory / compile."""
     tree = config_to_dict(config)
     tree.pop("run")
-    for key in ("num_threads", "keep_freed_memory"):
+    for key in ("num_threads", "keep_freed_memory", "compile"):
         tree["train"].pop(key, None)
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 
