@@ -26,6 +26,11 @@ def median_seconds(call, device: torch.device, dtype, calls: int) -> float:
     return sorted(times[1:])[calls // 2]
 
 
+def forked_rng(device: torch.device):
+    """A block whose random draws (CPU, and `device`'s when CUDA) leave the random state as it was."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
 def _inputs(model, shape, batch: int, device: torch.device):
     x = torch.randn(batch, *shape, device=device)
     t = torch.full((batch,), 500, device=device)
@@ -46,12 +51,12 @@ def training_step(model, shape, batch: int, device: torch.device, forward=None):
     """A call running one training step's forward and backward (a mean-squared loss on a fixed random batch of
     `shape`) through `forward` (default: `model`, e.g. its torch.compile), its inputs drawn without moving the
     random state; it accumulates gradients (clear them)."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with forked_rng(device):
         x, t, labels = _inputs(model, shape, batch, device)
         target = torch.randn_like(x)
 
     def step():
-        loss = torch.nn.functional.mse_loss((forward or model)(x, t, labels).float(), target)
+        loss = torch.nn.functional.mse_loss((model if forward is None else forward)(x, t, labels).float(), target)
         loss.backward()
     return step
 
@@ -61,7 +66,7 @@ def training_gain(model, shape, batch: int, device: torch.device, calls: int = 3
     threads. The random state is left as it was and the gradients are cleared (a new model has none), so a run
     that measures trains exactly like one told its precision."""
     step = training_step(model, shape, batch, device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # dropout draws
+    with forked_rng(device):  # dropout draws
         gain = median_seconds(step, device, None, calls) / median_seconds(step, device, torch.bfloat16, calls)
     for p in model.parameters():
         p.grad = None

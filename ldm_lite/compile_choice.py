@@ -90,14 +90,19 @@ class CompileProbe:
 
     def failed(self, step: int, error: Exception) -> None:
         """Compiling raised at `step`: the run goes on eager from that step."""
-        message = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        self._settle("off", step, f"compiling failed: {type(error).__name__}: {message[:200]}")
+        self._settle("off", step, failure_reason(error))
         self._timing = None
 
     def _settle(self, choice: str, step: int, reason: str) -> None:
         self.choice, self.settled_step, self.reason = choice, step, reason
         if choice == "off":
             self.compiled = None  # frees the compiled graphs
+
+
+def failure_reason(error: Exception) -> str:
+    """One line saying why torch.compile failed: the exception's type and the first line of its message."""
+    message = (str(error).strip().splitlines() or [""])[0]
+    return f"compiling failed: {type(error).__name__}: {message[:200]}"
 
 
 def training_gain(model, shape, batch: int, device: torch.device, dtype, calls: int = 3) -> float:
@@ -107,7 +112,7 @@ def training_gain(model, shape, batch: int, device: torch.device, dtype, calls: 
     was and the gradients are cleared. Raises what torch.compile raises."""
     eager = bf16_choice.training_step(model, shape, batch, device)
     compiled = bf16_choice.training_step(model, shape, batch, device, forward=torch.compile(model))
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # dropout draws
+    with bf16_choice.forked_rng(device):  # dropout draws
         bf16_choice.median_seconds(compiled, device, dtype, 1)  # compiles forward and backward, then warms up
         gain = (bf16_choice.median_seconds(eager, device, dtype, calls)
                 / bf16_choice.median_seconds(compiled, device, dtype, calls))

@@ -166,3 +166,26 @@ def test_older_configs_booleans_still_read(tmp_path):
     assert load_config(TINY, {"train.compile": "No"}).train.compile == "off"
     assert load_config(TINY, {"train.compile": "ON"}).train.compile == "on"
     assert load_config(TINY).train.compile == "auto"
+
+
+def test_the_measured_step_calls_a_compiled_module_without_asking_its_truth():
+    """torch.compile's module refuses len() (so bool()): the measured training step must call it as it is."""
+    from ldm_lite import bf16_choice
+    from ldm_lite.models import UNet, unet_preset
+
+    class NoTruth(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.wrapped, self.calls = [model], 0
+
+        def __len__(self):
+            raise TypeError("UNet does not support len()")
+
+        def forward(self, *args):
+            self.calls += 1
+            return self.wrapped[0](*args)
+
+    model = UNet(unet_preset("tiny", in_channels=3, sample_size=8, num_classes=3))
+    compiled = NoTruth(model)
+    bf16_choice.training_step(model, (3, 8, 8), 2, torch.device("cpu"), forward=compiled)()
+    assert compiled.calls == 1 and all(p.grad is not None for p in model.parameters())

@@ -83,8 +83,8 @@ def shared_compile(config: StudyConfig, names: list, channels: int, device, minu
             choice = "on" if gain >= compile_choice.MIN_GAIN else "off"
             reason = f"a compiled training step measured {gain:.2f}x the eager speed"
         except Exception as error:  # no C++ compiler, an operation the compiler does not take
-            choice, reason = "off", f"compiling failed: {type(error).__name__}: {str(error).strip()[:200]}"
-    print(f"--compile auto: {choice} ({reason.splitlines()[0]})")
+            choice, reason = "off", compile_choice.failure_reason(error)
+    print(f"--compile auto: {choice} ({reason})")
     return dataclasses.replace(config, compile=choice)
 
 
