@@ -25,6 +25,7 @@ from ldm_lite import runs
 from ldm_lite.config import Config
 from ldm_lite.config_io import load_config, to_toml
 from ldm_lite.distributed import TORCHRUN_VARIABLES
+from ldm_lite.training_log import expected_steps
 
 PROCESS_RECORD = "process.json"
 PACKAGE_PARENT = Path(__file__).resolve().parents[1]  # the folder holding ldm_lite/, for the children's imports
@@ -51,9 +52,9 @@ def train_in_processes(configs: dict[str, Config], progress: bool, hide_cuda: bo
         raise ValueError(f"processes must be >= 1 or None, got {processes}")
     configs = {name: _child_config(config, threads) for name, config in configs.items()}
     limit = processes or max(1, len(configs))
-    total = sum(config.train.steps for config in configs.values())
     with tempfile.TemporaryDirectory(prefix="ldm_lite_train_") as scratch, \
-            tqdm(total=total, desc="training " + " + ".join(configs), unit="step", disable=not progress) as bar:
+            tqdm(total=_expected_total(configs), desc="training " + " + ".join(configs), unit="step",
+                 disable=not progress) as bar:
         waiting, running = list(configs), {}
         try:
             while waiting or running:
@@ -61,6 +62,7 @@ def train_in_processes(configs: dict[str, Config], progress: bool, hide_cuda: bo
                     name = waiting.pop(0)
                     running[name] = _start(name, configs[name], Path(scratch), hide_cuda)
                 time.sleep(poll_s)
+                bar.total = _expected_total(configs)
                 bar.update(max(0, sum(logged_step(Path(c.run.out)) for c in configs.values()) - bar.n))
                 for name, child in list(running.items()):
                     if child["process"].poll() is not None:
@@ -69,7 +71,8 @@ def train_in_processes(configs: dict[str, Config], progress: bool, hide_cuda: bo
             for child in running.values():
                 _stop(child["process"])
                 child["stderr"].close()
-        bar.update(total - bar.n)
+        bar.total = max(bar.n, sum(logged_step(Path(c.run.out)) for c in configs.values()))
+        bar.update(bar.total - bar.n)
     return {name: Path(config.run.out) for name, config in configs.items()}
 
 
@@ -141,8 +144,31 @@ def process_seconds(run_dir: Path) -> float | None:
 
 def logged_step(run_dir: Path) -> int:
     """The last step written to a run's metrics log (0 before the first line)."""
-    try:
-        records = runs.read_metrics(Path(run_dir) / runs.METRICS_FILE)
-    except (FileNotFoundError, ValueError):
-        return 0
+    records = _records(run_dir)
     return records[-1]["step"] if records else 0
+
+
+def _records(run_dir: Path) -> list[dict]:
+    try:
+        return runs.read_metrics(Path(run_dir) / runs.METRICS_FILE)
+    except (FileNotFoundError, ValueError):
+        return []
+
+
+def _expected_total(configs: dict[str, Config]) -> int:
+    """The steps all runs are expected to end at (the bar's total): train.steps, or for a time-budgeted run the
+    step its budget ends at if it keeps its logged speed; a budgeted run that has not logged its training minutes
+    yet counts as the mean of the budgeted runs that have (as its train.steps while none has)."""
+    fixed, budgeted, unknown = [], [], []
+    for config in configs.values():
+        t = config.train
+        timed = [r for r in _records(Path(config.run.out)) if "train_minutes" in r] if t.max_minutes else []
+        if not t.max_minutes:
+            fixed.append(t.steps)
+        elif timed:
+            budgeted.append(expected_steps(timed[-1]["step"], t.steps, 60 * timed[-1]["train_minutes"],
+                                           t.max_minutes))
+        else:
+            unknown.append(t.steps)
+    guess = round(sum(budgeted) / len(budgeted)) if budgeted else None
+    return sum(fixed) + sum(budgeted) + sum(min(guess, steps) if guess else steps for steps in unknown)

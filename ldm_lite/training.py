@@ -37,7 +37,7 @@ from ldm_lite.sampling import sample
 from ldm_lite.schedulers import DDPMScheduler, from_config
 from ldm_lite.training_budget import HORIZON_PROBE, Budget, fixed_horizon, needs_horizon
 from ldm_lite.training_eval import TrainingEvaluator, eval_record
-from ldm_lite.training_log import Logger, TrainingDiverged  # noqa: F401 (re-exported)
+from ldm_lite.training_log import Logger, TrainingDiverged, expected_steps  # noqa: F401 (re-exported)
 from ldm_lite.training_state import TrainState, kept_config, new_state, open_run, start_run
 
 # ----------------------------------------------------------------------------- data and model
@@ -254,9 +254,9 @@ def _loop(run: Run, state: TrainState, stop: StopRequest) -> None:
     finishes the step, saves a checkpoint and raises KeyboardInterrupt."""
     t, every, world = run.config.train, run.config.run, run.world
     weights = loss_weights(run.config, run.scheduler.alphas_cumprod)
-    bar = tqdm(total=t.steps, initial=state.step, desc="training", unit="step",
-               disable=not (every.progress and world.is_main), dynamic_ncols=True)
-    logger = Logger(run.run_dir, world, bar, t.batch_size)
+    bar = tqdm(total=expected_steps(state.step, t.steps, state.train_seconds, t.max_minutes), initial=state.step,
+               desc="training", unit="step", disable=not (every.progress and world.is_main), dynamic_ncols=True)
+    logger = Logger(run.run_dir, world, bar, t)
     budget, probe_started = Budget(run.config, state.train_seconds), None
     compile_probe = CompileProbe(run.forward, t.compile, world, state.step)
     if budget.exhausted():
@@ -295,7 +295,7 @@ def _loop(run: Run, state: TrainState, stop: StopRequest) -> None:
         last = out_of_time or step == t.steps
         save = last or interrupted or _due(step, every.checkpoint_every)
         if save or _due(step, every.log_every):
-            logger.flush(step, lr, grad_norm)  # raises TrainingDiverged before a NaN model could be saved
+            logger.flush(step, lr, grad_norm, budget.total())  # raises TrainingDiverged before a NaN model is saved
         evaluate = every.eval_every and not interrupted and (_due(step, every.eval_every) or last)
         if evaluate and run.evaluator is not None:
             with budget.excluding():

@@ -7,6 +7,7 @@ import pytest
 from ldm_lite import processes
 from ldm_lite.config_io import config_from_dict
 from ldm_lite.runs import METRICS_FILE
+from ldm_lite.training_log import expected_steps
 
 
 def _config(out, steps=2, **train):
@@ -31,6 +32,7 @@ def test_runs_train_in_children_and_record_their_time(tmp_path, monkeypatch):
     for name, steps in (("a", 2), ("b", 3)):
         log = [json.loads(line) for line in (run_dirs[name] / METRICS_FILE).read_text().splitlines()]
         assert [row["step"] for row in log] == list(range(1, steps + 1))
+        assert all(row["train_minutes"] > 0 for row in log)   # what the progress bar projects a budget from
         assert processes.logged_step(run_dirs[name]) == steps
         assert processes.process_seconds(run_dirs[name]) > 0
     saved = (run_dirs["b"] / "config.toml").read_text()
@@ -51,3 +53,25 @@ def test_child_environment_drops_torchrun_and_can_hide_cuda(monkeypatch):
     env = processes.child_environment(hide_cuda=True, threads=2)
     assert "MASTER_PORT" not in env and "LOCAL_RANK" not in env
     assert env["CUDA_VISIBLE_DEVICES"] == "" and env["OMP_NUM_THREADS"] == "2"
+
+
+def test_a_budgeted_run_is_expected_to_end_where_its_speed_runs_out_of_minutes():
+    assert expected_steps(100, 10_000, train_seconds=120, max_minutes=10) == 500   # 2 of 10 minutes: 5x the steps
+    assert expected_steps(100, 300, train_seconds=120, max_minutes=10) == 300      # train.steps comes first
+    assert expected_steps(100, 10_000, train_seconds=700, max_minutes=10) == 100   # over budget: ends now
+    assert expected_steps(100, 10_000, train_seconds=120, max_minutes=0) == 10_000  # no budget
+    assert expected_steps(0, 10_000, train_seconds=0, max_minutes=10) == 10_000    # nothing logged yet
+
+
+def test_the_bar_total_follows_the_budgeted_runs_logged_speed(tmp_path):
+    budgeted = _config(tmp_path / "a", steps=10_000, max_minutes=10)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / METRICS_FILE).write_text("\n".join(json.dumps(row) for row in (
+        {"step": 50, "loss": 0.1, "train_minutes": 1.5},
+        {"step": 100, "loss": 0.1, "train_minutes": 2.0},
+        {"step": 100, "event": "eval", "kid": 0.1})) + "\n")   # an evaluation row has no training minutes
+    fixed = _config(tmp_path / "b", steps=300)
+    waiting = _config(tmp_path / "c", steps=10_000, max_minutes=10)
+    assert processes._expected_total({"a": budgeted, "b": fixed}) == 500 + 300
+    assert processes._expected_total({"a": budgeted, "b": fixed, "c": waiting}) == 500 + 300 + 500
+    assert processes._expected_total({"c": waiting}) == 10_000
