@@ -44,16 +44,17 @@ def train_in_processes(configs: dict[str, Config], progress: bool, hide_cuda: bo
     """{name: Config} -> {name: run folder}: each run trained by its own child process, at most `processes` at
     a time (default: all at once), each with `threads` CPU threads (0 keeps each config's train.num_threads).
 
-    One tqdm bar counts the steps logged in the runs' metrics.jsonl (`progress` False hides it). A run that
-    fails raises TrainingProcessFailed naming it and its last stderr line, after the other children are
-    stopped (a stopped run resumes from its checkpoint next time).
+    One tqdm bar counts the steps logged in the runs' metrics.jsonl, toward the steps they are expected to end at
+    (`progress`; False hides it and reads no log). A run that fails raises TrainingProcessFailed naming it and its
+    last stderr line, after the other children are stopped (a stopped run resumes from its checkpoint next time).
     """
     if processes is not None and processes < 1:
         raise ValueError(f"processes must be >= 1 or None, got {processes}")
     configs = {name: _child_config(config, threads) for name, config in configs.items()}
     limit = processes or max(1, len(configs))
+    done, total = progress_of(configs) if progress else (0, 0)
     with tempfile.TemporaryDirectory(prefix="ldm_lite_train_") as scratch, \
-            tqdm(total=_expected_total(configs), desc="training " + " + ".join(configs), unit="step",
+            tqdm(total=total, initial=done, desc="training " + " + ".join(configs), unit="step",
                  disable=not progress) as bar:
         waiting, running = list(configs), {}
         try:
@@ -62,8 +63,9 @@ def train_in_processes(configs: dict[str, Config], progress: bool, hide_cuda: bo
                     name = waiting.pop(0)
                     running[name] = _start(name, configs[name], Path(scratch), hide_cuda)
                 time.sleep(poll_s)
-                bar.total = _expected_total(configs)
-                bar.update(max(0, sum(logged_step(Path(c.run.out)) for c in configs.values()) - bar.n))
+                if progress:
+                    done, bar.total = progress_of(configs)
+                    bar.update(max(0, done - bar.n))
                 for name, child in list(running.items()):
                     if child["process"].poll() is not None:
                         _finish(name, running.pop(name), Path(configs[name].run.out))
@@ -71,8 +73,9 @@ def train_in_processes(configs: dict[str, Config], progress: bool, hide_cuda: bo
             for child in running.values():
                 _stop(child["process"])
                 child["stderr"].close()
-        bar.total = max(bar.n, sum(logged_step(Path(c.run.out)) for c in configs.values()))
-        bar.update(bar.total - bar.n)
+        if progress:  # the runs end where they stopped
+            bar.total = max(bar.n, progress_of(configs)[0])
+            bar.update(bar.total - bar.n)
     return {name: Path(config.run.out) for name, config in configs.items()}
 
 
@@ -155,20 +158,28 @@ def _records(run_dir: Path) -> list[dict]:
         return []
 
 
-def _expected_total(configs: dict[str, Config]) -> int:
-    """The steps all runs are expected to end at (the bar's total): train.steps, or for a time-budgeted run the
-    step its budget ends at if it keeps its logged speed; a budgeted run that has not logged its training minutes
-    yet counts as the mean of the budgeted runs that have (as its train.steps while none has)."""
-    fixed, budgeted, unknown = [], [], []
-    for config in configs.values():
+def progress_of(configs: dict[str, Config]) -> tuple[int, int]:
+    """(steps the runs have logged, steps they are expected to end at), each run's metrics.jsonl read once. A run
+    ends at train.steps or, with a time budget, at the step where the budget runs out at its logged speed; a run
+    that has not logged its training minutes yet is expected at the mean speed of those that have (at train.steps
+    while none has)."""
+    logged, timed = {}, {}
+    for name, config in configs.items():
+        records = _records(Path(config.run.out))
+        logged[name] = records[-1]["step"] if records else 0
+        rows = [r for r in records if "event" not in r and r.get("train_minutes", 0) > 0 and r["step"] > 0]
+        if rows:
+            timed[name] = (rows[-1]["step"], 60 * rows[-1]["train_minutes"])
+    speeds = [seconds / step for step, seconds in timed.values()]
+    seconds_per_step = sum(speeds) / len(speeds) if speeds else None
+    total = 0
+    for name, config in configs.items():
         t = config.train
-        timed = [r for r in _records(Path(config.run.out)) if "train_minutes" in r] if t.max_minutes else []
-        if not t.max_minutes:
-            fixed.append(t.steps)
-        elif timed:
-            budgeted.append(expected_steps(timed[-1]["step"], t.steps, 60 * timed[-1]["train_minutes"],
-                                           t.max_minutes))
+        if name in timed:
+            step, seconds = timed[name]
+            total += expected_steps(step, t.steps, seconds, t.max_minutes)
+        elif t.max_minutes and seconds_per_step:
+            total += min(t.steps, max(logged[name], round(60 * t.max_minutes / seconds_per_step)))
         else:
-            unknown.append(t.steps)
-    guess = round(sum(budgeted) / len(budgeted)) if budgeted else None
-    return sum(fixed) + sum(budgeted) + sum(min(guess, steps) if guess else steps for steps in unknown)
+            total += t.steps
+    return sum(logged.values()), total

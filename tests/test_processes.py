@@ -7,7 +7,6 @@ import pytest
 from ldm_lite import processes
 from ldm_lite.config_io import config_from_dict
 from ldm_lite.runs import METRICS_FILE
-from ldm_lite.training_log import expected_steps
 
 
 def _config(out, steps=2, **train):
@@ -55,23 +54,23 @@ def test_child_environment_drops_torchrun_and_can_hide_cuda(monkeypatch):
     assert env["CUDA_VISIBLE_DEVICES"] == "" and env["OMP_NUM_THREADS"] == "2"
 
 
-def test_a_budgeted_run_is_expected_to_end_where_its_speed_runs_out_of_minutes():
-    assert expected_steps(100, 10_000, train_seconds=120, max_minutes=10) == 500   # 2 of 10 minutes: 5x the steps
-    assert expected_steps(100, 300, train_seconds=120, max_minutes=10) == 300      # train.steps comes first
-    assert expected_steps(100, 10_000, train_seconds=700, max_minutes=10) == 100   # over budget: ends now
-    assert expected_steps(100, 10_000, train_seconds=120, max_minutes=0) == 10_000  # no budget
-    assert expected_steps(0, 10_000, train_seconds=0, max_minutes=10) == 10_000    # nothing logged yet
+def _log(run_dir, *rows):
+    run_dir.mkdir()
+    (run_dir / METRICS_FILE).write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
-def test_the_bar_total_follows_the_budgeted_runs_logged_speed(tmp_path):
+def test_the_bar_expects_each_run_where_its_budget_or_steps_end(tmp_path):
+    # a: 100 steps in 2 of its 10 budget minutes, then an evaluation row (it repeats the step and minutes): 500
+    _log(tmp_path / "a", {"step": 50, "loss": 0.1, "train_minutes": 1.5},
+         {"step": 100, "loss": 0.1, "train_minutes": 2.0},
+         {"step": 100, "event": "eval", "kid": 0.1, "train_minutes": 2.0, "images_seen": 400, "clock": "wall"})
     budgeted = _config(tmp_path / "a", steps=10_000, max_minutes=10)
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / METRICS_FILE).write_text("\n".join(json.dumps(row) for row in (
-        {"step": 50, "loss": 0.1, "train_minutes": 1.5},
-        {"step": 100, "loss": 0.1, "train_minutes": 2.0},
-        {"step": 100, "event": "eval", "kid": 0.1})) + "\n")   # an evaluation row has no training minutes
-    fixed = _config(tmp_path / "b", steps=300)
-    waiting = _config(tmp_path / "c", steps=10_000, max_minutes=10)
-    assert processes._expected_total({"a": budgeted, "b": fixed}) == 500 + 300
-    assert processes._expected_total({"a": budgeted, "b": fixed, "c": waiting}) == 500 + 300 + 500
-    assert processes._expected_total({"c": waiting}) == 10_000
+    fixed = _config(tmp_path / "b", steps=300)                          # no budget, nothing logged: its steps
+    waiting = _config(tmp_path / "c", steps=10_000, max_minutes=5)      # not logging yet: a's 1.2 s per step
+    assert processes.progress_of({"a": budgeted, "b": fixed}) == (100, 500 + 300)
+    assert processes.progress_of({"a": budgeted, "b": fixed, "c": waiting}) == (100, 500 + 300 + 250)
+    assert processes.progress_of({"c": waiting}) == (0, 10_000)         # no speed logged anywhere yet
+    # an older log without training minutes (a run resumed across the upgrade) counts its steps, expected as c
+    _log(tmp_path / "d", {"step": 40, "loss": 0.1})
+    older = _config(tmp_path / "d", steps=10_000, max_minutes=5)
+    assert processes.progress_of({"a": budgeted, "d": older}) == (140, 500 + 250)
