@@ -22,7 +22,7 @@ class StudyConfig:
                        "brightness terciles")
     resolution: int = option(16, "image size")
     steps: int = option(3000, "optimiser steps per model (fewer when the budget runs out)")
-    batch_size: int = option(32, "training batch size (32 with bf16 where it measures faster: docs/training.md)")
+    batch_size: int = option(32, "training batch size (docs/training.md#the-demo)")
     lr: float = option(1e-3, "learning rate")
     minutes: float = option(8.5, "time budget of the whole study (leaves room for the install in make demo)")
     samples_per_class: int = option(48, "class-conditional samples per brightness class")

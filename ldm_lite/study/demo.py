@@ -41,11 +41,14 @@ def run_demo(config: StudyConfig) -> DemoResults:
     with clock("bands"):
         study_bands(data, out, results, config.seed)
     # the two compared models train side by side, one core each: small convolutions scale poorly across
-    # threads, so two single-threaded runs finish sooner than two runs one after the other
+    # threads, so two single-threaded runs finish sooner than two runs one after the other; measuring the
+    # precision and the compile choice (where asked) comes out of their share
+    device, names = "cuda" if torch.cuda.is_available() else "cpu", ["standard", "offset", "zero_snr"]
+    with clock("choose train.precision"):
+        config = shared_precision(config, names, data.shape[1], device)
+    with clock("choose train.compile"):
+        config = shared_compile(config, names, data.shape[1], device, (clock.left() - 0.25 * clock.budget) / 60)
     pair_minutes = (clock.left() - 0.25 * clock.budget) / 60
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = shared_precision(config, ["standard", "offset", "zero_snr"], data.shape[1], device)
-    config = shared_compile(config, ["standard", "offset", "zero_snr"], data.shape[1], device, pair_minutes)
     with clock("train standard + offset"):
         models = train_models(config, ["standard", "offset"], pair_minutes)
     if config.zero_snr_model:

@@ -1,4 +1,4 @@
-"""`python -m analysis demo`: the one-command bias study (see ldm_lite/study.py); flags from `StudyConfig`."""
+"""`python -m analysis demo`: the one-command bias study (ldm_lite/study/demo.py); flags from `StudyConfig`."""
 from ldm_lite.checks import output_folder
 from ldm_lite.cli.options import add_dataclass_arguments, dataclass_from_args
 from ldm_lite.study import StudyConfig, format_results, run_study
