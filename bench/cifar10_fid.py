@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from ldm_lite.quality import (FidStatistics, inception_features, kernel_inception_distance, load_fid_inception,
-                              load_images, quality_report)
+from ldm_lite.feature_set_metrics import kernel_inception_distance
 from ldm_lite.fid_reference import reference_path
+from ldm_lite.quality import FidStatistics, inception_features, load_fid_inception, load_images, quality_report
 from ldm_lite.runs import written_then_renamed
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -28,8 +28,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ldm_lite.data import list_images, load_image
+from ldm_lite.feature_set_metrics import kernel_inception_distance
 from ldm_lite.models.inception import FusedConv, find_weights_file, load_fid_inception
-from ldm_lite.quality import FidStatistics, fid_from_statistics, inception_features, kernel_inception_distance
+from ldm_lite.quality import FidStatistics, fid_from_statistics, inception_features
 
 MATMUL_SIZE = 4096
 CHUNK = 1000

@@ -16,7 +16,7 @@ from conftest import fid_weights_installed
 import torch
 from PIL import Image
 
-from ldm_lite import quality
+from ldm_lite import feature_set_metrics, quality
 from ldm_lite.cli import run_main
 from ldm_lite.models import inception
 from ldm_lite.quality import FeatureStats, FidStatistics
@@ -245,13 +245,13 @@ def test_kid_matches_numpy_transcription():
     x = np.abs(g.normal(size=(60, 2048))).astype(np.float32)          # nonnegative, like pool3 features
     y = (np.abs(g.normal(size=(50, 2048))) * 1.1 + 0.05).astype(np.float32)
     fx, fy = torch.from_numpy(x), torch.from_numpy(y)
-    assert quality.mmd2_unbiased(fx[:20], fy[:30]) == pytest.approx(numpy_mmd2(x[:20].astype(np.float64),
+    assert feature_set_metrics.mmd2_unbiased(fx[:20], fy[:30]) == pytest.approx(numpy_mmd2(x[:20].astype(np.float64),
                                                                               y[:30].astype(np.float64)), abs=1e-6)
-    subsets = quality.kid_subsets(60, 50, num_subsets=7, subset_size=1000, seed=3)
+    subsets = feature_set_metrics.kid_subsets(60, 50, num_subsets=7, subset_size=1000, seed=3)
     assert all(len(i) == len(j) == 25 for i, j in subsets)           # min(1000, 50 // 2)
     values = np.array([numpy_mmd2(x[i.numpy()].astype(np.float64), y[j.numpy()].astype(np.float64))
                        for i, j in subsets])
-    mean, std = quality.kernel_inception_distance(fx, fy, num_subsets=7, seed=3)
+    mean, std = feature_set_metrics.kernel_inception_distance(fx, fy, num_subsets=7, seed=3)
     assert mean == pytest.approx(values.mean(), abs=1e-6) and std == pytest.approx(values.std(), abs=1e-6)
     assert mean > 0.05                                                 # the shift is seen
 
@@ -265,7 +265,7 @@ def test_precision_recall_match_numpy_brute_force():
         radii = np.sort(within, axis=1)[:, k]                       # column 0 is the point itself
         return np.mean([(np.linalg.norm(centres - p, axis=1) <= radii).any() for p in points])
 
-    got = quality.precision_recall(torch.from_numpy(real), torch.from_numpy(fake), batch_size=16)
+    got = feature_set_metrics.precision_recall(torch.from_numpy(real), torch.from_numpy(fake), batch_size=16)
     assert got == (coverage(fake, real), coverage(real, fake))
     assert 0 < got[0] < 1 and 0 < got[1] < 1
 
@@ -359,7 +359,7 @@ def test_commands_end_to_end(tmp_path, network, capsys):
                            "--out", str(table)]) == 0
     row = next(csv.DictReader(table.open()))
     assert abs(float(row["fid"])) < 1e-3 < stats.sigma.trace()
-    kid = quality.kernel_inception_distance(stats.features, stats.features)   # same seed 0, same subsets
+    kid = feature_set_metrics.kernel_inception_distance(stats.features, stats.features)   # same seed 0, same subsets
     assert (float(row["kid_mean"]), float(row["kid_std"])) == pytest.approx(kid, rel=1e-6, abs=1e-9)
     assert (float(row["precision"]), float(row["recall"])) == (1.0, 1.0)     # every point is in its own ball
     assert (row["n_samples"], row["n_reference"]) == ("6", "6") and float(row["seconds"]) > 0

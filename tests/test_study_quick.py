@@ -16,8 +16,9 @@ from PIL import Image
 
 from ldm_lite import fid_reference, metrics
 from ldm_lite.data import synthetic_brightness, to_float, to_uint8
+from ldm_lite.feature_set_metrics import kernel_inception_distance
 from ldm_lite.models import load_unet
-from ldm_lite.quality import FidStatistics, inception_features, kernel_inception_distance, quality_report
+from ldm_lite.quality import FidStatistics, inception_features, quality_report
 from ldm_lite.runs import run_config
 from ldm_lite.sampling import sample
 from ldm_lite.schedulers import from_config
