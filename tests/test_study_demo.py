@@ -33,7 +33,7 @@ def study(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     config = StudyConfig(out=str(out), resolution=8, steps=40, batch_size=32, minutes=60, samples_per_class=8,
                          unconditional_samples=32, sample_steps=10, synthetic_size=512, zero_snr_model=False,
-                         precision="fp32", progress=False)  # fp32 on every machine (auto measures the CPU)
+                         progress=False)
     return out, run_study(config)
 
 

@@ -35,8 +35,8 @@ class StudyConfig:
     seed: int = option(0, "seed of the data, the training and the sampling")
     progress: bool = option(True, "progress bars")
     fresh: bool = option(False, "delete the study's model checkpoints and train from scratch")
-    precision: str = option("auto", "training precision (train.precision; auto: bf16 where a training step "
-                                    "measures >= 1.1x faster)", choices=PRECISIONS)
+    precision: str = option("fp32", "training precision (train.precision); at 16 px two bf16 runs side by side "
+                                    "train fewer steps than float32 (docs/training.md#the-demo)", choices=PRECISIONS)
     compile: str = option("off", "torch.compile of the models' training (train.compile): off, on, or auto (on where "
                           "a compiled training step measures >= 1.1x faster, one choice for all the models)",
                           choices=COMPILE_MODES)
