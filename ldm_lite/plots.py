@@ -352,8 +352,16 @@ def plot_training_curves(curves: dict, path) -> Path:
     for row, metric in enumerate(("kid", "fid")):
         for column, x_label in enumerate(("training minutes", "images seen")):
             ax = axes[row, column]
-            if floor is not None:
-                ax.axhline(floor[metric], color="black", linestyle=":", label="real data, same n")
+            if floor is not None:  # drawn where the log axis can show it (real data's unbiased KID is ~0 or below)
+                drawn = floor[metric] > 0
+                if drawn:
+                    ax.axhline(floor[metric], color="black", linestyle=":")
+                value = f"{floor[metric]:.4f}" if metric == "kid" else f"{floor[metric]:.2f}"
+                ax.text(0.98, 0.06, f"real data, same n{' (dotted)' if drawn else ''}: {metric.upper()} {value}",
+                        fontsize=8, ha="right", va="bottom", transform=ax.transAxes,
+                        bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8})
+            if column == 1:
+                ax.xaxis.set_major_formatter(lambda value, _: f"{value / 1000:g}k")
             ax.set_yscale("log")
             ax.set_xlabel(x_label)
             ax.set_ylabel(metric.upper())
