@@ -147,7 +147,10 @@ def process_seconds(run_dir: Path) -> float | None:
 
 def logged_step(run_dir: Path) -> int:
     """The last step written to a run's metrics log (0 before the first line)."""
-    records = _records(run_dir)
+    return _last_step(_records(run_dir))
+
+
+def _last_step(records: list[dict]) -> int:
     return records[-1]["step"] if records else 0
 
 
@@ -166,7 +169,7 @@ def progress_of(configs: dict[str, Config]) -> tuple[int, int]:
     logged, timed = {}, {}
     for name, config in configs.items():
         records = _records(Path(config.run.out))
-        logged[name] = records[-1]["step"] if records else 0
+        logged[name] = _last_step(records)
         rows = [r for r in records if "event" not in r and r.get("train_minutes", 0) > 0 and r["step"] > 0]
         if rows:
             timed[name] = (rows[-1]["step"], 60 * rows[-1]["train_minutes"])
@@ -174,12 +177,12 @@ def progress_of(configs: dict[str, Config]) -> tuple[int, int]:
     seconds_per_step = sum(speeds) / len(speeds) if speeds else None
     total = 0
     for name, config in configs.items():
-        t = config.train
         if name in timed:
             step, seconds = timed[name]
-            total += expected_steps(step, t.steps, seconds, t.max_minutes)
-        elif t.max_minutes and seconds_per_step:
-            total += min(t.steps, max(logged[name], round(60 * t.max_minutes / seconds_per_step)))
+        elif seconds_per_step:  # no training minutes logged yet: at the mean speed of the runs that have
+            step = max(logged[name], 1)
+            seconds = step * seconds_per_step
         else:
-            total += t.steps
+            step, seconds = 0, 0.0
+        total += expected_steps(step, config.train.steps, seconds, config.train.max_minutes)
     return sum(logged.values()), total

@@ -44,13 +44,13 @@ def run_demo(config: StudyConfig) -> DemoResults:
     # threads, so two single-threaded runs finish sooner than two runs one after the other; measuring the
     # precision and the compile choice (where asked) comes out of their share
     device, names = "cuda" if torch.cuda.is_available() else "cpu", ["standard", "offset", "zero_snr"]
+    pair_minutes = lambda: (clock.left() - 0.25 * clock.budget) / 60  # noqa: E731 (what is left for the pair)
     with clock("choose train.precision"):
         config = shared_precision(config, names, data.shape[1], device)
     with clock("choose train.compile"):
-        config = shared_compile(config, names, data.shape[1], device, (clock.left() - 0.25 * clock.budget) / 60)
-    pair_minutes = (clock.left() - 0.25 * clock.budget) / 60
+        config = shared_compile(config, names, data.shape[1], device, pair_minutes())
     with clock("train standard + offset"):
-        models = train_models(config, ["standard", "offset"], pair_minutes)
+        models = train_models(config, ["standard", "offset"], pair_minutes())
     if config.zero_snr_model:
         minutes = (clock.left() - 0.15 * clock.budget) / 60
         if minutes < 0.25 * config.minutes:
